@@ -1,0 +1,50 @@
+"""Zero-edit runner: ``python -m torchdeq_pcdeq SCRIPT [ARGS...]``.
+
+Imports the plugin (registering ``core="pcdeq"``, ``pcdeq_fixed_point`` and ``pcdeq_nonneg``
+into TorchDEQ), then runs ``SCRIPT`` as ``__main__`` with ``ARGS``, exactly as ``python SCRIPT
+ARGS...`` would. ``python -m torchdeq_pcdeq -m MODULE [ARGS...]`` runs a module instead.
+
+Example:
+    python -m torchdeq_pcdeq train.py --core pcdeq --norm_type pcdeq_nonneg
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+USAGE = """usage: python -m torchdeq_pcdeq SCRIPT [ARGS...]
+       python -m torchdeq_pcdeq -m MODULE [ARGS...]
+
+Registers the pcDEQ plugin into TorchDEQ, then runs SCRIPT (or MODULE) as __main__ with ARGS,
+so that an unmodified TorchDEQ script accepts --core pcdeq --norm_type pcdeq_nonneg."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+
+    import torchdeq_pcdeq  # noqa: F401  (registers into TorchDEQ)
+
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            print(USAGE, file=sys.stderr)
+            return 2
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return 0
+    script = argv[0]
+    if not os.path.isfile(script):
+        print(f"torchdeq_pcdeq: no such script: {script!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    sys.argv = argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Nonnegative weights, three ways.
+
+pcDEQ's guarantees need ``W >= 0`` at every forward. Three mechanisms keep it whatever the
+optimizer does; pick one by name (``NONNEGATIVITY_MODES``):
+
+* ``"weight_norm"`` (default of the layers; also the TorchDEQ norm ``pcdeq_nonneg``): the weight
+  is reparametrized as ``W_i = |g_i| * |v_i| / ||v_i||`` per output unit, through
+  :mod:`torch.nn.utils.parametrize`. Nonnegative by construction; a zero row gives a zero row,
+  never NaN.
+* ``"parametrize"``: ``W = |V|`` elementwise through :mod:`torch.nn.utils.parametrize`.
+* ``"project"``: the paper's projection: ``W`` is a plain parameter clamped to ``>= 0`` after
+  every optimizer step by a hook (:func:`attach_projection`). The layers verify ``W >= 0`` once
+  per change of the weight and raise :class:`NegativeWeightError` if the hook is missing.
+
+The two parametrizations are safe with any optimizer, gradient accumulation, DDP,
+``copy.deepcopy`` and ``state_dict``; their ``remove`` folds the weight back into a plain,
+nonnegative parameter.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torchdeq_pcdeq import constrain_nonnegative
+    >>> lin = nn.Linear(4, 4, bias=False)
+    >>> _ = reference_init_(lin.weight)
+    >>> lin = constrain_nonnegative(lin, "parametrize")
+    >>> bool((lin.weight >= 0).all())
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import InvalidInputError, NegativeWeightError, PcDEQWarning, check_choice
+
+__all__ = [
+    "NONNEGATIVITY_MODES",
+    "NonNegative",
+    "NonNegativeWeightNorm",
+    "PcDEQNonnegNorm",
+    "constrain_nonnegative",
+    "is_nonnegative_by_construction",
+    "attach_projection",
+    "project_nonnegative_",
+    "reference_init_",
+]
+
+NONNEGATIVITY_MODES = ("weight_norm", "parametrize", "project")
+
+# The scale of the reference initialisation (method.md, section 4).
+_REFERENCE_INIT_SCALE = 1e-4**0.5
+
+
+def reference_init_(weight: Tensor) -> Tensor:
+    """Fill ``weight`` in place with the reference initialisation and return it.
+
+    ``U[0, 1) * sqrt(1e-4) / sqrt(fan_out + fan_in)``, kernel size ignored (method.md,
+    section 4): the layer starts near ``sigma(x)`` and converges in a handful of iterations.
+
+    Example:
+        >>> import torch
+        >>> w = reference_init_(torch.empty(80, 80))
+        >>> bool((w >= 0).all()) and bool(w.max() <= 0.01 / 160**0.5)
+        True
+    """
+    if weight.dim() < 2:
+        raise InvalidInputError(
+            f"reference_init_ expects a weight with at least 2 dimensions (out, in, ...), got "
+            f"shape {tuple(weight.shape)}."
+        )
+    fan_out, fan_in = weight.shape[0], weight.shape[1]
+    with torch.no_grad():
+        return weight.uniform_(0.0, 1.0).mul_(_REFERENCE_INIT_SCALE / (fan_out + fan_in) ** 0.5)
+
+
+def _reduce_dims(weight: Tensor, dim: int) -> list[int]:
+    """All dimensions but ``dim``: the norm of weight normalization is taken over them."""
+    dim = dim % weight.dim()
+    return [d for d in range(weight.dim()) if d != dim]
+
+
+def _warn_if_negative(weight: Tensor, what: str) -> None:
+    negative = int((weight < 0).sum())
+    if negative:
+        warnings.warn(
+            f"{what}: the weight has {negative} negative entries (min {weight.min().item():.3g}); "
+            "the constrained weight uses their absolute values. Initialise with "
+            "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start.",
+            PcDEQWarning,
+            stacklevel=4,
+        )
+
+
+class NonNegative(nn.Module):
+    """Parametrization ``W = |V|``: nonnegative whatever value ``V`` takes.
+
+    The absolute value (rather than a clamp or a square) keeps a unit gradient everywhere, so
+    an entry pushed below zero by the optimizer reflects back instead of dying.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn.utils import parametrize
+        >>> lin = nn.Linear(3, 3, bias=False)
+        >>> _ = nn.init.uniform_(lin.weight, 0.0, 1.0)
+        >>> _ = parametrize.register_parametrization(lin, "weight", NonNegative())
+        >>> bool((lin.weight >= 0).all())
+        True
+    """
+
+    def forward(self, raw: Tensor) -> Tensor:
+        return raw.abs()
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        _warn_if_negative(weight, "NonNegative")
+        return weight.abs()
+
+
+class NonNegativeWeightNorm(nn.Module):
+    """Parametrization ``W_i = |g_i| * |v_i| / ||v_i||`` per slice ``i`` along ``dim``.
+
+    A weight norm whose direction and scale are both nonnegative. Where ``||v_i|| = 0`` the
+    slice is zero: the squared norm is clamped to the dtype's smallest normal number before
+    the reciprocal square root, so neither the value nor the gradient is NaN.
+
+    Args:
+        dim: the dimension kept by the norm (0: one scale per output unit or channel).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn.utils import parametrize
+        >>> lin = nn.Linear(3, 3, bias=False)
+        >>> _ = nn.init.uniform_(lin.weight, 0.0, 1.0)
+        >>> _ = parametrize.register_parametrization(lin, "weight", NonNegativeWeightNorm())
+        >>> sorted(name.split(".")[-1] for name, _ in lin.named_parameters())
+        ['original0', 'original1']
+    """
+
+    def __init__(self, dim: int = 0):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, scale: Tensor, direction: Tensor) -> Tensor:
+        squared = direction.square().sum(_reduce_dims(direction, self.dim), keepdim=True)
+        tiny = torch.finfo(squared.dtype).tiny
+        return scale.abs() * direction.abs() * squared.clamp_min(tiny).rsqrt()
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        _warn_if_negative(weight, "NonNegativeWeightNorm")
+        direction = weight.abs()
+        scale = direction.square().sum(_reduce_dims(direction, self.dim), keepdim=True).sqrt()
+        return scale, direction
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def constrain_nonnegative(module: nn.Module, mode: str, *, name: str = "weight", dim: int = 0) -> nn.Module:
+    """Make ``getattr(module, name)`` nonnegative with the mechanism ``mode``; return ``module``.
+
+    Args:
+        module: e.g. an ``nn.Linear`` or ``nn.Conv2d``.
+        mode: one of ``NONNEGATIVITY_MODES``. ``"project"`` registers nothing here: attach the
+            projection to the optimizer with :func:`attach_projection`.
+        name: the parameter to constrain.
+        dim: the dimension kept by the weight norm (``"weight_norm"`` only).
+
+    Raises:
+        UnknownNameError: ``mode`` is not one of ``NONNEGATIVITY_MODES``.
+        InvalidInputError: the parameter is missing or already parametrized.
+    """
+    check_choice("nonnegativity mode", mode, NONNEGATIVITY_MODES)
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise InvalidInputError(
+            f"{type(module).__name__} has no tensor {name!r} to constrain (got {type(weight).__name__})."
+        )
+    if parametrize.is_parametrized(module, name):
+        raise InvalidInputError(
+            f"{type(module).__name__}.{name} is already parametrized; remove the existing "
+            "parametrization before constraining it again."
+        )
+    if mode == "weight_norm":
+        parametrize.register_parametrization(module, name, NonNegativeWeightNorm(dim))
+    elif mode == "parametrize":
+        parametrize.register_parametrization(module, name, NonNegative())
+    return module
+
+
+def is_nonnegative_by_construction(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` is produced by one of this module's parametrizations."""
+    if not parametrize.is_parametrized(module, name):
+        return False
+    chain = module.parametrizations[name]
+    return isinstance(chain[-1], (NonNegative, NonNegativeWeightNorm))
+
+
+def project_nonnegative_(params: Iterable[Tensor]) -> None:
+    """Clamp every tensor of ``params`` to ``>= 0`` in place (the paper's projection)."""
+    params = [p for p in params]
+    if params:
+        with torch.no_grad():
+            torch._foreach_clamp_min_(params, 0.0)
+
+
+def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iterable[Tensor]):
+    """Clamp ``params`` to ``>= 0`` after every ``optimizer.step()``; return the hook handle.
+
+    One line keeps any training loop unchanged. ``params`` is either an iterable of parameters
+    or a module, in which case the weights of its pcDEQ layers in ``"project"`` mode are used.
+
+    Raises:
+        InvalidInputError: nothing to project, a parameter the optimizer does not update, or
+            a parameter that is already negative (initialise it nonnegative first).
+
+    Example:
+        >>> import torch
+        >>> from torchdeq_pcdeq import PcDEQLinear, attach_projection
+        >>> f = PcDEQLinear(8, nonnegativity="project")
+        >>> opt = torch.optim.SGD(f.parameters(), lr=10.0)
+        >>> handle = attach_projection(opt, f)
+        >>> f.linear.weight.grad = torch.ones(8, 8)
+        >>> opt.step()
+        >>> bool((f.linear.weight >= 0).all())
+        True
+    """
+    if isinstance(params, nn.Module):
+        params = [
+            p for m in params.modules() if hasattr(m, "projection_targets") for p in m.projection_targets()
+        ]
+        if not params:
+            raise InvalidInputError(
+                "attach_projection found no pcDEQ layer with nonnegativity='project' in the "
+                "module; pass the parameters to project explicitly."
+            )
+    params = list(params)
+    if not params:
+        raise InvalidInputError("attach_projection needs at least one parameter to project.")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [tuple(p.shape) for p in params if id(p) not in in_optimizer]
+    if missing:
+        raise InvalidInputError(
+            f"attach_projection: {len(missing)} parameter(s) (shapes {missing}) are not updated "
+            "by this optimizer, so projecting them after its step does nothing. Pass the "
+            "optimizer that trains them."
+        )
+    negative = sum(int((p < 0).sum()) for p in params)
+    if negative:
+        raise NegativeWeightError(
+            f"attach_projection: the parameters already have {negative} negative entries; the "
+            "projection keeps nonnegative weights nonnegative but does not repair an initial "
+            "state silently. Initialise them with torchdeq_pcdeq.reference_init_ or "
+            "project_nonnegative_ first."
+        )
+
+    def project(_optimizer, _args, _kwargs) -> None:
+        project_nonnegative_(params)
+
+    return optimizer.register_step_post_hook(project)
+
+
+class PcDEQNonnegNorm:
+    """The TorchDEQ norm ``pcdeq_nonneg``: :class:`NonNegativeWeightNorm` under TorchDEQ's norm API.
+
+    ``apply_norm(model, norm_type="pcdeq_nonneg")`` installs it on every ``nn.Linear`` and
+    ``nn.Conv1d/2d/3d`` (exact types, TorchDEQ's rule) of ``model``. Unlike TorchDEQ's own
+    weight norm it is a :mod:`torch.nn.utils.parametrize` parametrization, so modules stay
+    deep-copyable, gradient accumulation works, and ``reset_norm`` has nothing to recompute
+    (``__call__`` is a no-op kept for the contract).
+
+    Example:
+        >>> from torch import nn
+        >>> import torchdeq, torchdeq_pcdeq
+        >>> f = nn.Linear(4, 4)
+        >>> _ = torchdeq_pcdeq.reference_init_(f.weight)
+        >>> torchdeq.apply_norm(f, norm_type="pcdeq_nonneg")
+        >>> bool((f.weight >= 0).all())
+        True
+    """
+
+    _target_modules: ClassVar[dict[type, tuple[str, int]]] = {
+        nn.Linear: ("weight", 0),
+        nn.Conv1d: ("weight", 0),
+        nn.Conv2d: ("weight", 0),
+        nn.Conv3d: ("weight", 0),
+    }
+    # TorchDEQ weight-norm options that have no meaning here; they are reported, not ignored.
+    _UNSUPPORTED_OPTIONS: ClassVar[dict[str, object]] = {"norm_no_scale": False, "norm_clip": False}
+
+    def __init__(self, names: list[str], dims: list[int]):
+        self.names, self.dims = names, dims
+
+    @classmethod
+    def apply(cls, module: nn.Module, deq_args=None, names=None, dims=None, **kwargs) -> PcDEQNonnegNorm:
+        if names is None or dims is None:
+            names, dims = cls._target_modules[type(module)]
+        names = [names] if isinstance(names, str) else list(names)
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if deq_args is not None:
+            for key, neutral in cls._UNSUPPORTED_OPTIONS.items():
+                if deq_args.get(key, neutral) != neutral:
+                    warnings.warn(
+                        f"norm_type='pcdeq_nonneg' does not support {key}={deq_args.get(key)!r}; "
+                        "the scale is always learnt and never clipped. Drop the option.",
+                        PcDEQWarning,
+                        stacklevel=3,
+                    )
+        for name, dim in zip(names, dims):
+            constrain_nonnegative(module, "weight_norm", name=name, dim=dim)
+        return cls(names, dims)
+
+    def __call__(self, module: nn.Module) -> None:
+        # Parametrizations are recomputed on access (and cached inside pcdeq solves), so there
+        # is no per-forward weight to refresh.
+        return None
+
+    def remove(self, module: nn.Module) -> None:
+        for name in self.names:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)

@@ -1,0 +1,153 @@
+"""The ``pcdeq`` core: TorchDEQ's default core with pcDEQ's solver, gradient and checks.
+
+``get_deq(core="pcdeq")`` (or ``--core pcdeq``) returns a :class:`PcDEQCore`. It is TorchDEQ's
+``DEQSliced`` (same call signature, same ``(z_out, info)`` result, same phantom-gradient
+options) with:
+
+* forward and backward solvers pinned to ``pcdeq_fixed_point`` (TorchDEQ's ``--b_solver`` flag
+  cannot name a plugin solver), unless the config forces another one, with a warning;
+* implicit differentiation by default, solved by plain iteration on the adjoint equation, with
+  a hook variant that cannot re-enter itself;
+* pcDEQ defaults (relative tolerance ``1e-4``, 200 iterations; see
+  :data:`~torchdeq_pcdeq.config.PCDEQ_CORE_DEFAULTS`), read from a private copy of the config;
+* checks: the initial state must be one finite, nonnegative tensor; a runtime guard
+  (``pcdeq_guard``) watches the iterates for signs that ``f`` is not positive-monotone; a solve
+  that ends above its tolerance is flagged in ``info["converged"]`` and, per
+  ``pcdeq_nonconvergence``, warned about or raised;
+* parametrized weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
+  instead of once per iteration.
+
+Example:
+    >>> import torch, torchdeq
+    >>> from torchdeq_pcdeq import PcDEQLinear
+    >>> f = PcDEQLinear(16)
+    >>> deq = torchdeq.get_deq(core="pcdeq")
+    >>> x = f.inject(torch.randn(4, 16))
+    >>> z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    >>> bool(info["converged"].all())
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+from torchdeq.core import DEQSliced
+
+from .backward import make_hook_ift, make_ift
+from .config import SOLVER_NAME, resolve_core_config
+from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
+
+__all__ = ["PcDEQCore"]
+
+
+class PcDEQCore(DEQSliced):
+    """TorchDEQ core for pcDEQ layers (registered as ``core="pcdeq"``).
+
+    Args:
+        args: a dict, argparse ``Namespace`` or ``DEQConfig``; never modified.
+        **kwargs: config keys that override ``args``.
+
+    Config keys (besides TorchDEQ's):
+        pcdeq_guard: ``"raise"`` (default), ``"warn"`` or ``"off"``.
+        pcdeq_nonconvergence: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
+        pcdeq_check_every: ``"auto"`` (default) or an int.
+    """
+
+    def __init__(self, args=None, **kwargs):
+        config = resolve_core_config(args, kwargs)
+        super().__init__(config)
+        self.guard = config["pcdeq_guard"]
+        self.nonconvergence = config["pcdeq_nonconvergence"]
+        self.check_every = config["pcdeq_check_every"]
+        self.gradient = config["pcdeq_gradient"]
+        b_solver_kwargs = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
+        if self.gradient == "ift":
+            self.produce_grad[-1] = make_ift(self.b_solver, b_solver_kwargs, self._after_backward)
+        elif self.gradient == "hook_ift":
+            self.produce_grad[-1] = make_hook_ift(self.b_solver, b_solver_kwargs, self._after_backward)
+
+    def forward(
+        self,
+        func,
+        z_init: Tensor,
+        solver_kwargs: dict | None = None,
+        sradius_mode: bool = False,
+        backward_writer=None,
+        **kwargs,
+    ):
+        """Solve ``z = func(z)`` from ``z_init``; see ``torchdeq.core.DEQSliced.forward``.
+
+        Returns:
+            ``(z_out, info)``: tracked states in training, ``[z_star]`` in eval; ``info`` holds
+            TorchDEQ's keys plus ``converged`` (per-sample bool) and ``trace_steps``.
+        """
+        _check_initial_state(z_init)
+        solver_kwargs = {**self._solver_options(), **(solver_kwargs or {})}
+        z_out, info = super().forward(func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs)
+        self._check_converged(info, self.f_tol, self.f_stop_mode, "forward")
+        return z_out, info
+
+    def _solver_options(self) -> dict:
+        if self.args.get("f_solver") != SOLVER_NAME:
+            return {}
+        return {"guard": self.guard, "check_every": self.check_every}
+
+    def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
+        # Inside the (no-grad) solve every parametrized weight is computed once, not per call.
+        with parametrize.cached():
+            return super()._solve_fixed_point(deq_func, z_init, f_max_iter, solver_kwargs, **kwargs)
+
+    def _after_backward(self, info: dict, writer) -> None:
+        if writer is not None:
+            writer(info)
+        self._check_converged(info, self.b_tol, self.b_stop_mode, "backward")
+
+    def _check_converged(self, info: dict, tol: float, stop_mode: str, which: str) -> None:
+        if "converged" not in info:  # a solver other than pcdeq_fixed_point
+            info["converged"] = info[f"{stop_mode}_lowest"] <= tol
+        if self.nonconvergence == "ignore":
+            return
+        failed = int((~info["converged"]).sum())
+        if not failed:
+            return
+        best = info[f"{stop_mode}_lowest"].max().item()
+        iters = int(info["nstep"].max().item())
+        prefix = "f" if which == "forward" else "b"
+        message = (
+            f"pcdeq {which} solve: {failed} of {info['converged'].numel()} samples did not reach "
+            f"{stop_mode} tol {tol:g} within {iters} iterations (worst residual reached "
+            f"{best:.3g}). Try a larger {prefix}_max_iter or a looser {prefix}_tol; slow "
+            "convergence of pcDEQ-1 layers comes from tiny injections or weights grown large "
+            "(see method.md, section 3). Set pcdeq_nonconvergence='ignore' to silence this."
+        )
+        if self.nonconvergence == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, PcDEQWarning, stacklevel=4)
+
+
+def _check_initial_state(z_init) -> None:
+    if not isinstance(z_init, Tensor):
+        raise InvalidInputError(
+            f"The pcdeq core takes the initial state as one tensor, got {type(z_init).__name__}. "
+            "For several states, concatenate them (or use one pcdeq core per layer)."
+        )
+    if z_init.dim() < 2 or not z_init.is_floating_point():
+        raise InvalidInputError(
+            f"The pcdeq core expects a floating-point initial state of shape (batch, ...) with the "
+            f"batch dimension first, got {z_init.dtype} of shape {tuple(z_init.shape)}."
+        )
+    with torch.no_grad():
+        non_finite, negative = torch.stack([(~torch.isfinite(z_init)).any(), (z_init < 0).any()]).tolist()
+    if non_finite:
+        raise InvalidInputError(
+            "The initial state holds NaN or Inf; expected finite values. Start from torch.zeros_like(x)."
+        )
+    if negative:
+        raise InvalidInputError(
+            f"The initial state has negative entries (min {z_init.min().item():.3g}); pcDEQ "
+            "iterates live in the nonnegative orthant. Start from torch.zeros_like(x)."
+        )

@@ -1,0 +1,88 @@
+"""Typed errors and warnings of torchdeq_pcdeq.
+
+Every error is a :class:`PcDEQError`, itself a :class:`ValueError`, so ``except ValueError``
+keeps working for code that does not know this package. Each message says what was expected,
+what was received and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "PcDEQError",
+    "PcDEQWarning",
+    "UnknownNameError",
+    "InvalidInputError",
+    "ActivationCheckError",
+    "NegativeWeightError",
+    "NotPositiveMonotoneError",
+    "ConvergenceError",
+]
+
+
+class PcDEQError(ValueError):
+    """Base class of every error raised by torchdeq_pcdeq."""
+
+
+class PcDEQWarning(UserWarning):
+    """Base class of every warning issued by torchdeq_pcdeq (filter it with ``warnings``)."""
+
+
+class UnknownNameError(PcDEQError):
+    """A name (activation, mode, option, ...) that is not one of the valid ones.
+
+    Example:
+        >>> raise UnknownNameError("activation", "tahn", ["tanh", "sigmoid"])
+        Traceback (most recent call last):
+        ...
+        torchdeq_pcdeq.errors.UnknownNameError: Unknown activation 'tahn'. Valid: ... Did you mean 'tanh'?
+    """
+
+    def __init__(self, kind: str, name: object, valid: Iterable[str]):
+        self.kind, self.name, self.valid = kind, name, sorted(valid)
+        super().__init__(
+            f"Unknown {kind} {name!r}. Valid: {quote_all(self.valid)}.{did_you_mean(name, self.valid)}"
+        )
+
+
+class InvalidInputError(PcDEQError):
+    """A tensor or argument with the wrong shape, dtype, device, sign or value."""
+
+
+class ActivationCheckError(PcDEQError):
+    """An activation that is not nonnegative, nondecreasing and concave on [0, inf)."""
+
+
+class NegativeWeightError(PcDEQError):
+    """A weight that must be nonnegative has negative entries."""
+
+
+class NotPositiveMonotoneError(PcDEQError):
+    """The runtime guard saw iterates that a positive-monotone map cannot produce."""
+
+
+class ConvergenceError(PcDEQError):
+    """A fixed-point solve ended without reaching its tolerance."""
+
+
+def quote_all(names: Iterable[str]) -> str:
+    """``['a', 'b']`` -> ``"'a', 'b'"``."""
+    return ", ".join(repr(n) for n in names)
+
+
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """A ``" Did you mean 'x'?"`` suffix when a valid name is close to ``name``, else ``""``."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_choice(kind: str, value: object, valid: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``valid``; raise :class:`UnknownNameError` otherwise."""
+    valid = list(valid)
+    if value not in valid:
+        raise UnknownNameError(kind, value, valid)
+    return value  # type: ignore[return-value]

@@ -1,0 +1,341 @@
+"""pcDEQ layers: ``f(z, x) = sigma(W z + x)`` with ``W >= 0`` at every call.
+
+Each layer owns a bias-free ``nn.Linear`` or ``nn.Conv2d`` (``.linear`` / ``.conv``) holding
+``W``, an :class:`~torchdeq_pcdeq.activations.Activation`, and a nonnegativity mechanism
+(:mod:`torchdeq_pcdeq.constraints`). ``inject(u)`` turns any real tensor into an admissible
+injection for the layer's activation.
+
+Layers know nothing of TorchDEQ: they are plain modules called as ``f(z, x)``.
+
+Example:
+    >>> import torch
+    >>> from torchdeq_pcdeq import PcDEQLinear
+    >>> f = PcDEQLinear(16, activation="tanh")
+    >>> x = f.inject(torch.randn(4, 16))
+    >>> z = torch.zeros(4, 16)
+    >>> for _ in range(30):
+    ...     z = f(z, x)
+    >>> bool(torch.allclose(f(z, x), z, atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import Activation, get_activation
+from .constraints import (
+    NONNEGATIVITY_MODES,
+    constrain_nonnegative,
+    is_nonnegative_by_construction,
+    reference_init_,
+)
+from .errors import InvalidInputError, NegativeWeightError, check_choice
+
+__all__ = ["PcDEQLayer", "PcDEQLinear", "PcDEQConv2d", "DEFAULT_INJECTION_FLOOR", "INJECTION_BETA"]
+
+INJECTION_BETA = 5.0
+DEFAULT_INJECTION_FLOOR = 1e-6
+
+
+class PcDEQLayer(nn.Module):
+    """Base class: ``sigma(W z + x)`` for a nonnegative linear operator ``W`` held by ``operator``.
+
+    Subclasses give the operator module and implement :meth:`apply_operator` and
+    :meth:`check_state`. See CONTRIBUTING.md, "Adding a layer".
+
+    Args:
+        operator: a bias-free module whose ``weight`` is ``W`` (initialised here).
+        activation: a registered activation name or an :class:`Activation` record.
+        nonnegativity: one of ``NONNEGATIVITY_MODES``.
+        injection_floor: the positive floor added by :meth:`inject` for pcDEQ-1 activations.
+    """
+
+    def __init__(
+        self,
+        operator: nn.Module,
+        activation: str | Activation,
+        nonnegativity: str,
+        injection_floor: float,
+    ):
+        super().__init__()
+        self.activation = get_activation(activation)
+        self.nonnegativity = check_choice("nonnegativity mode", nonnegativity, NONNEGATIVITY_MODES)
+        if not (isinstance(injection_floor, (int, float)) and injection_floor > 0):
+            raise InvalidInputError(
+                f"injection_floor must be a positive number, got {injection_floor!r}; it keeps "
+                "pcDEQ-1 injections strictly positive where softplus underflows."
+            )
+        self.injection_floor = float(injection_floor)
+        reference_init_(operator.weight)
+        self._operator_name = "linear" if isinstance(operator, nn.Linear) else "conv"
+        self.add_module(self._operator_name, constrain_nonnegative(operator, nonnegativity))
+        # Checks that need a host sync run once per weight version / per injection tensor.
+        self._verified_weight: tuple | None = None
+        self._verified_injection: tuple | None = None
+
+    # -- the operator -------------------------------------------------------------------------
+
+    @property
+    def operator(self) -> nn.Module:
+        """The module holding ``W`` (``self.linear`` or ``self.conv``)."""
+        return self._modules[self._operator_name]
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective nonnegative weight ``W`` used by :meth:`forward`."""
+        return self.operator.weight
+
+    def projection_targets(self) -> list[Tensor]:
+        """Parameters that :func:`~torchdeq_pcdeq.attach_projection` must clamp (project mode)."""
+        return [self.operator.weight] if self.nonnegativity == "project" else []
+
+    def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
+        """``W z`` for this layer's operator."""
+        raise NotImplementedError
+
+    def check_state(self, z: Tensor) -> None:
+        """Raise :class:`InvalidInputError` unless ``z`` has this layer's state shape."""
+        raise NotImplementedError
+
+    # -- injections ---------------------------------------------------------------------------
+
+    @property
+    def variant(self) -> int:
+        """1 (``sigma(0) = 0``: strictly positive injection) or 2 (nonnegative injection)."""
+        return self.activation.variant
+
+    def inject(self, u: Tensor) -> Tensor:
+        """The admissible injection for this layer's activation.
+
+        pcDEQ-1: ``softplus(u, beta=5) + floor`` (strictly positive even where softplus
+        underflows, e.g. ``u < -21`` in float32); pcDEQ-2: ``relu(u)``.
+
+        Raises:
+            InvalidInputError: ``u`` is not a floating tensor, has the wrong shape, or holds
+                NaN or Inf.
+        """
+        if not isinstance(u, Tensor) or not u.is_floating_point():
+            raise InvalidInputError(
+                f"{type(self).__name__}.inject expects a floating-point tensor, got "
+                f"{type(u).__name__}{'' if not isinstance(u, Tensor) else ' of dtype ' + str(u.dtype)}."
+            )
+        self.check_state(u)
+        _require_finite(u, f"{type(self).__name__}.inject input")
+        if self.variant == 1:
+            floor = max(self.injection_floor, torch.finfo(u.dtype).tiny)
+            return F.softplus(u, beta=INJECTION_BETA) + floor
+        return F.relu(u)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        """``sigma(W z + x)``.
+
+        Args:
+            z: the state, batch dimension first.
+            x: the injection, same shape as ``z``; admissible (see :meth:`inject`).
+        """
+        self.check_state(z)
+        if not isinstance(x, Tensor) or x.shape != z.shape:
+            raise InvalidInputError(
+                f"{type(self).__name__}: the injection must have the state's shape "
+                f"{tuple(z.shape)}, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}. "
+                "Compute it with layer.inject(u) from a tensor of the state's shape."
+            )
+        weight = self.weight
+        self._check_compatible(z, x, weight)
+        if not torch.compiler.is_compiling():
+            self._verify_weight(weight)
+            self._verify_injection(x)
+        return self.activation(self.apply_operator(z, weight) + x)
+
+    def _check_compatible(self, z: Tensor, x: Tensor, weight: Tensor) -> None:
+        if z.device != weight.device or x.device != weight.device:
+            raise InvalidInputError(
+                f"{type(self).__name__}: state on {z.device} and injection on {x.device}, "
+                f"weights on {weight.device}. Move them to one device (model.to(device) and "
+                "tensor.to(device))."
+            )
+        if torch.is_autocast_enabled(z.device.type):
+            return  # autocast legitimately mixes dtypes
+        if z.dtype != weight.dtype or x.dtype != weight.dtype:
+            raise InvalidInputError(
+                f"{type(self).__name__}: state {z.dtype} and injection {x.dtype}, weights "
+                f"{weight.dtype}. Use one dtype (model.to(dtype)), or run under torch.autocast."
+            )
+
+    def _verify_weight(self, weight: Tensor) -> None:
+        if is_nonnegative_by_construction(self.operator):
+            return
+        key = (id(weight), weight._version, weight.data_ptr())
+        if key == self._verified_weight:
+            return
+        with torch.no_grad():
+            negative = int((weight < 0).sum())
+        if negative:
+            raise NegativeWeightError(
+                f"{type(self).__name__} (nonnegativity={self.nonnegativity!r}): the weight has "
+                f"{negative} negative entries (min {weight.min().item():.3g}); pcDEQ needs W >= 0. "
+                "Attach the projection to the optimizer once "
+                "(torchdeq_pcdeq.attach_projection(optimizer, model)), do not edit the weight by "
+                "hand, or use nonnegativity='weight_norm' or 'parametrize'."
+            )
+        self._verified_weight = key
+
+    def _verify_injection(self, x: Tensor) -> None:
+        if self._verified_injection is not None:
+            ref, version = self._verified_injection
+            if ref() is x and x._version == version:
+                return
+        strict = self.variant == 1
+        with torch.no_grad():
+            bad = ~torch.isfinite(x) | ((x <= 0) if strict else (x < 0))
+            if bool(bad.any()):
+                _require_finite(x, f"{type(self).__name__} injection")
+                count, low = int(bad.sum()), x.min().item()
+                need = "strictly positive" if strict else "nonnegative"
+                raise InvalidInputError(
+                    f"{type(self).__name__} with activation {self.activation.name!r} (pcDEQ-"
+                    f"{self.variant}) needs a {need} injection, got {count} entries that are not "
+                    f"(min {low:.3g}). Pass x = layer.inject(u) instead of u."
+                )
+        self._verified_injection = (weakref.ref(x), x._version)
+
+    def extra_repr(self) -> str:
+        return (
+            f"activation={self.activation.name!r}, nonnegativity={self.nonnegativity!r}, "
+            f"injection_floor={self.injection_floor:g}"
+        )
+
+
+class PcDEQLinear(PcDEQLayer):
+    """Dense pcDEQ layer ``sigma(W z + x)``, ``W`` a nonnegative ``features x features`` matrix.
+
+    Args:
+        features: state size ``N``; states are ``(batch, ..., N)``.
+        activation: registered name (``"tanh"``, ``"softsign"``, ``"relu6"``, ``"sigmoid"``,
+            or one added with :func:`~torchdeq_pcdeq.register_activation`) or a record.
+        nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
+        injection_floor: positive floor of pcDEQ-1 injections.
+
+    Example:
+        >>> import torch
+        >>> f = PcDEQLinear(80, activation="sigmoid")
+        >>> f(torch.zeros(2, 80), f.inject(torch.randn(2, 80))).shape
+        torch.Size([2, 80])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        activation: str | Activation = "tanh",
+        *,
+        nonnegativity: str = "weight_norm",
+        injection_floor: float = DEFAULT_INJECTION_FLOOR,
+        device=None,
+        dtype=None,
+    ):
+        _require_positive_int(features, "features")
+        self.features = features
+        operator = nn.Linear(features, features, bias=False, device=device, dtype=dtype)
+        super().__init__(operator, activation, nonnegativity, injection_floor)
+
+    def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(z, weight)
+
+    def check_state(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dim() < 2 or z.shape[-1] != self.features:
+            raise InvalidInputError(
+                f"PcDEQLinear({self.features}) expects tensors of shape (batch, ..., "
+                f"{self.features}) with the batch dimension first, got "
+                f"{_describe(z)}. Add a batch dimension with z.unsqueeze(0) if needed."
+            )
+
+    def extra_repr(self) -> str:
+        return f"{self.features}, " + super().extra_repr()
+
+
+class PcDEQConv2d(PcDEQLayer):
+    """Convolutional pcDEQ layer ``sigma(conv(z) + x)`` with a nonnegative ``C -> C`` kernel.
+
+    Bias-free, stride 1, "same" zero padding, so states keep their shape ``(batch, C, H, W)``.
+
+    Args:
+        channels: ``C``.
+        activation: registered name or record (see :class:`PcDEQLinear`).
+        kernel_size: odd kernel size (default 3).
+        nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
+        injection_floor: positive floor of pcDEQ-1 injections.
+
+    Example:
+        >>> import torch
+        >>> f = PcDEQConv2d(8)
+        >>> f(torch.zeros(2, 8, 5, 5), f.inject(torch.randn(2, 8, 5, 5))).shape
+        torch.Size([2, 8, 5, 5])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        activation: str | Activation = "tanh",
+        kernel_size: int = 3,
+        *,
+        nonnegativity: str = "weight_norm",
+        injection_floor: float = DEFAULT_INJECTION_FLOOR,
+        device=None,
+        dtype=None,
+    ):
+        _require_positive_int(channels, "channels")
+        _require_positive_int(kernel_size, "kernel_size")
+        if kernel_size % 2 == 0:
+            raise InvalidInputError(
+                f"PcDEQConv2d needs an odd kernel_size so that 'same' padding keeps the state "
+                f"shape, got {kernel_size}. Use 1, 3, 5, ..."
+            )
+        self.channels, self.kernel_size, self.padding = channels, kernel_size, kernel_size // 2
+        operator = nn.Conv2d(
+            channels, channels, kernel_size, padding=self.padding, bias=False, device=device, dtype=dtype
+        )
+        super().__init__(operator, activation, nonnegativity, injection_floor)
+
+    def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(z, weight, padding=self.padding)
+
+    def check_state(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1] != self.channels:
+            raise InvalidInputError(
+                f"PcDEQConv2d({self.channels}) expects tensors of shape (batch, {self.channels}, "
+                f"height, width), got {_describe(z)}. Check the channel count of the layer that "
+                "produces the injection, and that the batch dimension comes first."
+            )
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _require_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _require_finite(x: Tensor, what: str) -> None:
+    with torch.no_grad():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            raise InvalidInputError(
+                f"{what} holds {nan} NaN and {inf} Inf entries out of {x.numel()}; expected finite "
+                "values. Check the data and the layers before this one (a too large learning "
+                "rate is the usual cause)."
+            )

@@ -1,0 +1,81 @@
+"""Registration of the plugin into TorchDEQ's registries.
+
+TorchDEQ keeps module-level dicts (last writer wins, no unregister, no discovery). This is the
+only module that touches them. :func:`register` is called on ``import torchdeq_pcdeq`` and is
+idempotent; it never overwrites a key that another object holds, and warns instead.
+
+Example:
+    >>> import torchdeq_pcdeq
+    >>> torchdeq_pcdeq.register()
+    {'core:pcdeq': 'present', 'solver:pcdeq_fixed_point': 'present', 'norm:pcdeq_nonneg': 'present'}
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torchdeq.core
+import torchdeq.norm.base_norm
+import torchdeq.solver
+
+from .config import NORM_NAME, SOLVER_NAME
+from .constraints import PcDEQNonnegNorm
+from .core import PcDEQCore
+from .errors import PcDEQWarning
+from .solver import pcdeq_fixed_point
+
+__all__ = ["register", "CORE_NAME", "SOLVER_NAME", "NORM_NAME"]
+
+CORE_NAME = "pcdeq"
+
+
+def _entries():
+    """(kind, key, object, registry dict, TorchDEQ's register function) for each entry."""
+    return [
+        ("core", CORE_NAME, PcDEQCore, torchdeq.core._core, torchdeq.core.register_deq),
+        ("solver", SOLVER_NAME, pcdeq_fixed_point, torchdeq.solver._solvers, torchdeq.solver.register_solver),
+        (
+            "norm",
+            NORM_NAME,
+            PcDEQNonnegNorm,
+            torchdeq.norm.base_norm._norm_class,
+            torchdeq.norm.base_norm.register_norm,
+        ),
+    ]
+
+
+def _same(current: object, ours: object) -> bool:
+    """Ours, possibly from a re-import of this package (same module and qualified name)."""
+    return current is ours or (
+        getattr(current, "__module__", None) == ours.__module__
+        and getattr(current, "__qualname__", None) == ours.__qualname__
+    )
+
+
+def register() -> dict[str, str]:
+    """Register the core, solver and norm into TorchDEQ.
+
+    Returns:
+        ``{"kind:key": status}`` with status ``"registered"`` (added now), ``"present"``
+        (already ours) or ``"skipped"`` (another object holds the key; a
+        :class:`~torchdeq_pcdeq.PcDEQWarning` says which).
+    """
+    status = {}
+    for kind, key, ours, registry, register_fn in _entries():
+        current = registry.get(key)
+        if current is None:
+            register_fn(key, ours)
+            status[f"{kind}:{key}"] = "registered"
+        elif _same(current, ours):
+            status[f"{kind}:{key}"] = "present"
+        else:
+            status[f"{kind}:{key}"] = "skipped"
+            warnings.warn(
+                f"TorchDEQ's {kind} registry already holds {key!r} "
+                f"({getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', current)!s}); "
+                f"torchdeq_pcdeq left it in place, so {kind} {key!r} is NOT the pcDEQ one. Remove "
+                "the other registration or import torchdeq_pcdeq first.",
+                PcDEQWarning,
+                stacklevel=2,
+            )
+    return status
