@@ -207,31 +207,36 @@ def check_activation(name: str, function: Callable[[Tensor], Tensor], supremum: 
 
     finite = torch.isfinite(y)
     if not finite.all():
-        i = int((~finite).nonzero()[0])
+        i = _first(~finite)
         raise fail("finite", f"it is {y[i].item()} at x={x[i].item():.5g}")
     # Rounding noise of a correct float64 implementation stays far below this slack.
     slack = 1e-10 * max(1.0, y.abs().max().item())
     if y.min() < -slack:
-        i = int(y.argmin())
+        i = _first(y < -slack)
         raise fail("nonnegative", f"it is {y[i].item():.3g} at x={x[i].item():.5g}")
     step = y[1:] - y[:-1]
     if step.min() < -slack:
-        i = int(step.argmin())
+        i = _first(step < -slack)
         raise fail(
             "nondecreasing",
             f"it decreases by {-step[i].item():.3g} between x={x[i].item():.5g} and x={x[i + 1].item():.5g}",
         )
     curvature = step[1:] - step[:-1]
     if curvature.max() > slack:
-        i = int(curvature.argmax()) + 1
+        i = _first(curvature > slack) + 1
         raise fail(
             "concave",
             f"its slope increases by {curvature[i - 1].item():.3g} around x={x[i].item():.5g}",
         )
     if y.max() > supremum + slack:
-        i = int(y.argmax())
+        i = _first(y > supremum + slack)
         raise fail(
             f"bounded by the declared supremum {supremum:g}",
             f"it reaches {y[i].item():.6g} at x={x[i].item():.5g}; declare a larger supremum",
         )
     return float(y[0].item())
+
+
+def _first(mask: Tensor) -> int:
+    """Index of the first True entry (the failure closest to 0 is the most telling)."""
+    return int(mask.nonzero()[0])

@@ -80,6 +80,8 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict, on_info: Callable[[
     def produce(trainer, func, z_pred, writer=None, **kwargs):
         z_in = z_pred.requires_grad_()
         f_out = func(z_in)
+        if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
+            return [f_out]
         handle = None
 
         def hook(grad: Tensor) -> Tensor:

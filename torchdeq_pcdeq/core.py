@@ -101,6 +101,11 @@ class PcDEQCore(DEQSliced):
         with parametrize.cached():
             return super()._solve_fixed_point(deq_func, z_init, f_max_iter, solver_kwargs, **kwargs)
 
+    def _sradius(self, deq_func, z_star):
+        # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
+        # eval-mode output a leaf that records graphs downstream; give it a copy instead.
+        return super()._sradius(deq_func, z_star.detach().clone())
+
     def _after_backward(self, info: dict, writer) -> None:
         if writer is not None:
             writer(info)

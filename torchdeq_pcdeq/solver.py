@@ -6,11 +6,12 @@ it reached the tolerance. It is also usable as the implicit backward solver: ``f
 ever called as ``func(z)``.
 
 Convergence is checked at "check" iterations only, because a check costs about as much as a
-small ``f`` and, on GPU, needs a host sync. With ``check_every="auto"`` (default) the next check
-is scheduled where the observed geometric rate predicts the tolerance will be met (never more
-than doubling the iteration count); the final iteration is always checked. Traces therefore
-hold one column per check; ``info["trace_steps"]`` gives their iteration numbers. Pass
-``check_every=1`` for a residual at every iteration.
+small ``f`` and, on GPU, needs a host sync. With ``check_every="auto"`` (default) the first check
+is at iteration 2 and the next one where the observed geometric rate predicts the tolerance will
+be met (the iteration count at most triples between checks), so a solve of ``K`` iterations costs
+about ``log3(K)`` checks; the final iteration is always checked. Traces therefore hold one column
+per check; ``info["trace_steps"]`` gives their iteration numbers. Pass ``check_every=1`` for a
+residual at every iteration (TorchDEQ's behaviour).
 
 Example:
     >>> import torch
@@ -24,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -86,7 +88,8 @@ def pcdeq_fixed_point(
     Returns:
         ``(z, states, info)``: the final iterate, the states at ``indexing``, and a TorchDEQ
         ``SolverStat`` with per-sample ``abs_lowest``, ``rel_lowest``, ``nstep`` (the first
-        checked iteration at which the sample met the tolerance, or the last iteration), traces
+        checked iteration from which the sample stayed within tolerance, or the last iteration
+        if it ended above), traces
         ``abs_trace`` / ``rel_trace`` of shape ``(batch, checks)``, ``trace_steps`` ``(checks,)``,
         ``sradius`` and ``converged`` (per-sample bool, at the returned state).
 
@@ -104,111 +107,172 @@ def pcdeq_fixed_point(
         )
     _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau)
 
-    bsz = x0.shape[0]
-    acc = torch.promote_types(x0.dtype, torch.float32)
-    tiny = torch.finfo(acc).tiny
-    floor = resolution_floor(x0.dtype)
-    if stop_mode == "rel" and tol < floor:
-        _warn_floor(x0.dtype, stop_mode, tol, floor)
-    indexing = set(indexing or ())
-    from_zero = (x0 == 0).all() if guard != "off" else None
-
-    steps: list[int] = []
-    abs_hist: list[Tensor] = []
-    rel_hist: list[Tensor] = []
-    ok_hist: list[Tensor] = []
+    monitor = _Monitor(x0, tol, stop_mode, guard, check_every)
+    pending = sorted(set(indexing or ()))  # iterations whose state is returned
     states: list[Tensor] = []
-    z, k, next_check = x0, 0, 1 if check_every == "auto" else min(int(check_every), max_iter)
+    next_check = monitor.first_check(max_iter)
+    next_event = 1  # the first call's output is validated
+    z, k = x0, 0
     while k < max_iter:
         fz = func(z)
         k += 1
-        if k in indexing:
-            states.append(fz)
-        if k != next_check and k != max_iter:
-            z = fz
-            continue
-
-        diff = fz - z
-        abs_res = torch.linalg.vector_norm(diff.flatten(1), dim=1, dtype=acc)
-        fz_norm = torch.linalg.vector_norm(fz.flatten(1), dim=1, dtype=acc)
-        rel_res = abs_res / (fz_norm + tiny)
-        # Residuals below the dtype's resolution count as converged whatever tol says.
-        limit = torch.clamp_min(fz_norm * floor, tol) if stop_mode == "abs" else max(tol, floor)
-        metric = abs_res if stop_mode == "abs" else rel_res
-        ok = metric <= limit
-        steps.append(k)
-        abs_hist.append(abs_res)
-        rel_hist.append(rel_res)
-        ok_hist.append(ok)
-
-        flags = [ok.all().to(acc)]
-        if check_every == "auto":
-            flags.append(_predicted_iterations(steps, abs_hist, rel_hist, stop_mode, limit, ok))
-        if guard != "off":
-            scale = fz.detach().abs().amax().to(acc)
-            flags.append((fz.amin() < 0).to(acc))
-            flags.append(
-                (from_zero & (diff.amin().to(acc) < -_GUARD_ULPS * torch.finfo(fz.dtype).eps * scale)).to(acc)
-            )
-        values = torch.stack(flags).tolist()  # the one host sync of this check
-
-        if guard != "off" and (values[-2] or values[-1]):
-            _report_guard(guard, fz, diff, k, negative=bool(values[-2]))
-            guard = "off"  # report once per solve
+        if k >= next_event:  # rare: keep the common path to one call and two comparisons
+            if k == 1:
+                _check_output(fz, z)
+            if pending and pending[0] == k:
+                states.append(fz)
+                pending.pop(0)
+            if k in (next_check, max_iter):
+                done, gap = monitor.check(k, z, fz)
+                if done:
+                    z = fz
+                    break
+                next_check = min(k + gap, max_iter)
+            next_event = min(next_check, pending[0]) if pending else next_check
         z = fz
-        if values[0]:
-            break
-        if check_every == "auto":
-            need = values[1]
-            gap = max(1, k // 2) if not math.isfinite(need) else min(max(1, math.ceil(need)), max(1, k))
-        else:
-            gap = int(check_every)
-        next_check = min(k + gap, max_iter)
 
     if indexing and not states:
         states.append(z)
-    return z, states, _stat(steps, abs_hist, rel_hist, ok_hist, k, bsz, z.device)
+    return z, states, monitor.stat(k, z.device)
 
 
-def _predicted_iterations(
-    steps: list[int], abs_hist: list[Tensor], rel_hist: list[Tensor], stop_mode: str, limit, ok: Tensor
-) -> Tensor:
-    """Further iterations until the slowest unconverged sample meets ``limit``, on the device.
+class _Monitor:
+    """Convergence checks of one solve.
 
-    Assumes the geometric rate observed between the last two checks persists; ``inf`` when
-    there is no previous check or a sample is not contracting.
+    A check reduces the iterates on the device to per-sample residuals (kept on the device for
+    ``info``) and copies one number to the host, the worst residual relative to its limit,
+    together with the guard's scalars: the only host sync of the check. The stopping decision,
+    the guard and the schedule of the next check use those few numbers; the per-sample
+    statistics are assembled on the device when the solve ends.
     """
-    hist = abs_hist if stop_mode == "abs" else rel_hist
-    now = hist[-1]
-    if len(steps) < 2:
-        return torch.full((), math.inf, dtype=now.dtype, device=now.device)
-    tiny = torch.finfo(now.dtype).tiny
-    log_now = now.clamp_min(tiny).log()
-    log_rate = (log_now - hist[-2].clamp_min(tiny).log()) / (steps[-1] - steps[-2])
-    limit = torch.as_tensor(limit, dtype=now.dtype, device=now.device)
-    log_gap = limit.clamp_min(tiny).log() - log_now  # < 0 for unconverged samples
-    need = torch.where(log_rate < 0, log_gap / log_rate.clamp_max(-tiny), math.inf)
-    return torch.where(ok, 0.0, need).max()
+
+    def __init__(self, x0: Tensor, tol: float, stop_mode: str, guard: str, check_every):
+        self.x0, self.tol, self.stop_mode, self.guard, self.check_every = (
+            x0,
+            tol,
+            stop_mode,
+            guard,
+            check_every,
+        )
+        self.acc, self.tiny, self.floor, self.guard_slack = _dtype_constants(x0.dtype)
+        if stop_mode == "rel" and tol < self.floor:
+            _warn_floor(x0.dtype, stop_mode, tol, self.floor)
+        self.rel_limit = max(tol, self.floor)
+        self.dims = tuple(range(1, x0.dim()))
+        self.from_zero: bool | None = None
+        self.steps: list[int] = []
+        self.abs: list[Tensor] = []
+        self.rel: list[Tensor] = []
+        self.abs_limit: list[Tensor] = []
+        self.worst: list[float] = []
+
+    def first_check(self, max_iter: int) -> int:
+        # From z0 = 0 the first relative residual is exactly 1: start checking at the second.
+        return min(2 if self.check_every == "auto" else self.check_every, max_iter)
+
+    def check(self, k: int, z: Tensor, fz: Tensor) -> tuple[bool, int]:
+        """Record iteration ``k`` (``fz = f(z)``); return (all converged, iterations to the next check)."""
+        if fz.requires_grad or z.requires_grad:
+            fz, z = fz.detach(), z.detach()
+        diff = fz - z
+        abs_res = torch.linalg.vector_norm(diff, dim=self.dims, dtype=self.acc)
+        fz_norm = torch.linalg.vector_norm(fz, dim=self.dims, dtype=self.acc)
+        rel_res = abs_res / (fz_norm + self.tiny)
+        self.steps.append(k)
+        self.abs.append(abs_res)
+        self.rel.append(rel_res)
+        if self.stop_mode == "rel":
+            worst = rel_res.amax()
+        else:  # residuals below the dtype's resolution count as converged whatever tol says
+            self.abs_limit.append(torch.clamp_min(fz_norm * self.floor, self.tol))
+            worst = (abs_res / self.abs_limit[-1]).amax()
+        if self.guard == "off":
+            worst = worst.item()  # the one host sync of this check
+        else:
+            low, high = torch.aminmax(fz)
+            scalars = [worst, low.to(self.acc), high.to(self.acc), diff.amin().to(self.acc)]
+            if self.from_zero is None:
+                scalars.append(self.x0.detach().abs().amax().to(self.acc))
+            worst, *values = torch.stack(scalars).tolist()  # the one host sync of this check
+            self._apply_guard(values, k, fz, diff)
+        # the worst residual over its limit: <= 1 when every sample has converged
+        self.worst.append(worst / self.rel_limit if self.stop_mode == "rel" else worst)
+        if self.worst[-1] <= 1.0:
+            return True, 0
+        if self.check_every != "auto":
+            return False, self.check_every
+        return False, self._auto_gap(k)
+
+    def _apply_guard(self, values: list[float], k: int, fz: Tensor, diff: Tensor) -> None:
+        low, high, drop = values[:3]
+        if self.from_zero is None:
+            self.from_zero = values[3] == 0
+        negative = low < 0
+        decreasing = self.from_zero and drop < -self.guard_slack * high
+        if negative or decreasing:
+            _report_guard(self.guard, fz, diff, k, negative=negative)
+            self.guard = "off"  # report once per solve
+
+    def _auto_gap(self, k: int) -> int:
+        """Iterations until the worst residual is predicted to reach its limit.
+
+        Assumes the geometric rate seen between the last two checks persists. The iteration
+        count at most doubles while no rate is known and at most triples afterwards (it grows
+        by half while the worst residual is not decreasing), so a long solve costs a
+        logarithmic number of checks.
+        """
+        if len(self.steps) < 2:
+            return k
+        now, before = self.worst[-1], self.worst[-2]
+        if not before > now > 0:
+            return max(1, k // 2)
+        need = (k - self.steps[-2]) * math.log(now) / math.log(before / now)
+        return min(max(1, math.ceil(need)), 2 * k)
+
+    def stat(self, k: int, device: torch.device) -> SolverStat:
+        """TorchDEQ's ``SolverStat`` plus ``converged`` and ``trace_steps``.
+
+        ``nstep`` is, per sample, the first checked iteration from which the sample stayed
+        within tolerance to the end (the last iteration if it ended above).
+        """
+        n = len(self.steps)
+        history = torch.stack(self.abs + self.rel, dim=1)  # (batch, 2n): one op for both traces
+        abs_trace, rel_trace = history[:, :n], history[:, n:]
+        lowest = history.view(-1, 2, n).amin(dim=2)
+        if self.stop_mode == "rel":
+            ok = rel_trace <= self.rel_limit
+        else:
+            ok = abs_trace <= torch.stack(self.abs_limit, dim=1)
+        nstep = [_settled_step(row, self.steps, k) for row in ok.tolist()]
+        # SolverStat's constructor builds a default tensor per key; every key is given here.
+        info = SolverStat.__new__(SolverStat)
+        dict.__init__(
+            info,
+            abs_lowest=lowest[:, 0],
+            rel_lowest=lowest[:, 1],
+            abs_trace=abs_trace,
+            rel_trace=rel_trace,
+            nstep=torch.tensor(nstep, dtype=history.dtype, device=device),
+            sradius=torch.full((1,), -1.0, device=device),
+            trace_steps=torch.tensor(self.steps, dtype=torch.long, device=device),
+            converged=ok[:, -1],
+        )
+        return info
 
 
-def _stat(steps, abs_hist, rel_hist, ok_hist, k, bsz, device) -> SolverStat:
-    abs_trace = torch.stack(abs_hist, dim=1)
-    rel_trace = torch.stack(rel_hist, dim=1)
-    ok = torch.stack(ok_hist, dim=1)
-    trace_steps = torch.tensor(steps, dtype=torch.long, device=device)
-    ever = ok.any(dim=1)
-    first = torch.where(ever, ok.to(torch.uint8).argmax(dim=1), len(steps) - 1)
-    nstep = torch.where(ever, trace_steps[first], k).to(abs_trace.dtype)
-    info = SolverStat(
-        abs_lowest=abs_trace.min(dim=1).values,
-        rel_lowest=rel_trace.min(dim=1).values,
-        abs_trace=abs_trace,
-        rel_trace=rel_trace,
-        nstep=nstep,
-    )
-    info["trace_steps"] = trace_steps
-    info["converged"] = ok[:, -1]
-    return info
+def _settled_step(ok: list[bool], steps: list[int], last: int) -> int:
+    """The step of the first check of the final run of successful checks (``last`` if none)."""
+    first = len(ok)
+    while first and ok[first - 1]:
+        first -= 1
+    return steps[first] if first < len(ok) else last
+
+
+@functools.cache
+def _dtype_constants(dtype: torch.dtype) -> tuple[torch.dtype, float, float, float]:
+    """(accumulation dtype, its tiny, resolution floor, guard slack) for states of ``dtype``."""
+    acc = torch.promote_types(dtype, torch.float32)
+    return acc, torch.finfo(acc).tiny, resolution_floor(dtype), _GUARD_ULPS * torch.finfo(dtype).eps
 
 
 def _report_guard(mode: str, fz: Tensor, diff: Tensor, k: int, negative: bool) -> None:
@@ -243,6 +307,15 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
             f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance.",
             PcDEQWarning,
             stacklevel=3,
+        )
+
+
+def _check_output(fz, z: Tensor) -> None:
+    if not isinstance(fz, Tensor) or fz.shape != z.shape:
+        got = f"shape {tuple(fz.shape)}" if isinstance(fz, Tensor) else type(fz).__name__
+        raise InvalidInputError(
+            f"func must map a state of shape {tuple(z.shape)} to the same shape, got {got}. A "
+            "fixed point needs f: R^n -> R^n; check the layer's output and the initial state."
         )
 
 

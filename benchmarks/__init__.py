@@ -1,0 +1,1 @@
+"""Benchmarks of torchdeq_pcdeq (run as ``python -m benchmarks.<name>``)."""

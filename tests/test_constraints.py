@@ -1,0 +1,227 @@
+import copy
+
+import pytest
+import torch
+import torchdeq
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchdeq_pcdeq import (
+    InvalidInputError,
+    NegativeWeightError,
+    NonNegative,
+    NonNegativeWeightNorm,
+    PcDEQLinear,
+    PcDEQWarning,
+    UnknownNameError,
+    attach_projection,
+    constrain_nonnegative,
+    reference_init_,
+)
+
+MODES = ["weight_norm", "parametrize", "project"]
+
+
+def test_weight_norm_formula_and_sign():
+    norm = NonNegativeWeightNorm(dim=0)
+    scale = torch.tensor([[2.0], [-3.0]])
+    direction = torch.tensor([[3.0, -4.0], [0.0, 1.0]])
+    expected = torch.tensor([[2.0 * 3 / 5, 2.0 * 4 / 5], [0.0, 3.0]])
+    assert torch.equal(norm(scale, direction), expected)
+
+
+def test_weight_norm_conv_keeps_one_scale_per_output_channel():
+    direction = torch.randn(4, 3, 3, 3)
+    scale = torch.rand(4, 1, 1, 1)
+    w = NonNegativeWeightNorm(dim=0)(scale, direction)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.flatten(1).norm(dim=1), scale.flatten())
+
+
+def test_weight_norm_zero_row_gives_zero_not_nan_in_value_and_gradient():
+    scale = torch.ones(3, 1, requires_grad=True)
+    direction = torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 1.0]], requires_grad=True)
+    w = NonNegativeWeightNorm()(scale, direction)
+    assert torch.equal(w[1], torch.zeros(2))
+    assert torch.isfinite(w).all()
+    w.sum().backward()
+    assert torch.isfinite(scale.grad).all() and torch.isfinite(direction.grad).all()
+    assert torch.equal(direction.grad[1], torch.zeros(2))
+
+
+@pytest.mark.parametrize("parametrization", [NonNegative(), NonNegativeWeightNorm()])
+def test_parametrizations_gradcheck_float64(parametrization):
+    torch.manual_seed(0)
+    raw = torch.rand(4, 5, dtype=torch.float64) + 0.1
+    if isinstance(parametrization, NonNegative):
+        assert torch.autograd.gradcheck(parametrization, (raw.requires_grad_(),))
+    else:
+        scale = (torch.rand(4, 1, dtype=torch.float64) + 0.5).requires_grad_()
+        assert torch.autograd.gradcheck(parametrization, (scale, raw.requires_grad_()))
+
+
+def test_right_inverse_round_trips_nonnegative_weights():
+    w = torch.rand(5, 4)
+    for p in (NonNegative(), NonNegativeWeightNorm()):
+        originals = p.right_inverse(w)
+        originals = originals if isinstance(originals, tuple) else (originals,)
+        torch.testing.assert_close(p(*originals), w)
+
+
+def test_registering_on_negative_weights_warns_and_uses_absolute_values():
+    lin = nn.Linear(4, 4, bias=False)
+    original = lin.weight.detach().clone()
+    with pytest.warns(PcDEQWarning, match="negative entries"):
+        constrain_nonnegative(lin, "weight_norm")
+    torch.testing.assert_close(lin.weight, original.abs())
+
+
+def test_constrain_nonnegative_rejects_unknown_mode_and_double_registration():
+    lin = nn.Linear(3, 3, bias=False)
+    reference_init_(lin.weight)
+    with pytest.raises(UnknownNameError, match="'parametrize', 'project', 'weight_norm'"):
+        constrain_nonnegative(lin, "clamp")
+    constrain_nonnegative(lin, "parametrize")
+    with pytest.raises(InvalidInputError, match="already parametrized"):
+        constrain_nonnegative(lin, "weight_norm")
+    with pytest.raises(InvalidInputError, match="no tensor 'kernel'"):
+        constrain_nonnegative(nn.Linear(2, 2), "parametrize", name="kernel")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_layer_mechanism_keeps_weights_nonnegative_through_100_large_adamw_steps(mode):
+    torch.manual_seed(0)
+    f = PcDEQLinear(16, nonnegativity=mode)
+    inj = nn.Linear(16, 16)
+    u = torch.randn(8, 16)
+    deq = torchdeq.get_deq(core="pcdeq", f_max_iter=60, pcdeq_nonconvergence="ignore")
+    start = f.weight.detach().clone()
+    opt = torch.optim.AdamW([*f.parameters(), *inj.parameters()], lr=1.0, weight_decay=1e-2)
+    if mode == "project":
+        attach_projection(opt, f)
+    target = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    mins = []
+    for _ in range(100):
+        x = f.inject(inj(u))
+        z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+        loss = (z_out[-1] - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mins.append(f.weight.detach().min().item())
+    assert min(mins) >= 0.0
+    assert torch.isfinite(f.weight).all()
+    assert (f.weight.detach() - start).abs().max() > 1e-2, "the weights must actually have been trained"
+
+
+def test_pcdeq_nonneg_norm_keeps_plain_linear_nonnegative_through_100_large_adamw_steps():
+    torch.manual_seed(0)
+    f = nn.Linear(16, 16, bias=False)
+    reference_init_(f.weight)
+    torchdeq.apply_norm(f, norm_type="pcdeq_nonneg")
+    deq = torchdeq.get_deq(core="pcdeq", f_max_iter=60, pcdeq_nonconvergence="ignore")
+    u = torch.randn(8, 16, requires_grad=True)
+    opt = torch.optim.AdamW([*f.parameters(), u], lr=1.0, weight_decay=1e-2)
+    target = torch.rand(8, 16, generator=torch.Generator().manual_seed(1))
+    for _ in range(100):
+        torchdeq.reset_norm(f)
+        x = nn.functional.softplus(u, beta=5) + 1e-6
+        z_out, _ = deq(lambda z: torch.tanh(f(z) + x), torch.zeros_like(x))
+        loss = (z_out[-1] - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert f.weight.min() >= 0
+    assert torch.isfinite(f.weight).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_deepcopy_and_state_dict_round_trip(mode, tmp_path):
+    torch.manual_seed(0)
+    f = PcDEQLinear(6, nonnegativity=mode)
+    x = f.inject(torch.randn(2, 6))
+    z = torch.rand(2, 6)
+    clone = copy.deepcopy(f)
+    torch.testing.assert_close(clone(z, x), f(z, x), rtol=0, atol=0)
+    with torch.no_grad():
+        next(clone.parameters()).mul_(2.0)
+    assert not torch.equal(clone.weight, f.weight), "the copy must not share parameters"
+
+    torch.save(f.state_dict(), tmp_path / "f.pt")
+    fresh = PcDEQLinear(6, nonnegativity=mode)
+    fresh.load_state_dict(torch.load(tmp_path / "f.pt", weights_only=True))
+    torch.testing.assert_close(fresh(z, x), f(z, x), rtol=0, atol=0)
+
+
+def test_pcdeq_nonneg_norm_deepcopy_and_remove():
+    f = nn.Sequential(nn.Linear(5, 5, bias=False), nn.Conv2d(2, 2, 3, padding=1, bias=False))
+    for m in f:
+        reference_init_(m.weight)
+    torchdeq.apply_norm(f, norm_type="pcdeq_nonneg")
+    assert all(parametrize.is_parametrized(m, "weight") for m in f)
+    clone = copy.deepcopy(f)
+    torch.testing.assert_close(clone[0].weight, f[0].weight)
+    before = [m.weight.detach().clone() for m in f]
+    torchdeq.remove_norm(f)
+    for m, w in zip(f, before):
+        assert not parametrize.is_parametrized(m)
+        assert isinstance(m.weight, nn.Parameter)
+        torch.testing.assert_close(m.weight.detach(), w)
+        assert (m.weight >= 0).all()
+
+
+def test_pcdeq_nonneg_norm_survives_gradient_accumulation():
+    torch.manual_seed(0)
+    f = nn.Linear(6, 6, bias=False)
+    reference_init_(f.weight)
+    torchdeq.apply_norm(f, norm_type="pcdeq_nonneg")
+    deq = torchdeq.get_deq(core="pcdeq")
+    xs = [torch.rand(3, 6) + 0.1 for _ in range(2)]
+
+    def loss(x):
+        torchdeq.reset_norm(f)
+        return deq(lambda z: torch.tanh(f(z) + x), torch.zeros_like(x))[0][-1].sum()
+
+    total = loss(xs[0]) + loss(xs[1])  # two forwards, one backward
+    total.backward()
+    accumulated = [p.grad.clone() for p in f.parameters()]
+    f.zero_grad()
+    for x in xs:
+        loss(x).backward()
+    for a, b in zip(accumulated, (p.grad for p in f.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+def test_pcdeq_nonneg_reports_unsupported_torchdeq_options():
+    lin = nn.Linear(3, 3)
+    reference_init_(lin.weight)
+    with pytest.warns(PcDEQWarning, match="norm_clip"):
+        torchdeq.apply_norm(lin, norm_type="pcdeq_nonneg", args={"norm_clip": True})
+
+
+def test_attach_projection_errors():
+    f = PcDEQLinear(4)  # weight_norm: nothing to project
+    opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    with pytest.raises(InvalidInputError, match="no pcDEQ layer with nonnegativity='project'"):
+        attach_projection(opt, f)
+    g = PcDEQLinear(4, nonnegativity="project")
+    with pytest.raises(InvalidInputError, match="not updated by this optimizer"):
+        attach_projection(opt, g)
+    opt_g = torch.optim.SGD(g.parameters(), lr=0.1)
+    with torch.no_grad():
+        g.linear.weight[0, 0] = -1.0
+    with pytest.raises(NegativeWeightError, match="1 negative entries"):
+        attach_projection(opt_g, g)
+
+
+def test_projection_clamps_after_each_step_and_detaches():
+    g = PcDEQLinear(4, nonnegativity="project")
+    opt = torch.optim.SGD(g.parameters(), lr=1.0)
+    handle = attach_projection(opt, g)
+    g.linear.weight.grad = torch.ones(4, 4)
+    opt.step()
+    assert torch.equal(g.linear.weight.detach(), torch.zeros(4, 4))
+    handle.remove()
+    g.linear.weight.grad = torch.ones(4, 4)
+    opt.step()
+    assert (g.linear.weight < 0).all()

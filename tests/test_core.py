@@ -1,0 +1,313 @@
+import argparse
+import copy
+import itertools
+
+import pytest
+import torch
+import torchdeq
+
+from conftest import ACTIVATIONS, conv_instance, dense_instance, iterate, set_weight, upper_bound
+from torchdeq_pcdeq import (
+    ConvergenceError,
+    InvalidInputError,
+    NonNegativeWeightNorm,
+    NotPositiveMonotoneError,
+    PcDEQCore,
+    PcDEQLinear,
+    PcDEQWarning,
+    UnknownNameError,
+    add_pcdeq_args,
+)
+
+TIGHT = dict(f_tol=1e-12, b_tol=1e-12, f_max_iter=5000, b_max_iter=5000)
+
+
+def solve(deq, f, x, z0=None):
+    z0 = torch.zeros_like(x) if z0 is None else z0
+    return deq(lambda z: f(z, x), z0)
+
+
+# -- the method's claims ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("make", [dense_instance, conv_instance])
+def test_unique_fixed_point_from_different_starts(activation, make):
+    f, x = make(activation=activation, scale=3.0)
+    deq = torchdeq.get_deq(core="pcdeq", **TIGHT).eval()
+    gen = torch.Generator().manual_seed(3)
+    starts = [
+        torch.zeros_like(x),
+        upper_bound(activation, x),
+        torch.rand(x.shape, generator=gen, dtype=x.dtype),
+        100 * torch.rand(x.shape, generator=gen, dtype=x.dtype),
+    ]
+    solutions = [solve(deq, f, x, z0)[0][-1] for z0 in starts]
+    for z in solutions[1:]:
+        torch.testing.assert_close(z, solutions[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(f(solutions[0], x), solutions[0], rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("make", [dense_instance, conv_instance])
+def test_iterates_increase_from_zero_and_decrease_from_the_upper_bound(activation, make):
+    f, x = make(activation=activation, scale=3.0)
+    rising = iterate(f, x, torch.zeros_like(x), 60)
+    falling = iterate(f, x, upper_bound(activation, x), 60)
+    ulps = 4 * torch.finfo(x.dtype).eps  # near the fixed point, iterates move by rounding only
+    for a, b in itertools.pairwise(rising):
+        assert (b - a).min() >= -ulps * a.abs().max()
+    for a, b in itertools.pairwise(falling):
+        assert (a - b).min() >= -ulps * a.abs().max()
+    assert (rising[-1] - falling[-1]).max() <= ulps * falling[-1].max(), "they bracket the fixed point"
+    assert (rising[1] > 0).all()
+    assert (rising[10] - rising[1]).max() > 0.01, "the iteration from 0 must actually move"
+
+
+# -- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("make", [dense_instance, conv_instance])
+def test_implicit_gradient_matches_finite_differences_float64(activation, make):
+    f, x = (
+        make(activation=activation, scale=2.0, batch=1, size=3)
+        if make is conv_instance
+        else make(activation=activation, scale=2.0, batch=2, n=5)
+    )
+    deq = torchdeq.get_deq(core="pcdeq", **TIGHT)
+    u = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def z_star(u):
+        return solve(deq, f, f.inject(u))[0][-1]
+
+    assert torch.autograd.gradcheck(z_star, (u.requires_grad_(),), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+@pytest.mark.parametrize("make", [dense_instance, conv_instance])
+def test_weight_gradient_matches_central_differences_float64(gradient, make):
+    f, x = make(activation="tanh", scale=2.0)
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift", **TIGHT)
+    probe = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    w = f.operator.weight
+
+    def loss():
+        return (solve(deq, f, x)[0][-1] * probe).sum()
+
+    loss().backward()
+    analytic = w.grad.clone()
+    direction = torch.rand(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    h = 1e-6
+    with torch.no_grad():
+        base = w.detach().clone()
+        set_weight(f, base + h * direction)
+        plus = loss()
+        set_weight(f, base - h * direction)
+        minus = loss()
+        set_weight(f, base)
+    numeric = (plus - minus) / (2 * h)
+    assert (analytic * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-6, abs=1e-9)
+
+
+def test_hook_ift_called_twice_before_backward_does_not_reenter_and_matches_ift():
+    grads = {}
+    for gradient in ("ift", "hook_ift"):
+        torch.manual_seed(0)
+        f = PcDEQLinear(6, nonnegativity="project")
+        set_weight(f, torch.rand(6, 6) * 0.4)
+        deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift")
+        u = torch.randn(2, 6, requires_grad=True)
+        x = f.inject(u)
+        first = solve(deq, f, x)[0][-1]
+        second = solve(deq, f, 2 * x)[0][-1]  # same core instance, before backward
+        (first.square().sum() + second.sum()).backward()
+        grads[gradient] = (u.grad.clone(), f.linear.weight.grad.clone())
+    for a, b in zip(grads["ift"], grads["hook_ift"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_phantom_gradient_when_a_dict_config_turns_ift_off():
+    deq = torchdeq.get_deq({"core": "pcdeq", "ift": False, "grad": 3})
+    assert deq.gradient == "phantom"
+    f, x = dense_instance(dtype=torch.float32)
+    z_out, _ = solve(deq.train(), f, x)
+    assert z_out[-1].requires_grad
+
+
+def test_parametrized_weights_are_computed_once_per_solve(monkeypatch):
+    calls = []
+    original = NonNegativeWeightNorm.forward
+
+    def counting(self, scale, direction):
+        calls.append(torch.is_grad_enabled())
+        return original(self, scale, direction)
+
+    f = PcDEQLinear(8, "sigmoid")
+    monkeypatch.setattr(NonNegativeWeightNorm, "forward", counting)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_check_every=1)
+    x = f.inject(torch.randn(4, 8))
+    z_out, info = solve(deq, f, x)
+    z_out[-1].sum().backward()
+    assert info["nstep"].max() >= 3
+    # one for the no-grad solve, one for the tracked step, one for the adjoint graph
+    assert calls == [False, True, True]
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)
+    add_pcdeq_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_argparse_flags_get_pcdeq_defaults_and_the_namespace_is_not_modified():
+    args = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg"])
+    before = copy.deepcopy(vars(args))
+    deq = torchdeq.get_deq(args)
+    assert vars(args) == before
+    assert isinstance(deq, PcDEQCore)
+    assert (deq.f_tol, deq.f_stop_mode, deq.f_max_iter, deq.b_tol, deq.b_stop_mode) == (
+        1e-4,
+        "rel",
+        200,
+        1e-4,
+        "rel",
+    )
+    assert deq.f_solver is torchdeq.get_solver("pcdeq_fixed_point")
+    assert deq.b_solver is torchdeq.get_solver("pcdeq_fixed_point")
+    assert deq.gradient == "ift"
+
+
+def test_explicit_flags_and_dict_keys_win_and_the_dict_is_not_modified():
+    args = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_tol", "1e-6", "--f_max_iter", "30"])
+    deq = torchdeq.get_deq(args)
+    assert (deq.f_tol, deq.f_max_iter, deq.f_stop_mode) == (1e-6, 30, "rel")
+    config = {"core": "pcdeq", "f_stop_mode": "abs", "b_max_iter": 7, "pcdeq_guard": "warn"}
+    before = dict(config)
+    deq = torchdeq.get_deq(config)
+    assert config == before
+    assert (deq.f_stop_mode, deq.b_max_iter, deq.guard) == ("abs", 7, "warn")
+
+
+def test_warns_for_a_solver_without_guarantee_and_still_reports_convergence():
+    with pytest.warns(PcDEQWarning, match="f_solver='anderson' has no convergence guarantee"):
+        deq = torchdeq.get_deq(core="pcdeq", f_solver="anderson")
+    f, x = dense_instance(dtype=torch.float32)
+    _, info = solve(deq.eval(), f, x)
+    assert info["converged"].dtype == torch.bool and info["converged"].all()
+
+
+def test_warns_when_norm_type_allows_negative_weights():
+    with pytest.warns(PcDEQWarning, match=r"norm_type='weight_norm' allows negative weights.*pcdeq_nonneg"):
+        torchdeq.get_deq(parse(["--core", "pcdeq"]))
+
+
+def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
+    with pytest.warns(PcDEQWarning, match="'pcdeq_gaurd'.*Did you mean 'pcdeq_guard'"):
+        torchdeq.get_deq({"core": "pcdeq", "pcdeq_gaurd": "off"})
+    with pytest.warns(PcDEQWarning, match="'stop_mode'.*Did you mean '[fb]_stop_mode'"):
+        torchdeq.get_deq({"core": "pcdeq", "stop_mode": "abs"})
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "match"),
+    [
+        ({"pcdeq_guard": "strict"}, UnknownNameError, "Valid: 'off', 'raise', 'warn'"),
+        ({"pcdeq_nonconvergence": "fail"}, UnknownNameError, "Valid: 'ignore', 'raise', 'warn'"),
+        ({"pcdeq_check_every": 0}, InvalidInputError, "'auto' or an integer >= 1"),
+        ({"f_max_iter": 0}, InvalidInputError, "f_max_iter must be an integer >= 1, got 0"),
+        ({"b_tol": -1.0}, InvalidInputError, "b_tol must be a positive finite number"),
+        ({"f_stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),
+    ],
+)
+def test_invalid_config_values(config, error, match):
+    with pytest.raises(error, match=match):
+        torchdeq.get_deq(core="pcdeq", **config)
+
+
+def test_add_pcdeq_args_help_and_choices():
+    parser = add_pcdeq_args(argparse.ArgumentParser())
+    text = parser.format_help()
+    for flag in ("--pcdeq_guard", "--pcdeq_nonconvergence", "--pcdeq_check_every"):
+        assert flag in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pcdeq_guard", "loud"])
+    assert (
+        torchdeq.get_deq(
+            parse(["--core", "pcdeq", "--norm_type", "none", "--pcdeq_check_every", "3"])
+        ).check_every
+        == 3
+    )
+
+
+# -- checks at run time -----------------------------------------------------------------------
+
+
+def test_initial_state_errors_before_any_solve():
+    deq = torchdeq.get_deq(core="pcdeq")
+    f, x = dense_instance(dtype=torch.float32)
+    with pytest.raises(InvalidInputError, match=r"negative entries \(min -1\).*zeros_like"):
+        solve(deq, f, x, -torch.ones_like(x))
+    bad = torch.zeros_like(x)
+    bad[0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        solve(deq, f, x, bad)
+    with pytest.raises(InvalidInputError, match="one tensor, got list"):
+        deq(lambda z: z, [x])
+    with pytest.raises(InvalidInputError, match=r"batch dimension first, got torch.float32 of shape \(12,\)"):
+        deq(lambda z: z, x[0])
+
+
+def test_guard_through_the_core():
+    torch.manual_seed(0)
+    w = torch.rand(4, 4) * 0.3
+    x = -torch.rand(2, 4)  # not admissible for tanh
+    with pytest.raises(NotPositiveMonotoneError, match="negative entries"):
+        torchdeq.get_deq(core="pcdeq")(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x))
+    with pytest.warns(PcDEQWarning, match="pcDEQ guard"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_guard="warn")(
+            lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x)
+        )
+    torchdeq.get_deq(core="pcdeq", pcdeq_guard="off")(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x))
+
+
+def slow_instance():
+    f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
+    return f, x * 1e-6  # from a tiny injection the iterates need many steps to grow
+
+
+def test_nonconvergence_warns_by_default_and_can_raise_or_be_ignored():
+    f, x = slow_instance()
+    with pytest.warns(
+        PcDEQWarning, match=r"forward solve: 3 of 3 samples did not reach rel tol 0.0001 within 3 iterations"
+    ):
+        _, info = solve(torchdeq.get_deq(core="pcdeq", f_max_iter=3), f, x)
+    assert not info["converged"].any()
+    with pytest.raises(ConvergenceError, match="Try a larger f_max_iter"):
+        solve(torchdeq.get_deq(core="pcdeq", f_max_iter=3, pcdeq_nonconvergence="raise"), f, x)
+    _, info = solve(torchdeq.get_deq(core="pcdeq", f_max_iter=3, pcdeq_nonconvergence="ignore"), f, x)
+    assert not info["converged"].any()
+
+
+def test_backward_statistics_reach_the_writer_and_nonconvergence_is_reported():
+    f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
+    seen = []
+    deq = torchdeq.get_deq(core="pcdeq", b_max_iter=2)
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x), backward_writer=seen.append)
+    with pytest.warns(PcDEQWarning, match="backward solve: .* Try a larger b_max_iter"):
+        z_out[-1].sum().backward()
+    assert len(seen) == 1 and not seen[0]["converged"].all()
+    assert seen[0]["nstep"].max() == 2
+
+
+def test_eval_mode_returns_the_fixed_point_and_optional_spectral_radius():
+    f, x = dense_instance(activation="sigmoid", scale=2.0, dtype=torch.float32)
+    deq = torchdeq.get_deq(core="pcdeq").eval()
+    z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    assert len(z_out) == 1 and not z_out[0].requires_grad
+    assert info["converged"].all()
+    assert (info["sradius"] < 0.5 + 1e-3).all(), "pcDEQ-2 (sigmoid) has spectral radius <= 1/2"

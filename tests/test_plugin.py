@@ -1,0 +1,103 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchdeq
+import torchdeq.core
+import torchdeq.norm.base_norm
+import torchdeq.solver
+from torch import nn
+from torch.nn.utils import parametrize
+
+import torchdeq_pcdeq
+from torchdeq_pcdeq import PcDEQCore, PcDEQNonnegNorm, PcDEQWarning, pcdeq_fixed_point, reference_init_
+
+
+def test_import_registers_core_solver_and_norm():
+    assert torchdeq.core._core["pcdeq"] is PcDEQCore
+    assert torchdeq.get_solver("pcdeq_fixed_point") is pcdeq_fixed_point
+    assert torchdeq.norm.base_norm._norm_class["pcdeq_nonneg"] is PcDEQNonnegNorm
+    assert isinstance(torchdeq.get_deq(core="pcdeq"), PcDEQCore)
+    # the built-ins are untouched
+    assert torchdeq.core._core["sliced"].__module__ == "torchdeq.core"
+    assert torchdeq.get_solver("anderson").__module__.startswith("torchdeq.")
+
+
+def test_register_is_idempotent():
+    assert set(torchdeq_pcdeq.register().values()) == {"present"}
+    assert set(torchdeq_pcdeq.register().values()) == {"present"}
+
+
+def test_register_never_overwrites_a_foreign_object_and_warns(monkeypatch):
+    def other_solver(*args, **kwargs):
+        raise AssertionError("not ours")
+
+    monkeypatch.setitem(torchdeq.solver._solvers, "pcdeq_fixed_point", other_solver)
+    with pytest.warns(PcDEQWarning, match=r"solver registry already holds 'pcdeq_fixed_point'.*other_solver"):
+        status = torchdeq_pcdeq.register()
+    assert status["solver:pcdeq_fixed_point"] == "skipped"
+    assert torchdeq.solver._solvers["pcdeq_fixed_point"] is other_solver
+
+
+def test_register_fills_a_missing_key(monkeypatch):
+    monkeypatch.delitem(torchdeq.core._core, "pcdeq")
+    assert torchdeq_pcdeq.register()["core:pcdeq"] == "registered"
+    assert torchdeq.core._core["pcdeq"] is PcDEQCore
+
+
+def test_apply_norm_pcdeq_nonneg_on_linear_and_conv():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 3), nn.Conv1d(2, 2, 3), nn.ReLU())
+    for m in model[:3]:
+        reference_init_(m.weight)
+    torchdeq.apply_norm(model, norm_type="pcdeq_nonneg")
+    for m in model[:3]:
+        assert parametrize.is_parametrized(m, "weight") and (m.weight >= 0).all()
+        assert isinstance(m._deq_norm, PcDEQNonnegNorm)
+    torchdeq.reset_norm(model)  # a no-op for this norm, but part of the contract
+
+
+def test_args_norm_type_selects_pcdeq_nonneg():
+    f = nn.Linear(3, 3)
+    reference_init_(f.weight)
+    torchdeq.apply_norm(f, args={"norm_type": "pcdeq_nonneg"})
+    assert parametrize.is_parametrized(f, "weight")
+
+
+def run_module(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "torchdeq_pcdeq", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_runner_usage_and_missing_script():
+    result = run_module()
+    assert result.returncode == 2 and "usage: python -m torchdeq_pcdeq SCRIPT" in result.stderr
+    result = run_module("no_such_script.py")
+    assert result.returncode == 2 and "no such script: 'no_such_script.py'" in result.stderr
+    assert run_module("--help").returncode == 0
+
+
+def test_runner_passes_arguments_and_registers_before_the_script_runs(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torchdeq.core\nprint(__name__, sys.argv[1:], 'pcdeq' in torchdeq.core._core)\n"
+    )
+    result = run_module(str(script), "--core", "pcdeq", "-x")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "__main__ ['--core', 'pcdeq', '-x'] True"
+    result = run_module("-m", "json.tool", "--help")
+    assert result.returncode == 0 and "json.tool" in result.stdout
+
+
+def test_without_the_plugin_torchdeq_cannot_find_the_core():
+    code = "import torchdeq; torchdeq.get_deq(core='pcdeq')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Not registered DEQ class!" in result.stderr
+
+
+def test_package_exports_are_explicit():
+    for name in torchdeq_pcdeq.__all__:
+        assert hasattr(torchdeq_pcdeq, name), name
+    assert torchdeq_pcdeq.__version__ == "0.1.0"
+    assert torch.__version__  # the suite runs with the torch that pip resolved

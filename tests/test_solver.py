@@ -1,0 +1,210 @@
+import math
+
+import pytest
+import torch
+from torchdeq import get_solver
+
+from conftest import ACTIVATIONS, dense_instance, upper_bound
+from torchdeq_pcdeq import (
+    InvalidInputError,
+    NotPositiveMonotoneError,
+    PcDEQWarning,
+    UnknownNameError,
+    pcdeq_fixed_point,
+)
+
+TORCHDEQ_KEYS = {"abs_lowest", "rel_lowest", "abs_trace", "rel_trace", "nstep", "sradius"}
+
+
+def bare_loop(f, x, z, k):
+    for _ in range(k):
+        z = f(z, x)
+    return z
+
+
+def test_converges_to_a_fixed_point_with_torchdeq_info_keys_and_shapes():
+    f, x = dense_instance(n=10, batch=4, dtype=torch.float32)
+    z, states, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), max_iter=100, tol=1e-5)
+    assert states == []
+    assert TORCHDEQ_KEYS | {"converged", "trace_steps"} == set(info)
+    n = info["trace_steps"].numel()
+    for key, shape in [("abs_lowest", (4,)), ("rel_lowest", (4,)), ("nstep", (4,)), ("converged", (4,))]:
+        assert info[key].shape == shape, key
+    assert info["abs_trace"].shape == info["rel_trace"].shape == (4, n)
+    assert info["converged"].dtype == torch.bool and info["converged"].all()
+    residual = (f(z, x) - z).norm(dim=1) / f(z, x).norm(dim=1)
+    assert (residual < 1e-5 * 1.5).all()
+
+
+def test_every_iteration_checked_matches_a_manual_loop_exactly():
+    f, x = dense_instance(n=10, batch=3, dtype=torch.float64)
+    z, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x), torch.zeros_like(x), max_iter=200, tol=1e-9, check_every=1
+    )
+    iterates = [torch.zeros_like(x)]
+    rel = []
+    while len(rel) < 200:
+        iterates.append(f(iterates[-1], x))
+        rel.append((iterates[-1] - iterates[-2]).norm(dim=1) / iterates[-1].norm(dim=1))
+        if (rel[-1] <= 1e-9).all():
+            break
+    k = len(rel)
+    assert torch.equal(z, iterates[-1])
+    assert info["trace_steps"].tolist() == list(range(1, k + 1))
+    torch.testing.assert_close(info["rel_trace"], torch.stack(rel, dim=1))
+    expected_nstep = [next(i + 1 for i, r in enumerate(rel) if r[b] <= 1e-9) for b in range(3)]
+    assert info["nstep"].tolist() == expected_nstep
+
+
+def test_auto_schedule_checks_rarely_and_returns_the_plain_iterate():
+    # relu6 is linear below 6: with rho(W) near 0.97 the iteration contracts slowly
+    f, x = dense_instance(n=16, batch=2, scale=0.97, activation="relu6", dtype=torch.float64)
+    z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), max_iter=2000, tol=1e-8)
+    k = int(info["trace_steps"][-1])
+    assert info["converged"].all()
+    assert k > 30, "the instance must need many iterations for the test to mean something"
+    assert info["trace_steps"].numel() <= 2 * math.log2(k) + 4
+    assert torch.equal(z, bare_loop(f, x, torch.zeros_like(x), k))
+    # the schedule may overshoot, but never by more than doubling the iterations needed
+    _, _, exact = pcdeq_fixed_point(
+        lambda z: f(z, x), torch.zeros_like(x), max_iter=2000, tol=1e-8, check_every=1
+    )
+    assert k <= 2 * int(exact["trace_steps"][-1])
+
+
+def test_strided_checks_and_per_sample_nstep():
+    f, x = dense_instance(n=8, batch=2, dtype=torch.float64)
+    x = torch.stack([x[0], x[1] * 1e-4])  # sample 1 converges more slowly
+    _, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x), torch.zeros_like(x), max_iter=300, tol=1e-10, check_every=4
+    )
+    steps = info["trace_steps"].tolist()
+    assert all(s % 4 == 0 for s in steps)
+    assert info["nstep"][0] < info["nstep"][1]
+    assert set(info["nstep"].tolist()) <= set(steps)
+
+
+def test_exhausting_max_iter_is_reported_per_sample():
+    f, x = dense_instance(n=8, batch=2, dtype=torch.float64)
+    x = torch.stack([x[0], x[1] * 1e-6])
+    _, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x), torch.zeros_like(x), max_iter=20, tol=1e-3, check_every=1
+    )
+    assert info["converged"].tolist() == [True, False]
+    assert info["nstep"][0] < 20 and info["nstep"][1] == 20
+    assert info["trace_steps"][-1] == 20
+    assert info["rel_lowest"][1] > 1e-3
+
+
+def test_indexing_returns_the_requested_states():
+    f, x = dense_instance(n=6, batch=1)
+    z0 = torch.zeros_like(x)
+    _, states, _ = pcdeq_fixed_point(lambda z: f(z, x), z0, max_iter=10, tol=1e-14, indexing=[2, 5])
+    assert len(states) == 2
+    assert torch.equal(states[0], bare_loop(f, x, z0, 2)) and torch.equal(states[1], bare_loop(f, x, z0, 5))
+
+
+def test_registered_and_usable_as_a_backward_solver_with_a_bare_lambda():
+    solver = get_solver("pcdeq_fixed_point")
+    assert solver is pcdeq_fixed_point
+    torch.manual_seed(0)
+    a = torch.rand(5, 5, dtype=torch.float64) * 0.15
+    g = torch.randn(3, 5, dtype=torch.float64)
+    y, _, info = solver(lambda y: y @ a + g, torch.zeros_like(g), max_iter=500, tol=1e-12, stop_mode="abs")
+    expected = torch.linalg.solve((torch.eye(5, dtype=torch.float64) - a).T, g.T).T
+    torch.testing.assert_close(y, expected)
+    assert info["converged"].all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_iter": 0}, InvalidInputError, "max_iter must be an integer >= 1, got 0"),
+        ({"max_iter": 2.5}, InvalidInputError, "max_iter"),
+        ({"tol": 0.0}, InvalidInputError, "tol must be a positive finite number, got 0.0"),
+        ({"tol": -1e-3}, InvalidInputError, "tol must be a positive"),
+        ({"tol": math.nan}, InvalidInputError, "tol must be a positive"),
+        ({"stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),
+        ({"guard": "strict"}, UnknownNameError, "Valid: 'off', 'raise', 'warn'"),
+        ({"check_every": 0}, InvalidInputError, "check_every must be 'auto' or an integer >= 1"),
+        ({"tau": 0.5}, InvalidInputError, "undamped"),
+    ],
+)
+def test_invalid_arguments_fail_before_any_call(kwargs, error, match):
+    calls = []
+    with pytest.raises(error, match=match):
+        pcdeq_fixed_point(lambda z: calls.append(1) or z, torch.zeros(2, 3), **kwargs)
+    assert calls == []
+
+
+def test_invalid_states():
+    with pytest.raises(InvalidInputError, match=r"batch dimension first, got shape \(3,\)"):
+        pcdeq_fixed_point(lambda z: z, torch.zeros(3))
+    with pytest.raises(InvalidInputError, match="one tensor, got list"):
+        pcdeq_fixed_point(lambda z: z, [torch.zeros(2, 3)])
+    with pytest.raises(InvalidInputError, match="floating-point"):
+        pcdeq_fixed_point(lambda z: z, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match=r"same shape, got shape \(2, 4\)"):
+        pcdeq_fixed_point(lambda z: torch.ones(2, 4), torch.zeros(2, 3))
+
+
+def test_unknown_options_are_reported():
+    with pytest.warns(PcDEQWarning, match=r"ignores unknown options \['return_final'\]"):
+        pcdeq_fixed_point(lambda z: 0.5 * z + 1, torch.zeros(1, 2), return_final=True)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_guard_has_no_false_alarm_from_zero_or_from_the_upper_bound(activation, dtype):
+    for seed in range(3):
+        f, x = dense_instance(n=20, batch=4, activation=activation, scale=3.0, seed=seed, dtype=dtype)
+        for z0 in (torch.zeros_like(x), upper_bound(activation, x)):
+            _, _, info = pcdeq_fixed_point(
+                lambda z: f(z, x), z0, max_iter=3000, tol=1e-6, guard="raise", check_every=1
+            )
+            assert info["converged"].all()
+
+
+def _broken_weight_map(n=6):
+    torch.manual_seed(0)
+    w = torch.rand(n, n) * 0.5
+    w[0, :] = -0.1  # a row of negative weights: unit 0 falls (staying positive) as the others rise
+    x = torch.rand(1, n) + 0.5
+    x[0, 0] = 1.0
+    return lambda z: torch.tanh(z @ w.T + x)
+
+
+def test_guard_detects_a_negative_weight():
+    with pytest.raises(
+        NotPositiveMonotoneError, match=r"started from 0 but iterate 2 is below iterate 1.*negative weight"
+    ):
+        pcdeq_fixed_point(_broken_weight_map(), torch.zeros(1, 6), guard="raise", check_every=1)
+
+
+def test_guard_detects_a_negative_injection():
+    w = torch.rand(4, 4) * 0.1
+    x = -torch.rand(1, 4)
+    with pytest.raises(NotPositiveMonotoneError, match=r"negative entries.*non-admissible injection"):
+        pcdeq_fixed_point(lambda z: torch.tanh(z @ w.T + x), torch.zeros(1, 4), guard="raise")
+
+
+def test_guard_warn_and_off():
+    f = _broken_weight_map()
+    with pytest.warns(PcDEQWarning, match="pcDEQ guard"):
+        z, _, _ = pcdeq_fixed_point(f, torch.zeros(1, 6), guard="warn", check_every=1)
+    assert torch.isfinite(z).all()
+    pcdeq_fixed_point(f, torch.zeros(1, 6), guard="off", check_every=1)  # PcDEQWarning would be an error here
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_stops_at_the_dtype_resolution_instead_of_iterating_forever(dtype):
+    f, x = dense_instance(n=16, batch=2, dtype=torch.float32)
+    f = f.to(dtype)
+    x = x.to(dtype)
+    with pytest.warns(PcDEQWarning, match="below what"):
+        z, _, info = pcdeq_fixed_point(
+            lambda z: f(z, x), torch.zeros_like(x), max_iter=500, tol=1e-7, stop_mode="rel"
+        )
+    assert info["converged"].all()
+    assert info["trace_steps"][-1] < 100
+    assert torch.isfinite(z).all() and (z > 0).all()
