@@ -118,10 +118,12 @@ def main(argv=None):
         )
     hardware = hardware_line(device)
     lines = [
-        f"Solver overhead, median of {args.repeats} (`python -m benchmarks.solver_overhead --device {args.device}`)",
+        f"Solver overhead, median of {args.repeats} "
+        f"(`python -m benchmarks.solver_overhead --device {args.device} --repeats {args.repeats}`)",
         f"Hardware: {hardware}",
         "",
-        "| case | iterations | checks | bare loop ms | pcdeq_fixed_point ms | ratio | TorchDEQ fixed_point_iter ms | ratio |",
+        "| case | iterations | checks | bare loop ms | pcdeq_fixed_point ms | ratio "
+        "| TorchDEQ fixed_point_iter ms | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
