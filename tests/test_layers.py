@@ -159,3 +159,21 @@ def test_parametrized_modes_restore_the_guarantee_for_weights_set_by_hand(mode):
         for p in lin.parameters():
             p.mul_(-1.0)
     assert (lin.weight >= 0).all()
+
+
+def test_layers_work_under_inference_mode():
+    f = PcDEQConv2d(3)
+    with torch.inference_mode():
+        x = f.inject(torch.randn(1, 3, 4, 4))
+        z = f(f(torch.zeros_like(x), x), x)
+    assert (z > 0).all()
+
+
+def test_whole_module_pickles_after_a_forward(tmp_path):
+    # PyTorch serialises parametrized modules through state_dict only; "project" has none
+    f = PcDEQLinear(5, nonnegativity="project")
+    x = f.inject(torch.randn(2, 5))
+    out = f(torch.zeros(2, 5), x)
+    torch.save(f, tmp_path / "f.pt")
+    loaded = torch.load(tmp_path / "f.pt", weights_only=False)
+    torch.testing.assert_close(loaded(torch.zeros(2, 5), x), out)

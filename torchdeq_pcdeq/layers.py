@@ -149,7 +149,8 @@ class PcDEQLayer(nn.Module):
         if not torch.compiler.is_compiling():
             # A solve calls f many times with one injection: the checks that need a host sync
             # run once per (injection, state layout); a cheap key comparison covers the rest.
-            key = (x._version, z.shape, z.dtype, z.device, weight.dtype, weight.device)
+            version = 0 if x.is_inference() else x._version  # inference tensors have no counter
+            key = (version, z.shape, z.dtype, z.device, weight.dtype, weight.device)
             verified = self._verified_call
             if verified is None or verified[0]() is not x or verified[1] != key:
                 self._verify_call(z, x, weight, key)
@@ -214,6 +215,13 @@ class PcDEQLayer(nn.Module):
                     f"{self.variant}) needs a {need} injection, got {count} entries that are not "
                     f"(min {low:.3g}). Pass x = layer.inject(u) instead of u."
                 )
+
+    def __getstate__(self) -> dict:
+        # The verification caches hold a weak reference (not picklable) and describe tensors
+        # of this process only: a copy or an unpickled module verifies afresh.
+        state = self.__dict__.copy()
+        state["_verified_call"] = state["_verified_weight"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (
