@@ -1,10 +1,14 @@
-"""Solver overhead: ``pcdeq_fixed_point`` against a bare Python loop of the same ``f`` calls.
+"""Solver overhead: ``pcdeq_fixed_point`` against a bare Python loop of ``f`` calls.
 
-For each layer the solver runs to its stopping rule (relative tolerance, default schedule of
-convergence checks); the bare loop then makes exactly as many calls of ``f``. TorchDEQ's own
-``fixed_point_iter`` runs the same number of iterations for comparison. All three run under
-``torch.no_grad()`` and ``parametrize.cached()``, as inside the pcdeq core. Timings are medians
-over ``--repeats`` interleaved runs.
+For each layer a solve checked at every iteration finds ``K``, the fewest iterations that meet
+the tolerance (relative 1e-4). The bare loop makes exactly ``K`` calls of ``f``: the cost of the
+answer with no solver at all. ``pcdeq_fixed_point`` runs to its own stopping rule (default
+schedule of checks, so its iteration count includes any overshoot of ``K``), once with the guard
+off and once with the guard on (the pcdeq core's default); TorchDEQ's ``fixed_point_iter`` runs
+``K`` iterations. The last case never meets the tolerance within its budget, so every variant
+runs the same fixed number of iterations. All run under ``torch.no_grad()`` and
+``parametrize.cached()``, as inside the pcdeq core. Timings are medians over ``--repeats``
+interleaved runs.
 
     python -m benchmarks.solver_overhead [--device cpu|cuda] [--repeats 9]
 """
@@ -17,12 +21,13 @@ import pathlib
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 from torch.nn.utils import parametrize
 from torchdeq.solver import get_solver
 
-from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, pcdeq_fixed_point
+from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, pcdeq_fixed_point
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -58,34 +63,35 @@ def timed(fn, device) -> float:
 def measure(layer, x, budget, repeats, device):
     func = lambda z: layer(z, x)  # noqa: E731
     z0 = torch.zeros_like(x)
-    with torch.no_grad(), parametrize.cached():
-        max_iter = budget or 200
-        _, _, info = pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=1e-4)
-        iterations = int(info["trace_steps"][-1])
-        checks = int(info["trace_steps"].numel())
+    max_iter = budget or 200
+    tol = 1e-30 if budget else 1e-4  # a budget case runs all its iterations
+    with torch.no_grad(), parametrize.cached(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PcDEQWarning)  # the unreachable tolerance of the budget case
+        _, _, every = pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=tol, check_every=1)
+        needed = int(every["trace_steps"][-1])
+        _, _, auto = pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=tol)
+        torchdeq_fp = get_solver("fixed_point_iter")
 
         def bare():
             z = z0
-            for _ in range(iterations):
+            for _ in range(needed):
                 z = func(z)
             return z
 
-        def ours():
-            return pcdeq_fixed_point(func, z0, max_iter=iterations, tol=1e-4)
-
-        torchdeq_fp = get_solver("fixed_point_iter")
-
-        def theirs():
-            return torchdeq_fp(func, z0, max_iter=iterations, tol=1e-30)
-
-        runs = {"bare": [], "pcdeq_fixed_point": [], "torchdeq fixed_point_iter": []}
-        for fn in (bare, ours, theirs):  # warm-up
+        variants = {
+            "bare": bare,
+            "pcdeq": lambda: pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=tol),
+            "pcdeq_guard": lambda: pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=tol, guard="raise"),
+            "torchdeq": lambda: torchdeq_fp(func, z0, max_iter=needed, tol=1e-30),
+        }
+        runs = {name: [] for name in variants}
+        for fn in variants.values():  # warm-up
             fn()
         for _ in range(repeats):
-            for name, fn in zip(runs, (bare, ours, theirs)):
+            for name, fn in variants.items():
                 runs[name].append(timed(fn, device))
     medians = {name: statistics.median(times) for name, times in runs.items()}
-    return iterations, checks, medians
+    return needed, int(auto["trace_steps"][-1]), int(auto["trace_steps"].numel()), medians
 
 
 def main(argv=None):
@@ -103,17 +109,18 @@ def main(argv=None):
 
     rows = []
     for name, layer, x, budget in cases(device, args.fixed_iterations):
-        iterations, checks, med = measure(layer, x, budget, args.repeats, device)
+        needed, iterations, checks, med = measure(layer, x, budget, args.repeats, device)
         rows.append(
             {
                 "case": name,
+                "needed": needed,
                 "iterations": iterations,
                 "checks": checks,
                 "bare_ms": 1e3 * med["bare"],
-                "pcdeq_ms": 1e3 * med["pcdeq_fixed_point"],
-                "torchdeq_ms": 1e3 * med["torchdeq fixed_point_iter"],
-                "pcdeq_over_bare": med["pcdeq_fixed_point"] / med["bare"],
-                "torchdeq_over_bare": med["torchdeq fixed_point_iter"] / med["bare"],
+                **{f"{key}_ms": 1e3 * med[key] for key in ("pcdeq", "pcdeq_guard", "torchdeq")},
+                **{
+                    f"{key}_over_bare": med[key] / med["bare"] for key in ("pcdeq", "pcdeq_guard", "torchdeq")
+                },
             }
         )
     hardware = hardware_line(device)
@@ -122,15 +129,14 @@ def main(argv=None):
         f"(`python -m benchmarks.solver_overhead --device {args.device} --repeats {args.repeats}`)",
         f"Hardware: {hardware}",
         "",
-        "| case | iterations | checks | bare loop ms | pcdeq_fixed_point ms | ratio "
-        "| TorchDEQ fixed_point_iter ms | ratio |",
+        "| case | K needed | pcdeq iterations | checks | bare loop of K, ms | pcdeq_fixed_point | with guard "
+        "| TorchDEQ fixed_point_iter, K |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['iterations']} | {r['checks']} | {r['bare_ms']:.2f} | {r['pcdeq_ms']:.2f} | "
-            f"{r['pcdeq_over_bare']:.3f}x | {r['torchdeq_ms']:.2f} | {r['torchdeq_over_bare']:.3f}x |"
-        )
+        ratios = " | ".join(f"{r[f'{key}_over_bare']:.3f}x" for key in ("pcdeq", "pcdeq_guard", "torchdeq"))
+        counts = f"{r['needed']} | {r['iterations']} | {r['checks']}"
+        lines.append(f"| {r['case']} | {counts} | {r['bare_ms']:.2f} | {ratios} |")
     print("\n".join(lines))
     out = pathlib.Path(args.out) if args.out else RESULTS / f"solver_overhead_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,7 @@ def main(argv=None) -> dict:
             f"W_min {model.f.weight.min().item():.1e}"
         )
     seconds = time.perf_counter() - start
+    certificates = certify(model, x_test)
     report = {
         "test_accuracy": accuracy,
         "test_forward_iterations": test_info["nstep"].mean().item(),
@@ -106,7 +107,23 @@ def main(argv=None) -> dict:
         f"{report['test_forward_iterations']:.1f} forward iterations on average, "
         f"{100 * report['test_converged']:.0f}% of test solves converged"
     )
+    print(
+        f"certificates on the test set: |z - z*| <= {certificates['error_bound'].max():.1e} (enclosure), "
+        f"spectral radius of df/dz <= {certificates['rate_bound'].max():.6f} (rate bound), "
+        f"smallest injection {certificates['min_injection'].min():.1e}"
+    )
+    report.update({key: certificates[key].max().item() for key in ("error_bound", "rate_bound")})
     return report
+
+
+@torch.no_grad()
+def certify(model: DigitsPcDEQ, images: torch.Tensor) -> dict:
+    """Solve the test set with the certified enclosure and the rate bound."""
+    model.eval()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_rate_bound=True).eval()
+    x = model.f.inject(model.encoder(images))
+    _, info = deq(lambda z: model.f(z, x), torch.zeros_like(x))
+    return info
 
 
 @torch.no_grad()

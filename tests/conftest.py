@@ -21,27 +21,48 @@ def pytest_collection_modifyitems(config, items):
 
 
 def set_weight(layer, weight: torch.Tensor) -> None:
-    """Give a 'project'-mode layer an explicit nonnegative weight."""
-    with torch.no_grad():
-        layer.operator.weight.copy_(weight)
+    """Give a layer an explicit nonnegative weight, through its nonnegativity mechanism."""
+    if layer.nonnegativity == "project":
+        with torch.no_grad():
+            layer.operator.weight.copy_(weight)
+    else:  # parametrize's setter goes through right_inverse: the layer then computes `weight`
+        layer.operator.weight = weight
 
 
-def dense_instance(n=12, activation="tanh", batch=3, scale=1.5, seed=0, dtype=torch.float64):
+def dense_instance(
+    n=12, activation="tanh", batch=3, scale=1.5, seed=0, dtype=torch.float64, nonnegativity="project"
+):
     """A PcDEQLinear with a weight large enough for a nontrivial Jacobian, and an injection."""
     gen = torch.Generator().manual_seed(seed)
-    f = PcDEQLinear(n, activation, nonnegativity="project", dtype=dtype)
+    f = PcDEQLinear(n, activation, nonnegativity=nonnegativity, dtype=dtype)
     set_weight(f, torch.rand(n, n, generator=gen, dtype=dtype) * (2 * scale / n))
     x = f.inject(torch.randn(batch, n, generator=gen, dtype=dtype))
     return f, x
 
 
-def conv_instance(channels=3, activation="tanh", batch=2, size=5, scale=1.5, seed=0, dtype=torch.float64):
+def conv_instance(
+    channels=3,
+    activation="tanh",
+    batch=2,
+    size=5,
+    scale=1.5,
+    seed=0,
+    dtype=torch.float64,
+    nonnegativity="project",
+):
+    """A PcDEQConv2d with a weight large enough for a nontrivial Jacobian, and an injection."""
     gen = torch.Generator().manual_seed(seed)
-    f = PcDEQConv2d(channels, activation, nonnegativity="project", dtype=dtype)
+    f = PcDEQConv2d(channels, activation, nonnegativity=nonnegativity, dtype=dtype)
     fan = channels * 9
     set_weight(f, torch.rand(channels, channels, 3, 3, generator=gen, dtype=dtype) * (2 * scale / fan))
     x = f.inject(torch.randn(batch, channels, size, size, generator=gen, dtype=dtype))
     return f, x
+
+
+# Every layer's instance builder: the property tests of test_core.py and test_certify.py run on
+# each entry (add a new layer's builder here).
+INSTANCES = [dense_instance, conv_instance]
+MODES = ["weight_norm", "parametrize", "project"]
 
 
 def upper_bound(activation: str, like: torch.Tensor) -> torch.Tensor:

@@ -121,3 +121,8 @@ def test_unregister(clean_activation_registry):
 def test_record_passes_through_get_activation():
     record = Activation("custom", torch.tanh, 0.0, 1.0, 1)
     assert get_activation(record) is record
+
+
+def test_a_value_at_zero_within_rounding_of_zero_is_pcdeq1(clean_activation_registry):
+    record = register_activation("shifted", lambda x: torch.tanh(x) - 1e-12, supremum=1.0)
+    assert record.value_at_zero == 0.0 and record.variant == 1

@@ -225,3 +225,11 @@ def test_projection_clamps_after_each_step_and_detaches():
     g.linear.weight.grad = torch.ones(4, 4)
     opt.step()
     assert (g.linear.weight < 0).all()
+
+
+def test_weight_norm_is_exact_in_half_precision():
+    torch.manual_seed(0)
+    f = PcDEQLinear(80)  # reference init: entries near 1e-4, squares subnormal in float16
+    expected = f.weight.detach().clone()
+    f.half()
+    torch.testing.assert_close(f.weight.float(), expected, rtol=2e-3, atol=1e-7)

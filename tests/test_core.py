@@ -6,7 +6,16 @@ import pytest
 import torch
 import torchdeq
 
-from conftest import ACTIVATIONS, conv_instance, dense_instance, iterate, set_weight, upper_bound
+from conftest import (
+    ACTIVATIONS,
+    INSTANCES,
+    MODES,
+    conv_instance,
+    dense_instance,
+    iterate,
+    set_weight,
+    upper_bound,
+)
 from torchdeq_pcdeq import (
     ConvergenceError,
     InvalidInputError,
@@ -31,9 +40,10 @@ def solve(deq, f, x, z0=None):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("make", [dense_instance, conv_instance])
-def test_unique_fixed_point_from_different_starts(activation, make):
-    f, x = make(activation=activation, scale=3.0)
+@pytest.mark.parametrize("make", INSTANCES)
+@pytest.mark.parametrize("mode", MODES)
+def test_unique_fixed_point_from_different_starts(activation, make, mode):
+    f, x = make(activation=activation, scale=3.0, nonnegativity=mode)
     deq = torchdeq.get_deq(core="pcdeq", **TIGHT).eval()
     gen = torch.Generator().manual_seed(3)
     starts = [
@@ -49,7 +59,7 @@ def test_unique_fixed_point_from_different_starts(activation, make):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("make", [dense_instance, conv_instance])
+@pytest.mark.parametrize("make", INSTANCES)
 def test_iterates_increase_from_zero_and_decrease_from_the_upper_bound(activation, make):
     f, x = make(activation=activation, scale=3.0)
     rising = iterate(f, x, torch.zeros_like(x), 60)
@@ -85,29 +95,34 @@ def test_implicit_gradient_matches_finite_differences_float64(activation, make):
 
 
 @pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
-@pytest.mark.parametrize("make", [dense_instance, conv_instance])
-def test_weight_gradient_matches_central_differences_float64(gradient, make):
-    f, x = make(activation="tanh", scale=2.0)
+@pytest.mark.parametrize("make", INSTANCES)
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_gradient_matches_central_differences_float64(gradient, make, mode):
+    f, x = make(activation="tanh", scale=2.0, nonnegativity=mode)
     deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift", **TIGHT)
     probe = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    w = f.operator.weight
+    params = list(f.parameters())  # the raw parameters of the mechanism (W, V, or g and v)
+    gen = torch.Generator().manual_seed(4)
+    directions = [torch.rand(p.shape, dtype=torch.float64, generator=gen) for p in params]
 
     def loss():
         return (solve(deq, f, x)[0][-1] * probe).sum()
 
     loss().backward()
-    analytic = w.grad.clone()
-    direction = torch.rand(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, directions)).item()
     h = 1e-6
-    with torch.no_grad():
-        base = w.detach().clone()
-        set_weight(f, base + h * direction)
-        plus = loss()
-        set_weight(f, base - h * direction)
-        minus = loss()
-        set_weight(f, base)
-    numeric = (plus - minus) / (2 * h)
-    assert (analytic * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-6, abs=1e-9)
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, d in zip(params, directions):
+                p.add_(sign * h * d)
+            value = loss()
+            for p, d in zip(params, directions):
+                p.sub_(sign * h * d)
+        return value
+
+    numeric = ((shifted(1) - shifted(-1)) / (2 * h)).item()
+    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
 
 
 def test_hook_ift_called_twice_before_backward_does_not_reenter_and_matches_ift():
@@ -194,7 +209,7 @@ def test_explicit_flags_and_dict_keys_win_and_the_dict_is_not_modified():
 
 
 def test_warns_for_a_solver_without_guarantee_and_still_reports_convergence():
-    with pytest.warns(PcDEQWarning, match="f_solver='anderson' has no convergence guarantee"):
+    with pytest.warns(PcDEQWarning, match=r"f_solver='anderson' is without a convergence guarantee.*guard"):
         deq = torchdeq.get_deq(core="pcdeq", f_solver="anderson")
     f, x = dense_instance(dtype=torch.float32)
     _, info = solve(deq.eval(), f, x)
@@ -311,3 +326,124 @@ def test_eval_mode_returns_the_fixed_point_and_optional_spectral_radius():
     assert len(z_out) == 1 and not z_out[0].requires_grad
     assert info["converged"].all()
     assert (info["sradius"] < 0.5 + 1e-3).all(), "pcDEQ-2 (sigmoid) has spectral radius <= 1/2"
+
+
+def test_unknown_solver_names_list_the_valid_ones():
+    with pytest.raises(
+        UnknownNameError, match=r"Unknown f_solver 'andersen'.*'pcdeq_fixed_point'.*Did you mean 'anderson'"
+    ):
+        torchdeq.get_deq(core="pcdeq", f_solver="andersen")
+
+
+def test_torchdeq_simple_solver_works_as_backward_solver():
+    f, x = dense_instance(scale=2.0)
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for b_solver in ("pcdeq_fixed_point", "simple_fixed_point_iter"):
+        if b_solver == "pcdeq_fixed_point":
+            deq = torchdeq.get_deq(core="pcdeq", **TIGHT)
+        else:
+            with pytest.warns(PcDEQWarning, match="b_solver='simple_fixed_point_iter' is plain iteration"):
+                deq = torchdeq.get_deq(core="pcdeq", b_solver=b_solver, b_max_iter=300, f_tol=1e-12)
+        solve(deq, f, f.inject(u))[0][-1].square().sum().backward()
+        grads.append(u.grad.clone())
+        u.grad = None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"n_states": 300}, r"n_states=300 / indexing=None split f_max_iter=200"),
+        ({"indexing": [250]}, r"segments of \[250, -50\]"),
+        ({"eval_factor": 0.001}, r"eval solve gets 0 iterations.*eval_factor=0.001"),
+    ],
+)
+def test_iteration_budgets_are_checked_when_the_core_is_built(config, match):
+    with pytest.raises(InvalidInputError, match=match):
+        torchdeq.get_deq(core="pcdeq", **config)
+
+
+@pytest.mark.parametrize("config", [{"n_states": 2}, {"indexing": [3]}])
+def test_several_states_train_with_the_implicit_gradient_of_the_last(config):
+    f, x = dense_instance(scale=2.0)
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    z_out, _ = solve(torchdeq.get_deq(core="pcdeq", **TIGHT, **config), f, f.inject(u))
+    assert len(z_out) == 2
+    z_out[-1].sum().backward()
+    several = u.grad.clone()
+    u.grad = None
+    solve(torchdeq.get_deq(core="pcdeq", **TIGHT), f, f.inject(u))[0][-1].sum().backward()
+    torch.testing.assert_close(several, u.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_inference_mode_is_fine_for_a_plain_solve_and_refused_where_autograd_is_needed():
+    f, x = dense_instance(dtype=torch.float32)
+    with torch.inference_mode():
+        _, info = torchdeq.get_deq(core="pcdeq").eval()(lambda z: f(z, x), torch.zeros_like(x))
+        assert info["converged"].all()
+        with pytest.raises(
+            InvalidInputError, match=r"pcdeq_rate_bound need automatic differentiation.*no_grad"
+        ):
+            torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True).eval()(
+                lambda z: f(z, x), torch.zeros_like(x)
+            )
+        with pytest.raises(InvalidInputError, match="sradius_mode with pcdeq_sradius='power'"):
+            torchdeq.get_deq(core="pcdeq").eval()(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+
+
+def test_training_inside_an_outer_parametrize_cache_is_refused():
+    from torch.nn.utils import parametrize
+
+    f = PcDEQLinear(4)
+    x = f.inject(torch.randn(2, 4))
+    with parametrize.cached(), pytest.raises(InvalidInputError, match="cached weights carry no gradient"):
+        torchdeq.get_deq(core="pcdeq")(lambda z: f(z, x), torch.zeros_like(x))
+
+
+def test_hook_ift_gives_the_implicit_gradient_on_every_backward_of_a_retained_graph():
+    f, x = dense_instance(scale=2.0)
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    reference = torchdeq.get_deq(core="pcdeq", **TIGHT)
+    solve(reference, f, f.inject(u))[0][-1].sum().backward()
+    expected = u.grad.clone()
+    u.grad = None
+    z = solve(torchdeq.get_deq(core="pcdeq", hook_ift=True, **TIGHT), f, f.inject(u))[0][-1]
+    loss = z.sum()
+    for _ in range(2):
+        loss.backward(retain_graph=True)
+        torch.testing.assert_close(u.grad, expected, rtol=1e-9, atol=1e-12)
+        u.grad = None
+
+
+def test_a_deep_copy_of_the_core_applies_its_own_policy_in_backward():
+    f, x = dense_instance(scale=2.0, dtype=torch.float32)
+    original = torchdeq.get_deq(core="pcdeq", b_max_iter=1)
+    clone = copy.deepcopy(original)
+    clone.nonconvergence = "raise"
+    u = torch.randn(x.shape, requires_grad=True)
+    with pytest.raises(ConvergenceError, match="backward solve"):
+        solve(clone, f, f.inject(u))[0][-1].sum().backward()
+    with pytest.warns(PcDEQWarning, match="backward solve"):
+        solve(original, f, f.inject(u))[0][-1].sum().backward()
+
+
+@pytest.mark.cuda
+def test_no_host_sync_per_iteration_on_cuda():
+    import warnings
+
+    f, x = dense_instance(activation="relu6", scale=0.97, dtype=torch.float32)
+    f, x = f.cuda(), x.cuda()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, info = torchdeq.get_deq(core="pcdeq", f_tol=1e-6, f_max_iter=150).eval()(
+                lambda z: f(z, x), torch.zeros_like(x)
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    iterations = int(info["trace_steps"][-1])
+    assert iterations > 30
+    assert syncs <= info["trace_steps"].numel() + 10 < iterations

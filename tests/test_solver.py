@@ -7,7 +7,9 @@ from torchdeq import get_solver
 from conftest import ACTIVATIONS, dense_instance, upper_bound
 from torchdeq_pcdeq import (
     InvalidInputError,
+    NonFiniteError,
     NotPositiveMonotoneError,
+    PcDEQLinear,
     PcDEQWarning,
     UnknownNameError,
     pcdeq_fixed_point,
@@ -196,15 +198,50 @@ def test_guard_warn_and_off():
     pcdeq_fixed_point(f, torch.zeros(1, 6), guard="off", check_every=1)  # PcDEQWarning would be an error here
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_stops_at_the_dtype_resolution_instead_of_iterating_forever(dtype):
-    f, x = dense_instance(n=16, batch=2, dtype=torch.float32)
-    f = f.to(dtype)
-    x = x.to(dtype)
+@pytest.mark.parametrize(("dtype", "accuracy"), [(torch.float16, 0.01), (torch.bfloat16, 0.05)])
+def test_low_precision_stops_at_the_dtype_resolution_and_near_the_fixed_point(dtype, accuracy):
+    # relu6 with rho(W) = 0.95: slow enough that a coarse stopping floor lands far from z*
+    torch.manual_seed(0)
+    f = PcDEQLinear(64, "relu6", nonnegativity="project", dtype=torch.float64)
+    with torch.no_grad():
+        f.linear.weight.copy_(torch.rand(64, 64, dtype=torch.float64) * 2 * 0.95 / 64)
+    x = f.inject(torch.randn(8, 64, dtype=torch.float64))
+    exact, _, _ = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), max_iter=5000, tol=1e-13)
+    low, x_low = f.to(dtype), x.to(dtype)
     with pytest.warns(PcDEQWarning, match="below what"):
         z, _, info = pcdeq_fixed_point(
-            lambda z: f(z, x), torch.zeros_like(x), max_iter=500, tol=1e-7, stop_mode="rel"
+            lambda z: low(z, x_low), torch.zeros_like(x_low), max_iter=500, tol=1e-7
         )
     assert info["converged"].all()
     assert info["trace_steps"][-1] < 100
     assert torch.isfinite(z).all() and (z > 0).all()
+    assert ((z.double() - exact).norm() / exact.norm()).item() < accuracy
+
+
+def test_the_floor_follows_autocast():
+    from torchdeq_pcdeq.solver import arithmetic_dtype
+
+    state = torch.zeros(2, 3)
+    assert arithmetic_dtype(state) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert arithmetic_dtype(state) == torch.bfloat16
+        assert arithmetic_dtype(state.double()) == torch.bfloat16
+
+
+def test_non_finite_iterates_stop_the_solve_whatever_the_guard():
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return torch.full_like(z, float("nan")) if len(calls) > 3 else z / 2 + 1
+
+    with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
+        pcdeq_fixed_point(f, torch.zeros(2, 3), max_iter=200, guard="off")
+    assert len(calls) < 10
+
+
+def test_empty_and_dtype_changing_states_are_reported():
+    with pytest.raises(InvalidInputError, match=r"empty state of shape \(0, 3\)"):
+        pcdeq_fixed_point(lambda z: z, torch.zeros(0, 3))
+    with pytest.raises(InvalidInputError, match="keep the state's dtype and device"):
+        pcdeq_fixed_point(lambda z: z.double() / 2 + 1, torch.zeros(2, 3))

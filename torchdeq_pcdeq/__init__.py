@@ -22,6 +22,7 @@ from .activations import (
     register_activation,
     unregister_activation,
 )
+from .certify import rate_bound
 from .config import add_pcdeq_args
 from .constraints import (
     NONNEGATIVITY_MODES,
@@ -39,12 +40,15 @@ from .errors import (
     ConvergenceError,
     InvalidInputError,
     NegativeWeightError,
+    NonFiniteError,
+    NonUniqueFixedPointError,
     NotPositiveMonotoneError,
     PcDEQError,
     PcDEQWarning,
+    PreconditionError,
     UnknownNameError,
 )
-from .layers import PcDEQConv2d, PcDEQLayer, PcDEQLinear
+from .layers import PcDEQConv2d, PcDEQLayer, PcDEQLinear, observe_layer_calls
 from .plugin import register
 from .solver import pcdeq_fixed_point
 
@@ -71,8 +75,10 @@ __all__ = [
     "attach_projection",
     "project_nonnegative_",
     "reference_init_",
-    # solving
+    "observe_layer_calls",
+    # solving and certifying
     "pcdeq_fixed_point",
+    "rate_bound",
     "PcDEQCore",
     "add_pcdeq_args",
     # errors
@@ -82,8 +88,11 @@ __all__ = [
     "InvalidInputError",
     "ActivationCheckError",
     "NegativeWeightError",
+    "PreconditionError",
     "NotPositiveMonotoneError",
+    "NonUniqueFixedPointError",
     "ConvergenceError",
+    "NonFiniteError",
 ]
 
 register()

@@ -4,6 +4,10 @@ Imports the plugin (registering ``core="pcdeq"``, ``pcdeq_fixed_point`` and ``pc
 into TorchDEQ), then runs ``SCRIPT`` as ``__main__`` with ``ARGS``, exactly as ``python SCRIPT
 ARGS...`` would. ``python -m torchdeq_pcdeq -m MODULE [ARGS...]`` runs a module instead.
 
+Processes the script starts (``torch.multiprocessing.spawn``, DDP workers, Python subprocesses)
+register the plugin too, as soon as they import torchdeq: the runner puts a small
+``sitecustomize`` (``torchdeq_pcdeq/_autoload``) on their ``PYTHONPATH``.
+
 Example:
     python -m torchdeq_pcdeq train.py --core pcdeq --norm_type pcdeq_nonneg
 """
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torchdeq_pcdeq  # noqa: F401  (registers into TorchDEQ)
 
+    _register_in_child_processes()
+
     if argv[0] == "-m":
         if len(argv) < 2:
             print(USAGE, file=sys.stderr)
@@ -44,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
     return 0
+
+
+def _register_in_child_processes() -> None:
+    autoload = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_autoload")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if autoload not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([autoload, *paths])
 
 
 if __name__ == "__main__":

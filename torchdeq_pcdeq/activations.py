@@ -234,7 +234,8 @@ def check_activation(name: str, function: Callable[[Tensor], Tensor], supremum: 
             f"bounded by the declared supremum {supremum:g}",
             f"it reaches {y[i].item():.6g} at x={x[i].item():.5g}; declare a larger supremum",
         )
-    return float(y[0].item())
+    # f(0) within rounding of 0 is 0: the activation is pcDEQ-1 and needs positive injections.
+    return 0.0 if abs(y[0].item()) <= slack else float(y[0].item())
 
 
 def _first(mask: Tensor) -> int:

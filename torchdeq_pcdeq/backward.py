@@ -7,51 +7,62 @@ radius is below 1 (method.md, section 3), so plain iteration on ``y`` converges.
 Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, writer=None)``:
 
 * :func:`make_ift` (default): a ``torch.autograd.Function``; two graphs of ``f`` in memory.
-* :func:`make_hook_ift`: a tensor hook; one graph. Unlike TorchDEQ's, each call owns its hook
-  handle, so calling the core twice before ``backward()`` cannot re-enter a hook (TorchDEQ's
-  version recurses without bound there), and a depth counter turns any re-entry into an error.
+* :func:`make_hook_ift`: a tensor hook; one graph. Unlike TorchDEQ's, the hook stays registered
+  for the life of the graph and lets the gradient through unchanged while its own adjoint solve
+  runs. TorchDEQ's version removes a hook stored on the core, so calling the core twice before
+  ``backward()`` makes a hook re-enter itself without bound, and a second backward through a
+  retained graph silently falls back to a one-step gradient.
 
-Both pass the backward solver's statistics to ``writer`` and apply the core's
-non-convergence policy to the backward solve.
+The producers ask the core that calls them (``trainer``) what to do after each backward solve
+(``trainer.after_backward``: statistics to ``writer``, non-convergence policy) and whether to
+certify it (``trainer.certify_backward``), so a deep copy of the core behaves as its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, autograd
 
-from .errors import PcDEQError
+from .certify import rate_bound
 
 __all__ = ["make_ift", "make_hook_ift"]
 
 
-def _solve_adjoint(b_solver, b_solver_kwargs, f_out: Tensor, z_in: Tensor, grad: Tensor, on_info, writer):
-    """Solve ``y = J^T y + grad`` with ``J = d f_out / d z_in``; report through ``on_info``."""
+def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, writer) -> Tensor:
+    """Solve ``y = J^T y + grad`` with ``J = d f_out / d z_in``; report through the trainer.
 
-    def adjoint(y: Tensor) -> Tensor:
-        return autograd.grad(f_out, z_in, y, retain_graph=True)[0] + grad
+    With ``trainer.certify_backward``, the solve runs in the ``z_in``-weighted l1 norm, in which
+    the adjoint map contracts by the rate bound ``q`` computed at ``z_in``, and stops on the
+    certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``.
+    """
 
-    y, _, info = b_solver(adjoint, torch.zeros_like(grad), **b_solver_kwargs)
-    on_info(info, writer)
+    def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
+        step = autograd.grad(f_out, z_in, y, retain_graph=True)[0] + grad
+        return step if tau == 1.0 else tau * step + (1 - tau) * y
+
+    kwargs = b_solver_kwargs
+    if trainer.certify_backward:
+        weights = z_in.detach()
+        kwargs = {**kwargs, "weights": weights, "rate": rate_bound(func, weights)}
+    y, _, info = b_solver(adjoint, torch.zeros_like(grad), **kwargs)
+    trainer.after_backward(info, writer)
     return y
 
 
-def make_ift(b_solver: Callable, b_solver_kwargs: dict, on_info: Callable[[dict, Any], None]):
+def make_ift(b_solver: Callable, b_solver_kwargs: dict):
     """Gradient producer: implicit differentiation through a ``torch.autograd.Function``.
 
     Args:
         b_solver: a TorchDEQ-contract solver for the adjoint equation.
         b_solver_kwargs: ``max_iter``, ``tol``, ``stop_mode`` (and other solver options).
-        on_info: called as ``on_info(info, writer)`` after each backward solve (checks, logging).
     """
 
     class _ImplicitGrad(autograd.Function):
         @staticmethod
-        def forward(ctx, func, z_pred, writer):
-            ctx.func, ctx.writer = func, writer
+        def forward(ctx, trainer, func, z_pred, writer):
+            ctx.trainer, ctx.func, ctx.writer = trainer, func, writer
             ctx.save_for_backward(z_pred.detach())
             return z_pred
 
@@ -61,43 +72,40 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict, on_info: Callable[[dict,
             z_in = z_pred.clone().requires_grad_()
             with torch.enable_grad():
                 f_out = ctx.func(z_in)
-            y = _solve_adjoint(b_solver, b_solver_kwargs, f_out, z_in, grad, on_info, ctx.writer)
-            return None, y, None
+            y = _solve_adjoint(
+                ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
+            )
+            return None, None, y, None
 
     def produce(trainer, func, z_pred, writer=None, **kwargs):
-        return [_ImplicitGrad.apply(func, func(z_pred), writer)]
+        return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer)]
 
     return produce
 
 
-def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict, on_info: Callable[[dict, Any], None]):
+def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
     """Gradient producer: implicit differentiation through a tensor hook (one graph of ``f``).
 
     Arguments as :func:`make_ift`.
     """
-    depth = [0]
 
     def produce(trainer, func, z_pred, writer=None, **kwargs):
         z_in = z_pred.requires_grad_()
         f_out = func(z_in)
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
             return [f_out]
-        handle = None
+        solving = [False]
 
-        def hook(grad: Tensor) -> Tensor:
-            handle.remove()  # first thing: the adjoint solve below must not trigger this hook
-            if depth[0]:
-                raise PcDEQError(
-                    "hook_ift re-entered its own backward hook; this would recurse without bound. "
-                    "Use the default ift (pcdeq core without hook_ift)."
-                )
-            depth[0] += 1
+        def hook(grad: Tensor) -> Tensor | None:
+            if solving[0]:  # the adjoint solve's own products pass through this tensor
+                return None
+            solving[0] = True
             try:
-                return _solve_adjoint(b_solver, b_solver_kwargs, f_out, z_in, grad, on_info, writer)
+                return _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, writer)
             finally:
-                depth[0] -= 1
+                solving[0] = False
 
-        handle = f_out.register_hook(hook)
+        f_out.register_hook(hook)
         return [f_out]
 
     return produce

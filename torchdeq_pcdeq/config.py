@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from torchdeq.utils import add_deq_args
 from torchdeq.utils.config import DEQConfig
 
+from .constraints import NONNEGATIVITY_MODES
 from .errors import InvalidInputError, PcDEQWarning, check_choice
 from .solver import GUARD_MODES
 
@@ -66,9 +67,48 @@ NONNEGATIVE_NORMS = (NORM_NAME, "none")
 
 @dataclass(frozen=True)
 class Option:
+    """A plugin option: its default, how a value is validated, and how argparse reads it."""
+
     default: object
-    choices: tuple | None
     help: str
+    choices: tuple | None = None
+    kind: str = "choice"  # choice | flag | positive_float | optional_positive_float | check_every
+
+    def convert(self, key: str, value: object) -> object:
+        """The validated value (argparse strings included); raise on an invalid one."""
+        if self.kind == "choice":
+            return check_choice(key, value, self.choices)
+        if self.kind == "flag":
+            if not isinstance(value, bool):
+                raise InvalidInputError(f"{key} must be True or False, got {value!r}.")
+            return value
+        if self.kind == "check_every":
+            return _check_every(value)
+        if value is None and self.kind == "optional_positive_float":
+            return None
+        number = _float(value)
+        if number is None or not (0 < number < math.inf):
+            raise InvalidInputError(f"{key} must be a positive finite number, got {value!r}.")
+        return number
+
+    def argparse_kwargs(self) -> dict:
+        kwargs: dict = {"default": self.default, "help": f"{self.help} (default: {self.default})"}
+        if self.kind == "flag":
+            kwargs["action"] = "store_true"
+        elif self.kind == "choice":
+            kwargs["choices"] = self.choices
+        elif self.kind in ("positive_float", "optional_positive_float"):
+            kwargs["type"] = float
+        return kwargs
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_every(value: object) -> object:
@@ -86,23 +126,67 @@ def _check_every(value: object) -> object:
 PCDEQ_OPTIONS: dict[str, Option] = {
     "pcdeq_guard": Option(
         "raise",
+        "runtime guard: at each convergence check, look for iterates a positive-monotone map "
+        "cannot produce (negative, falling from z_init = 0; with the enclosure also crossing or "
+        "settled apart) and name the likely broken precondition",
         GUARD_MODES,
-        "runtime guard: at each convergence check, verify the iterates are nonnegative and, "
-        "from z_init = 0, nondecreasing (raise / warn / off)",
     ),
     "pcdeq_nonconvergence": Option(
         "warn",
-        NONCONVERGENCE_MODES,
         "what to do when a forward or backward solve ends above its tolerance "
         "(info['converged'] is False for those samples either way)",
+        NONCONVERGENCE_MODES,
     ),
     "pcdeq_check_every": Option(
         "auto",
-        None,
         "iterations between convergence checks: 'auto' (scheduled from the observed rate) or an "
         "integer; 1 records a residual at every iteration",
+        kind="check_every",
+    ),
+    "pcdeq_enclosure": Option(
+        False,
+        "certified enclosure: iterate from 0 and from the activation's supremum together, return "
+        "the midpoint and info['error_bound'] >= max_i |z_i - z*_i|; stops on that bound "
+        "(twice the forward cost)",
+        kind="flag",
+    ),
+    "pcdeq_enclosure_upper": Option(
+        None,
+        "start of the enclosure's upper sequence; by default the largest supremum of the pcDEQ "
+        "layers that f calls (set it when f uses plain torch layers)",
+        kind="optional_positive_float",
+    ),
+    "pcdeq_rate_bound": Option(
+        False,
+        "certified rate: info['rate_bound'] = max_i (J z*)_i / z*_i >= spectral radius of the "
+        "Jacobian (one Jacobian-vector product); the implicit backward solve then stops on its "
+        "own certified error bound",
+        kind="flag",
+    ),
+    "pcdeq_sradius": Option(
+        "power",
+        "how eval-mode sradius_mode fills info['sradius']: TorchDEQ's 100-step 'power' method "
+        "(an estimate) or the certified 'rate_bound' (an upper bound, one product)",
+        ("power", "rate_bound"),
+    ),
+    "pcdeq_nonnegativity": Option(
+        "weight_norm",
+        "how pcDEQ layers built with args=... keep W >= 0",
+        NONNEGATIVITY_MODES,
+    ),
+    "pcdeq_injection_floor": Option(
+        1e-6,
+        "positive floor added to pcDEQ-1 injections by pcDEQ layers built with args=...",
+        kind="positive_float",
     ),
 }
+
+
+def registered_solvers() -> list[str]:
+    """Names ``torchdeq.get_solver`` accepts."""
+    from .plugin import solver_names  # the plugin module alone reads TorchDEQ's registries
+
+    return solver_names()
 
 
 @functools.cache
@@ -124,10 +208,7 @@ def add_pcdeq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """
     group = parser.add_argument_group("pcDEQ (torchdeq_pcdeq)")
     for key, option in PCDEQ_OPTIONS.items():
-        kwargs = dict(default=option.default, help=f"{option.help} (default: {option.default})")
-        if option.choices is not None:
-            kwargs["choices"] = option.choices
-        group.add_argument(f"--{key}", **kwargs)
+        group.add_argument(f"--{key}", **option.argparse_kwargs())
     return parser
 
 
@@ -144,7 +225,7 @@ def _warn_unknown_keys(config: dict, from_argparse: bool) -> None:
     for key in config:
         if key in known or not isinstance(key, str):
             continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
         if key.startswith("pcdeq_") or (close and not from_argparse):
             hint = f" Did you mean {close[0]!r}?" if close else ""
             valid = ", ".join(sorted(PCDEQ_OPTIONS))
@@ -175,21 +256,23 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
     )
     for key, option in PCDEQ_OPTIONS.items():
-        config.setdefault(key, option.default)
-        if option.choices is not None:
-            check_choice(key, config[key], option.choices)
-    config["pcdeq_check_every"] = _check_every(config["pcdeq_check_every"])
+        config[key] = option.convert(key, config.get(key, option.default))
 
     for prefix in ("f", "b"):
         _check_positive_int(config, f"{prefix}_max_iter")
         _check_positive_float(config, f"{prefix}_tol")
         check_choice(f"{prefix}_stop_mode", config[f"{prefix}_stop_mode"], ("rel", "abs"))
-        solver = config[f"{prefix}_solver"]
-        if solver not in GUARANTEED_SOLVERS:
+        solver = check_choice(f"{prefix}_solver", config[f"{prefix}_solver"], registered_solvers())
+        if solver != SOLVER_NAME:
+            guarantee = (
+                "plain iteration, so it converges, but"
+                if solver in GUARANTEED_SOLVERS
+                else "without a convergence guarantee for pcDEQ, and"
+            )
+            lost = "the guard and the enclosure" if prefix == "f" else "the certified backward solve"
             warnings.warn(
-                f"{prefix}_solver={solver!r} has no convergence guarantee for pcDEQ (only plain "
-                f"fixed-point iteration has); the pcdeq core will use it as asked. Remove the "
-                f"option to use {SOLVER_NAME!r}.",
+                f"{prefix}_solver={solver!r} is {guarantee} the pcdeq core cannot apply {lost} "
+                f"with it. Remove the option to use {SOLVER_NAME!r}.",
                 PcDEQWarning,
                 stacklevel=3,
             )

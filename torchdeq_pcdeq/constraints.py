@@ -126,8 +126,9 @@ class NonNegativeWeightNorm(nn.Module):
     """Parametrization ``W_i = |g_i| * |v_i| / ||v_i||`` per slice ``i`` along ``dim``.
 
     A weight norm whose direction and scale are both nonnegative. Where ``||v_i|| = 0`` the
-    slice is zero: the squared norm is clamped to the dtype's smallest normal number before
-    the reciprocal square root, so neither the value nor the gradient is NaN.
+    slice is zero: the squared norm (accumulated in at least float32) is clamped to the smallest
+    normal number before the reciprocal square root, so neither the value nor the gradient is
+    NaN.
 
     Args:
         dim: the dimension kept by the norm (0: one scale per output unit or channel).
@@ -148,9 +149,11 @@ class NonNegativeWeightNorm(nn.Module):
         self.dim = dim
 
     def forward(self, scale: Tensor, direction: Tensor) -> Tensor:
-        squared = direction.square().sum(_reduce_dims(direction, self.dim), keepdim=True)
-        tiny = torch.finfo(squared.dtype).tiny
-        return scale.abs() * direction.abs() * squared.clamp_min(tiny).rsqrt()
+        # Squares of small half-precision entries are subnormal or zero: accumulate in float32.
+        wide = direction.to(torch.promote_types(direction.dtype, torch.float32))
+        squared = wide.square().sum(_reduce_dims(direction, self.dim), keepdim=True)
+        inverse_norm = squared.clamp_min(torch.finfo(squared.dtype).tiny).rsqrt()
+        return (scale.abs() * (wide.abs() * inverse_norm)).to(direction.dtype)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         _warn_if_negative(weight, "NonNegativeWeightNorm")

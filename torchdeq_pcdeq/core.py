@@ -38,8 +38,10 @@ from torch.nn.utils import parametrize
 from torchdeq.core import DEQSliced
 
 from .backward import make_hook_ift, make_ift
+from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
 from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
+from .layers import observe_layer_calls
 
 __all__ = ["PcDEQCore"]
 
@@ -51,10 +53,15 @@ class PcDEQCore(DEQSliced):
         args: a dict, argparse ``Namespace`` or ``DEQConfig``; never modified.
         **kwargs: config keys that override ``args``.
 
-    Config keys (besides TorchDEQ's):
+    Config keys (besides TorchDEQ's; see :data:`~torchdeq_pcdeq.config.PCDEQ_OPTIONS`):
         pcdeq_guard: ``"raise"`` (default), ``"warn"`` or ``"off"``.
         pcdeq_nonconvergence: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
         pcdeq_check_every: ``"auto"`` (default) or an int.
+        pcdeq_enclosure: certified enclosure of the forward solve (``info["error_bound"]``).
+        pcdeq_enclosure_upper: start of the enclosure's upper sequence (default: read from the
+            pcDEQ layers called by ``f``).
+        pcdeq_rate_bound: ``info["rate_bound"]`` and a certified backward solve.
+        pcdeq_sradius: ``"power"`` (default) or ``"rate_bound"`` for eval ``sradius_mode``.
     """
 
     def __init__(self, args=None, **kwargs):
@@ -63,12 +70,18 @@ class PcDEQCore(DEQSliced):
         self.guard = config["pcdeq_guard"]
         self.nonconvergence = config["pcdeq_nonconvergence"]
         self.check_every = config["pcdeq_check_every"]
+        self.enclosure = config["pcdeq_enclosure"]
+        self.enclosure_upper = config["pcdeq_enclosure_upper"]
+        self.certify_rate = config["pcdeq_rate_bound"]
+        self.sradius_method = config["pcdeq_sradius"]
         self.gradient = config["pcdeq_gradient"]
+        self.owns_f_solver = config["f_solver"] == SOLVER_NAME
+        self.certify_backward = self.certify_rate and config["b_solver"] == SOLVER_NAME
         b_solver_kwargs = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
-        if self.gradient == "ift":
-            self.produce_grad[-1] = make_ift(self.b_solver, b_solver_kwargs, self._after_backward)
-        elif self.gradient == "hook_ift":
-            self.produce_grad[-1] = make_hook_ift(self.b_solver, b_solver_kwargs, self._after_backward)
+        if self.gradient in ("ift", "hook_ift"):
+            make = make_ift if self.gradient == "ift" else make_hook_ift
+            self.produce_grad[-1] = make(self.b_solver, b_solver_kwargs)
+        _check_iteration_budgets(self)
 
     def forward(
         self,
@@ -82,31 +95,67 @@ class PcDEQCore(DEQSliced):
         """Solve ``z = func(z)`` from ``z_init``; see ``torchdeq.core.DEQSliced.forward``.
 
         Returns:
-            ``(z_out, info)``: tracked states in training, ``[z_star]`` in eval; ``info`` holds
-            TorchDEQ's keys plus ``converged`` (per-sample bool) and ``trace_steps``.
+            ``(z_out, info)``: tracked states in training, ``[z_star]`` in eval. ``info`` holds
+            TorchDEQ's keys plus ``converged`` (per-sample bool), ``trace_steps``,
+            ``min_injection`` (per sample, over the pcDEQ layers called by ``func``; NaN
+            without any) and, when enabled, ``error_bound`` and ``rate_bound``.
         """
         _check_initial_state(z_init)
-        solver_kwargs = {**self._solver_options(), **(solver_kwargs or {})}
+        self._check_context(sradius_mode)
         z_out, info = super().forward(func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs)
         self._check_converged(info, self.f_tol, self.f_stop_mode, "forward")
         return z_out, info
 
-    def _solver_options(self) -> dict:
-        if self.args.get("f_solver") != SOLVER_NAME:
-            return {}
-        return {"guard": self.guard, "check_every": self.check_every}
+    def _check_context(self, sradius_mode: bool) -> None:
+        """Contexts in which the requested computation cannot be right; say so before solving."""
+        tracked = self.training and torch.is_grad_enabled()
+        if tracked and getattr(parametrize, "_cache_enabled", 0):
+            raise InvalidInputError(
+                "The pcdeq core was called in training inside torch.nn.utils.parametrize.cached(): "
+                "cached weights carry no gradient, so the weights would silently not train. Call "
+                "it outside the cached() block (the core caches weights inside its solve itself)."
+            )
+        if torch.is_inference_mode_enabled():
+            needs = []
+            if self.certify_rate:
+                needs.append("pcdeq_rate_bound")
+            if sradius_mode:
+                needs.append(f"sradius_mode with pcdeq_sradius={self.sradius_method!r}")
+            if needs:
+                raise InvalidInputError(
+                    f"{' and '.join(needs)} need automatic differentiation, which "
+                    "torch.inference_mode() disables. Evaluate under torch.no_grad() instead."
+                )
 
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
-        # Inside the (no-grad) solve every parametrized weight is computed once, not per call.
-        with parametrize.cached():
-            return super()._solve_fixed_point(deq_func, z_init, f_max_iter, solver_kwargs, **kwargs)
+        options = {}
+        # Inside the (no-grad) solve every parametrized weight is computed once, not per call;
+        # the layers f calls report their activation and injection.
+        with parametrize.cached(), observe_layer_calls() as seen:
+            if self.owns_f_solver:
+                options = {"guard": self.guard, "check_every": self.check_every}
+                if self.enclosure:
+                    upper = self.enclosure_upper
+                    options.update(
+                        enclosure=True, upper=upper if upper is not None else lambda: upper_bound(seen)
+                    )
+            options.update(solver_kwargs or {})
+            z_star, info = super()._solve_fixed_point(deq_func, z_init, f_max_iter, options, **kwargs)
+            info["min_injection"] = min_injection(seen, z_star)
+            if self.certify_rate:
+                info["rate_bound"] = rate_bound(deq_func, z_star)
+        return z_star, info
 
     def _sradius(self, deq_func, z_star):
+        if self.sradius_method == "rate_bound":
+            with parametrize.cached():
+                return rate_bound(deq_func, z_star)
         # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
         # eval-mode output a leaf that records graphs downstream; give it a copy instead.
         return super()._sradius(deq_func, z_star.detach().clone())
 
-    def _after_backward(self, info: dict, writer) -> None:
+    def after_backward(self, info: dict, writer) -> None:
+        """Statistics of a backward solve: to ``writer``, then the non-convergence policy."""
         if writer is not None:
             writer(info)
         self._check_converged(info, self.b_tol, self.b_stop_mode, "backward")
@@ -124,14 +173,33 @@ class PcDEQCore(DEQSliced):
         prefix = "f" if which == "forward" else "b"
         message = (
             f"pcdeq {which} solve: {failed} of {info['converged'].numel()} samples did not reach "
-            f"{stop_mode} tol {tol:g} within {iters} iterations (worst residual reached "
-            f"{best:.3g}). Try a larger {prefix}_max_iter or a looser {prefix}_tol; slow "
-            "convergence of pcDEQ-1 layers comes from tiny injections or weights grown large "
-            "(see method.md, section 3). Set pcdeq_nonconvergence='ignore' to silence this."
+            f"{stop_mode} tol {tol:g} within {iters} iterations (best {stop_mode} residual reached "
+            f"by the worst sample: {best:.3g}). Try a larger {prefix}_max_iter or a looser "
+            f"{prefix}_tol; slow convergence of pcDEQ-1 layers comes from tiny injections or "
+            "weights grown large (docs/guarantees.md). Set pcdeq_nonconvergence='ignore' to "
+            "silence this."
         )
         if self.nonconvergence == "raise":
             raise ConvergenceError(message)
         warnings.warn(message, PcDEQWarning, stacklevel=4)
+
+
+def _check_iteration_budgets(core: PcDEQCore) -> None:
+    """Every solver segment and the eval solve need at least one iteration."""
+    segments = core.indexing
+    if min(segments) < 1:
+        raise InvalidInputError(
+            f"n_states={core.args.get('n_states')!r} / indexing={core.args.get('indexing')!r} split "
+            f"f_max_iter={core.f_max_iter} into solver segments of {segments} iterations; each "
+            "needs at least one. Raise f_max_iter, or use fewer states or earlier indices."
+        )
+    if core.eval_f_max_iter < 1:
+        raise InvalidInputError(
+            f"The eval solve gets {core.eval_f_max_iter} iterations (eval_f_max_iter="
+            f"{core.args.get('eval_f_max_iter')!r}, eval_factor={core.args.get('eval_factor')!r}, "
+            f"f_max_iter={core.f_max_iter}); it needs at least one. Raise eval_factor or set "
+            "eval_f_max_iter."
+        )
 
 
 def _check_initial_state(z_init) -> None:

@@ -17,8 +17,11 @@ __all__ = [
     "InvalidInputError",
     "ActivationCheckError",
     "NegativeWeightError",
+    "PreconditionError",
     "NotPositiveMonotoneError",
+    "NonUniqueFixedPointError",
     "ConvergenceError",
+    "NonFiniteError",
 ]
 
 
@@ -59,12 +62,24 @@ class NegativeWeightError(PcDEQError):
     """A weight that must be nonnegative has negative entries."""
 
 
-class NotPositiveMonotoneError(PcDEQError):
-    """The runtime guard saw iterates that a positive-monotone map cannot produce."""
+class PreconditionError(PcDEQError):
+    """The runtime guard saw evidence that ``f`` breaks a pcDEQ precondition."""
+
+
+class NotPositiveMonotoneError(PreconditionError):
+    """The iterates are ones that a positive-monotone map cannot produce."""
+
+
+class NonUniqueFixedPointError(PreconditionError):
+    """The enclosure's lower and upper sequences settled on different fixed points."""
 
 
 class ConvergenceError(PcDEQError):
     """A fixed-point solve ended without reaching its tolerance."""
+
+
+class NonFiniteError(PcDEQError):
+    """An iterate holds NaN or Inf."""
 
 
 def quote_all(names: Iterable[str]) -> str:

@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +38,57 @@ from .constraints import (
 )
 from .errors import InvalidInputError, NegativeWeightError, check_choice
 
-__all__ = ["PcDEQLayer", "PcDEQLinear", "PcDEQConv2d", "DEFAULT_INJECTION_FLOOR", "INJECTION_BETA"]
+__all__ = [
+    "PcDEQLayer",
+    "PcDEQLinear",
+    "PcDEQConv2d",
+    "observe_layer_calls",
+    "DEFAULT_INJECTION_FLOOR",
+    "DEFAULT_NONNEGATIVITY",
+    "INJECTION_BETA",
+]
 
 INJECTION_BETA = 5.0
 DEFAULT_INJECTION_FLOOR = 1e-6
+DEFAULT_NONNEGATIVITY = "weight_norm"
+
+# Active observers of layer calls (see observe_layer_calls); empty almost always.
+_OBSERVERS: list[dict] = []
+
+
+@contextlib.contextmanager
+def observe_layer_calls() -> Iterator[dict]:
+    """Record the pcDEQ layers called inside the block, with the injection each received.
+
+    Yields a dict ``{id(layer): (layer, injection)}`` filled as the block runs (first call of
+    each layer). The certificates use it to read the activation's supremum and the smallest
+    injection of whatever ``f`` the user wrote.
+
+    Example:
+        >>> import torch
+        >>> f = PcDEQLinear(4, "relu6")
+        >>> with observe_layer_calls() as seen:
+        ...     _ = f(torch.zeros(1, 4), f.inject(torch.zeros(1, 4)))
+        >>> [layer.activation.supremum for layer, _ in seen.values()]
+        [6.0]
+    """
+    seen: dict = {}
+    _OBSERVERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _OBSERVERS.remove(seen)
+
+
+def _option(args, key: str, default):
+    """``args[key]`` for a dict, an argparse Namespace or a TorchDEQ DEQConfig; else ``default``."""
+    if args is None:
+        return default
+    if isinstance(args, dict):
+        return args.get(key, default)
+    if hasattr(args, "get") and callable(args.get):
+        return args.get(key, default)
+    return getattr(args, key, default)
 
 
 class PcDEQLayer(nn.Module):
@@ -51,18 +100,26 @@ class PcDEQLayer(nn.Module):
     Args:
         operator: a bias-free module whose ``weight`` is ``W`` (initialised here).
         activation: a registered activation name or an :class:`Activation` record.
-        nonnegativity: one of ``NONNEGATIVITY_MODES``.
-        injection_floor: the positive floor added by :meth:`inject` for pcDEQ-1 activations.
+        nonnegativity: one of ``NONNEGATIVITY_MODES``; ``None`` reads ``pcdeq_nonnegativity``
+            from ``args``, else ``"weight_norm"``.
+        injection_floor: the positive floor added by :meth:`inject` for pcDEQ-1 activations;
+            ``None`` reads ``pcdeq_injection_floor`` from ``args``, else ``1e-6``.
+        args: a dict, argparse ``Namespace`` or ``DEQConfig`` (see ``add_pcdeq_args``).
     """
 
     def __init__(
         self,
         operator: nn.Module,
         activation: str | Activation,
-        nonnegativity: str,
-        injection_floor: float,
+        nonnegativity: str | None = None,
+        injection_floor: float | None = None,
+        args=None,
     ):
         super().__init__()
+        if nonnegativity is None:
+            nonnegativity = _option(args, "pcdeq_nonnegativity", DEFAULT_NONNEGATIVITY)
+        if injection_floor is None:
+            injection_floor = _option(args, "pcdeq_injection_floor", DEFAULT_INJECTION_FLOOR)
         self.activation = get_activation(activation)
         self.nonnegativity = check_choice("nonnegativity mode", nonnegativity, NONNEGATIVITY_MODES)
         if not (isinstance(injection_floor, (int, float)) and injection_floor > 0):
@@ -146,6 +203,8 @@ class PcDEQLayer(nn.Module):
             NegativeWeightError: ``"project"`` mode and the weight has negative entries.
         """
         weight = self.weight
+        if not isinstance(x, Tensor):
+            self._verify_call(z, x, weight, None)  # raises with the expected shape
         if not torch.compiler.is_compiling():
             # A solve calls f many times with one injection: the checks that need a host sync
             # run once per (injection, state layout); a cheap key comparison covers the rest.
@@ -156,6 +215,9 @@ class PcDEQLayer(nn.Module):
                 self._verify_call(z, x, weight, key)
             if self._check_weight:
                 self._verify_weight(weight)
+            if _OBSERVERS:
+                for seen in _OBSERVERS:
+                    seen.setdefault(id(self), (self, x))
         return self.activation.function(self.apply_operator(z, weight) + x)
 
     def _verify_call(self, z: Tensor, x: Tensor, weight: Tensor, key: tuple) -> None:
@@ -238,7 +300,9 @@ class PcDEQLinear(PcDEQLayer):
         activation: registered name (``"tanh"``, ``"softsign"``, ``"relu6"``, ``"sigmoid"``,
             or one added with :func:`~torchdeq_pcdeq.register_activation`) or a record.
         nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
-        injection_floor: positive floor of pcDEQ-1 injections.
+        injection_floor: positive floor of pcDEQ-1 injections (default ``1e-6``).
+        args: config read for the options left at ``None`` (``pcdeq_nonnegativity``,
+            ``pcdeq_injection_floor``; see ``add_pcdeq_args``).
 
     Example:
         >>> import torch
@@ -252,15 +316,16 @@ class PcDEQLinear(PcDEQLayer):
         features: int,
         activation: str | Activation = "tanh",
         *,
-        nonnegativity: str = "weight_norm",
-        injection_floor: float = DEFAULT_INJECTION_FLOOR,
+        nonnegativity: str | None = None,
+        injection_floor: float | None = None,
+        args=None,
         device=None,
         dtype=None,
     ):
         _require_positive_int(features, "features")
         self.features = features
         operator = nn.Linear(features, features, bias=False, device=device, dtype=dtype)
-        super().__init__(operator, activation, nonnegativity, injection_floor)
+        super().__init__(operator, activation, nonnegativity, injection_floor, args)
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
         return F.linear(z, weight)
@@ -287,7 +352,8 @@ class PcDEQConv2d(PcDEQLayer):
         activation: registered name or record (see :class:`PcDEQLinear`).
         kernel_size: odd kernel size (default 3).
         nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
-        injection_floor: positive floor of pcDEQ-1 injections.
+        injection_floor: positive floor of pcDEQ-1 injections (default ``1e-6``).
+        args: config read for the options left at ``None`` (see :class:`PcDEQLinear`).
 
     Example:
         >>> import torch
@@ -302,8 +368,9 @@ class PcDEQConv2d(PcDEQLayer):
         activation: str | Activation = "tanh",
         kernel_size: int = 3,
         *,
-        nonnegativity: str = "weight_norm",
-        injection_floor: float = DEFAULT_INJECTION_FLOOR,
+        nonnegativity: str | None = None,
+        injection_floor: float | None = None,
+        args=None,
         device=None,
         dtype=None,
     ):
@@ -318,7 +385,7 @@ class PcDEQConv2d(PcDEQLayer):
         operator = nn.Conv2d(
             channels, channels, kernel_size, padding=self.padding, bias=False, device=device, dtype=dtype
         )
-        super().__init__(operator, activation, nonnegativity, injection_floor)
+        super().__init__(operator, activation, nonnegativity, injection_floor, args)
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(z, weight, padding=self.padding)

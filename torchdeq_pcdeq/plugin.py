@@ -24,7 +24,7 @@ from .core import PcDEQCore
 from .errors import PcDEQWarning
 from .solver import pcdeq_fixed_point
 
-__all__ = ["register", "CORE_NAME", "SOLVER_NAME", "NORM_NAME"]
+__all__ = ["register", "solver_names", "CORE_NAME", "SOLVER_NAME", "NORM_NAME"]
 
 CORE_NAME = "pcdeq"
 
@@ -42,6 +42,11 @@ def _entries():
             torchdeq.norm.base_norm.register_norm,
         ),
     ]
+
+
+def solver_names() -> list[str]:
+    """The keys of TorchDEQ's solver registry."""
+    return sorted(torchdeq.solver._solvers)
 
 
 def _same(current: object, ours: object) -> bool:

@@ -5,11 +5,25 @@ For a pcDEQ layer plain iteration ``z_{k+1} = f(z_k)`` converges from every ``z_
 it reached the tolerance. It is also usable as the implicit backward solver: ``func`` is only
 ever called as ``func(z)``.
 
+Three ways to measure convergence, all per sample:
+
+* residual (default): ``||f(z) - z||`` and ``||f(z) - z|| / ||f(z)||`` in the 2-norm;
+* certified enclosure (``enclosure=True``): iterate from ``0`` and from ``upper * 1`` together;
+  the two sequences bracket the fixed point, the midpoint is returned and
+  ``info["error_bound"]`` bounds ``max_i |z_i - z*_i|`` (method.md, section 3);
+* certified contraction (``weights=w, rate=q``): for a map that contracts by ``q`` in the
+  ``w``-weighted l1 norm (the adjoint of a pcDEQ layer, with ``w = z*``), the a-posteriori bound
+  ``q / (1 - q) ||y_k - y_{k-1}||_w`` on ``||y_k - y*||_w`` is ``info["error_bound"]``.
+
+In the certified modes the solve stops on the bound (``abs``) or on the bound relative to the
+state's size (``rel``: the inf-norm for the enclosure, the ``w``-norm for the contraction), and
+the traces hold the bounds.
+
 Convergence is checked at "check" iterations only, because a check costs about as much as a
 small ``f`` and, on GPU, needs a host sync. With ``check_every="auto"`` (default) the first check
 is at iteration 2 and the next one where the observed geometric rate predicts the tolerance will
-be met (the iteration count at most triples between checks), so a solve of ``K`` iterations costs
-about ``log3(K)`` checks; the final iteration is always checked. Traces therefore hold one column
+be met (the iteration count at most doubles between checks), so a solve of ``K`` iterations costs
+about ``log2(K)`` checks at worst; the final iteration is always checked. Traces therefore hold one column
 per check; ``info["trace_steps"]`` gives their iteration numbers. Pass ``check_every=1`` for a
 residual at every iteration (TorchDEQ's behaviour).
 
@@ -21,6 +35,9 @@ Example:
     >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), max_iter=50, tol=1e-6)
     >>> info["converged"].tolist()
     [True, True, True]
+    >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), enclosure=True, upper=1.0)
+    >>> bool((info["error_bound"] <= 1e-4 * z.amax(dim=1)).all())
+    True
 """
 
 from __future__ import annotations
@@ -34,17 +51,25 @@ import torch
 from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
-from .errors import InvalidInputError, NotPositiveMonotoneError, PcDEQWarning, check_choice
+from .errors import (
+    InvalidInputError,
+    NonFiniteError,
+    NonUniqueFixedPointError,
+    NotPositiveMonotoneError,
+    PcDEQWarning,
+    check_choice,
+)
 
 __all__ = ["pcdeq_fixed_point", "GUARD_MODES", "STOP_MODES", "resolution_floor"]
 
 GUARD_MODES = ("raise", "warn", "off")
 STOP_MODES = ("rel", "abs")
 
-# Successive iterates of a converged solve still differ by a few ulps per entry, so residuals
-# below this many machine epsilons (relative to ||f(z)||) are unreachable in the state's dtype.
-_RESOLUTION_ULPS = 8.0
-# Rounding slack of the monotonicity guard, in ulps of the largest entry.
+# Successive iterates of a converged solve still differ by about an ulp per entry, so relative
+# residuals below this many machine epsilons are unreachable in the arithmetic's dtype.
+_RESOLUTION_ULPS = 2.0
+# Rounding slack of the guard, and rounding margin added to the enclosure's bound, in ulps of
+# the largest entry.
 _GUARD_ULPS = 16.0
 _warned_floors: set[tuple[torch.dtype, str, float]] = set()
 
@@ -52,6 +77,20 @@ _warned_floors: set[tuple[torch.dtype, str, float]] = set()
 def resolution_floor(dtype: torch.dtype) -> float:
     """The smallest relative residual that iterates of ``dtype`` can be trusted to reach."""
     return _RESOLUTION_ULPS * torch.finfo(dtype).eps
+
+
+def arithmetic_dtype(state: Tensor) -> torch.dtype:
+    """The coarsest dtype ``f`` computes in: the state's, or autocast's when it is coarser.
+
+    Under autocast a float32 state is produced by bfloat16 or float16 products, so it carries
+    their rounding, not float32's.
+    """
+    device_type = state.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        fast = torch.get_autocast_dtype(device_type)
+        if torch.finfo(fast).eps > torch.finfo(state.dtype).eps:
+            return fast
+    return state.dtype
 
 
 def pcdeq_fixed_point(
@@ -64,50 +103,72 @@ def pcdeq_fixed_point(
     *,
     check_every: int | str = "auto",
     guard: str = "off",
+    enclosure: bool = False,
+    upper: float | Callable[[], float] | None = None,
+    weights: Tensor | None = None,
+    rate: Tensor | None = None,
     tau: float = 1.0,
     **kwargs,
 ) -> tuple[Tensor, list[Tensor], SolverStat]:
-    """Solve ``z = func(z)`` by plain iteration from ``x0``.
+    """Solve ``z = func(z)`` by plain iteration.
 
     Args:
         func: the map; called as ``func(z)`` only.
-        x0: initial state, shape ``(batch, ...)`` (batch dimension first).
-        max_iter: maximum number of calls of ``func`` (>= 1).
-        tol: tolerance (> 0) on the per-sample residual chosen by ``stop_mode``: ``"rel"``
-            ``||f(z) - z|| / ||f(z)||`` or ``"abs"`` ``||f(z) - z||`` (2-norms over each sample).
-            A tolerance finer than the dtype can resolve is raised to
-            :func:`resolution_floor` (relative), with a warning.
+        x0: initial state, shape ``(batch, ...)`` (batch dimension first). With
+            ``enclosure=True`` only its shape, dtype and device are used (the sequences start
+            at 0 and at ``upper``).
+        max_iter: maximum number of iterations (>= 1); an enclosure iteration calls ``func``
+            twice.
+        tol: tolerance (> 0) on the per-sample measure chosen by ``stop_mode`` (``"rel"`` or
+            ``"abs"``, see the module docstring). A tolerance finer than the dtype can resolve
+            is raised to :func:`resolution_floor` (relative), with a warning.
         indexing: iterations at which to return the state (TorchDEQ contract).
-        check_every: ``"auto"`` or a positive int: how often to evaluate the residual.
-        guard: ``"off"`` (default), ``"warn"`` or ``"raise"``: at each check, verify that the
-            iterates are nonnegative and, when ``x0 == 0``, nondecreasing, as a
-            positive-monotone map guarantees.
+        check_every: ``"auto"`` or a positive int: how often to evaluate convergence.
+        guard: ``"off"`` (default), ``"warn"`` or ``"raise"``: at each check, look for iterates
+            that a positive-monotone map cannot produce (negative values; from ``x0 = 0`` a
+            decrease; with the enclosure a falling lower or rising upper sequence, crossing
+            sequences, or two sequences settled on different fixed points).
+        enclosure: iterate from 0 and from ``upper`` together; return the midpoint with a
+            certified ``info["error_bound"]``.
+        upper: with the enclosure, the supremum of the activation (a float or a zero-argument
+            callable evaluated after the first call of ``func``).
+        weights: with ``rate``, the positive weights of the l1 norm in which ``func``
+            contracts (shape of ``x0``).
+        rate: per-sample contraction factor (shape ``(batch,)``); ``>= 1`` gives an infinite
+            bound, so the sample cannot be certified.
         tau: accepted for TorchDEQ compatibility; only ``1.0`` (undamped) is supported.
         **kwargs: unknown options are reported with a warning, not silently dropped.
 
     Returns:
-        ``(z, states, info)``: the final iterate, the states at ``indexing``, and a TorchDEQ
+        ``(z, states, info)``: the final state, the states at ``indexing``, and a TorchDEQ
         ``SolverStat`` with per-sample ``abs_lowest``, ``rel_lowest``, ``nstep`` (the first
         checked iteration from which the sample stayed within tolerance, or the last iteration
-        if it ended above), traces
-        ``abs_trace`` / ``rel_trace`` of shape ``(batch, checks)``, ``trace_steps`` ``(checks,)``,
-        ``sradius`` and ``converged`` (per-sample bool, at the returned state).
+        if it ended above), traces ``abs_trace`` / ``rel_trace`` of shape ``(batch, checks)``,
+        ``trace_steps`` ``(checks,)``, ``sradius``, ``converged`` (per-sample bool, at the
+        returned state) and, in the certified modes, ``error_bound`` ``(batch,)``.
 
     Raises:
         InvalidInputError: invalid arguments (before any call of ``func``).
-        NotPositiveMonotoneError: ``guard="raise"`` and the iterates betray a map that is not
-            positive-monotone.
+        PreconditionError: ``guard="raise"`` and the iterates betray a map that is not a
+            pcDEQ map (:class:`NotPositiveMonotoneError`, :class:`NonUniqueFixedPointError`).
     """
     if kwargs:
         warnings.warn(
             f"pcdeq_fixed_point ignores unknown options {sorted(kwargs)}; valid options are "
-            "max_iter, tol, stop_mode, indexing, check_every, guard.",
+            "max_iter, tol, stop_mode, indexing, check_every, guard, enclosure, upper, weights, rate.",
             PcDEQWarning,
             stacklevel=2,
         )
     _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau)
+    _validate_certificates(x0, enclosure, upper, weights, rate)
+    monitor = _Monitor(x0, tol, stop_mode, check_every, certified=enclosure or weights is not None)
+    if enclosure:
+        return _enclosure_solve(func, x0, max_iter, indexing, monitor, _Guard(guard, x0), upper)
+    measure = _residuals if weights is None else functools.partial(_contraction_bound, weights, rate)
+    return _plain_solve(func, x0, max_iter, indexing, monitor, _Guard(guard, x0), measure)
 
-    monitor = _Monitor(x0, tol, stop_mode, guard, check_every)
+
+def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
     pending = sorted(set(indexing or ()))  # iterations whose state is returned
     states: list[Tensor] = []
     next_check = monitor.first_check(max_iter)
@@ -123,43 +184,112 @@ def pcdeq_fixed_point(
                 states.append(fz)
                 pending.pop(0)
             if k in (next_check, max_iter):
-                done, gap = monitor.check(k, z, fz)
+                z_, fz_ = (z.detach(), fz.detach()) if fz.requires_grad else (z, fz)
+                diff = fz_ - z_
+                abs_res, scale = measure(diff, fz_, monitor)
+                done, gap = monitor.check(k, abs_res, scale, guard.plain(k, diff, fz_))
                 if done:
                     z = fz
                     break
                 next_check = min(k + gap, max_iter)
             next_event = min(next_check, pending[0]) if pending else next_check
         z = fz
-
     if indexing and not states:
         states.append(z)
     return z, states, monitor.stat(k, z.device)
 
 
+def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
+    pending = sorted(set(indexing or ()))
+    states: list[Tensor] = []
+    next_check = monitor.first_check(max_iter)
+    low, high, k = torch.zeros_like(x0), None, 0
+    while k < max_iter:
+        low_next = func(low)
+        if high is None:  # the first call revealed f's layers, hence the upper bound
+            _check_output(low_next, low)
+            high = torch.full_like(x0, _resolve_upper(upper))
+        high_next = func(high)
+        k += 1
+        if pending and pending[0] == k:
+            states.append((low_next + high_next) / 2)
+            pending.pop(0)
+        if k in (next_check, max_iter):
+            low_, high_, low_next_, high_next_ = (t.detach() for t in (low, high, low_next, high_next))
+            bound, scale = _enclosure_bound(low_next_, high_next_, monitor)
+            done, gap = monitor.check(
+                k, bound, scale, guard.enclosure(k, low_, high_, low_next_, high_next_, monitor)
+            )
+            if done:
+                low, high = low_next, high_next
+                break
+            next_check = min(k + gap, max_iter)
+        low, high = low_next, high_next
+    z = (low + high) / 2
+    if indexing and not states:
+        states.append(z)
+    return z, states, monitor.stat(k, z.device)
+
+
+# -- measures: per-sample (absolute measure, scale of the state) --------------------------------
+
+
+def _residuals(diff: Tensor, fz: Tensor, monitor: _Monitor) -> tuple[Tensor, Tensor]:
+    """``||f(z) - z||_2`` and ``||f(z)||_2``, from ``diff = f(z) - z``."""
+    return (
+        torch.linalg.vector_norm(diff, dim=monitor.dims, dtype=monitor.acc),
+        torch.linalg.vector_norm(fz, dim=monitor.dims, dtype=monitor.acc),
+    )
+
+
+def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, monitor: _Monitor):
+    """``(q ||f(z) - z||_w + r) / (1 - q)`` (infinite where ``q >= 1``) and ``||f(z)||_w``.
+
+    ``r``, a few ulps of ``||f(z)||_w``, bounds the rounding of one application of ``f``: a
+    solve stalled by rounding (``f(z) == z`` in floating point) still gets a nonzero bound.
+    """
+    dims, acc = monitor.dims, monitor.acc
+    step = (diff.abs() * weights).sum(dim=dims, dtype=acc)
+    scale = (fz.abs() * weights).sum(dim=dims, dtype=acc)
+    rate = rate.to(acc)
+    rounding = _GUARD_ULPS * monitor.eps * scale
+    bound = torch.where(rate < 1, (rate * step + rounding) / (1 - rate), math.inf)
+    return bound, scale
+
+
+def _enclosure_bound(low: Tensor, high: Tensor, monitor: _Monitor) -> tuple[Tensor, Tensor]:
+    """``max_i (high - low)_i / 2`` plus a rounding margin, and ``max_i high_i``.
+
+    The midpoint is within half the gap of the fixed point. The margin (a few ulps of the
+    largest entry) covers the rounding of the computed sequences.
+    """
+    top = high.amax(dim=monitor.dims).to(monitor.acc)
+    gap = (high - low).amax(dim=monitor.dims).to(monitor.acc)
+    return gap / 2 + _GUARD_ULPS * monitor.eps * top, top
+
+
+# -- convergence checks --------------------------------------------------------------------------
+
+
 class _Monitor:
     """Convergence checks of one solve.
 
-    A check reduces the iterates on the device to per-sample residuals (kept on the device for
-    ``info``) and copies one number to the host, the worst residual relative to its limit,
-    together with the guard's scalars: the only host sync of the check. The stopping decision,
-    the guard and the schedule of the next check use those few numbers; the per-sample
-    statistics are assembled on the device when the solve ends.
+    A check receives per-sample measures on the device (kept there for ``info``) and copies one
+    number to the host, the worst measure relative to its limit, together with the guard's
+    scalars: the only host sync of the check. The stopping decision and the schedule of the next
+    check use those few numbers; the per-sample statistics are assembled when the solve ends.
     """
 
-    def __init__(self, x0: Tensor, tol: float, stop_mode: str, guard: str, check_every):
-        self.x0, self.tol, self.stop_mode, self.guard, self.check_every = (
-            x0,
-            tol,
-            stop_mode,
-            guard,
-            check_every,
-        )
-        self.acc, self.tiny, self.floor, self.guard_slack = _dtype_constants(x0.dtype)
+    def __init__(self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool):
+        self.tol, self.stop_mode, self.check_every, self.certified = tol, stop_mode, check_every, certified
+        self.acc, self.tiny = _dtype_constants(x0.dtype)
+        arithmetic = arithmetic_dtype(x0)
+        self.eps = torch.finfo(arithmetic).eps
+        self.floor = resolution_floor(arithmetic)
         if stop_mode == "rel" and tol < self.floor:
-            _warn_floor(x0.dtype, stop_mode, tol, self.floor)
+            _warn_floor(arithmetic, stop_mode, tol, self.floor)
         self.rel_limit = max(tol, self.floor)
         self.dims = tuple(range(1, x0.dim()))
-        self.from_zero: bool | None = None
         self.steps: list[int] = []
         self.abs: list[Tensor] = []
         self.rel: list[Tensor] = []
@@ -170,32 +300,34 @@ class _Monitor:
         # From z0 = 0 the first relative residual is exactly 1: start checking at the second.
         return min(2 if self.check_every == "auto" else self.check_every, max_iter)
 
-    def check(self, k: int, z: Tensor, fz: Tensor) -> tuple[bool, int]:
-        """Record iteration ``k`` (``fz = f(z)``); return (all converged, iterations to the next check)."""
-        if fz.requires_grad or z.requires_grad:
-            fz, z = fz.detach(), z.detach()
-        diff = fz - z
-        abs_res = torch.linalg.vector_norm(diff, dim=self.dims, dtype=self.acc)
-        fz_norm = torch.linalg.vector_norm(fz, dim=self.dims, dtype=self.acc)
-        rel_res = abs_res / (fz_norm + self.tiny)
+    def check(self, k: int, abs_res: Tensor, scale: Tensor, guard) -> tuple[bool, int]:
+        """Record the measures of iteration ``k``; return (all converged, iterations to the next check).
+
+        ``guard`` is ``None`` or ``(scalars, report)``: device scalars synced with the check,
+        then passed to ``report`` on the host.
+        """
+        rel_res = abs_res / (scale + self.tiny)
         self.steps.append(k)
         self.abs.append(abs_res)
         self.rel.append(rel_res)
         if self.stop_mode == "rel":
             worst = rel_res.amax()
-        else:  # residuals below the dtype's resolution count as converged whatever tol says
-            self.abs_limit.append(torch.clamp_min(fz_norm * self.floor, self.tol))
+        else:  # measures below the dtype's resolution count as converged whatever tol says
+            self.abs_limit.append(torch.clamp_min(scale * self.floor, self.tol))
             worst = (abs_res / self.abs_limit[-1]).amax()
-        if self.guard == "off":
+        if guard is None:
             worst = worst.item()  # the one host sync of this check
         else:
-            low, high = torch.aminmax(fz)
-            scalars = [worst, low.to(self.acc), high.to(self.acc), diff.amin().to(self.acc)]
-            if self.from_zero is None:
-                scalars.append(self.x0.detach().abs().amax().to(self.acc))
-            worst, *values = torch.stack(scalars).tolist()  # the one host sync of this check
-            self._apply_guard(values, k, fz, diff)
-        # the worst residual over its limit: <= 1 when every sample has converged
+            scalars, report = guard
+            worst, *values = torch.stack([worst, *(s.to(self.acc) for s in scalars)]).tolist()
+            report(values)
+        if worst != worst:  # NaN: some iterate is not finite
+            raise NonFiniteError(
+                f"Iterate {k} of the fixed-point solve holds NaN or Inf: f produced non-finite "
+                "values. Check the weights and the injection for NaN (a diverged optimizer step, "
+                "often from a too large learning rate) and the data for Inf."
+            )
+        # the worst measure over its limit: <= 1 when every sample has converged
         self.worst.append(worst / self.rel_limit if self.stop_mode == "rel" else worst)
         if self.worst[-1] <= 1.0:
             return True, 0
@@ -203,34 +335,25 @@ class _Monitor:
             return False, self.check_every
         return False, self._auto_gap(k)
 
-    def _apply_guard(self, values: list[float], k: int, fz: Tensor, diff: Tensor) -> None:
-        low, high, drop = values[:3]
-        if self.from_zero is None:
-            self.from_zero = values[3] == 0
-        negative = low < 0
-        decreasing = self.from_zero and drop < -self.guard_slack * high
-        if negative or decreasing:
-            _report_guard(self.guard, fz, diff, k, negative=negative)
-            self.guard = "off"  # report once per solve
-
     def _auto_gap(self, k: int) -> int:
-        """Iterations until the worst residual is predicted to reach its limit.
+        """Iterations until the worst measure is predicted to reach its limit.
 
         Assumes the geometric rate seen between the last two checks persists. The iteration
-        count at most doubles while no rate is known and at most triples afterwards (it grows
-        by half while the worst residual is not decreasing), so a long solve costs a
-        logarithmic number of checks.
+        count at most doubles between checks (it grows by half while the worst measure is not
+        decreasing), so a long solve costs a logarithmic number of checks; on random instances
+        this schedule overshoots the iterations needed by about 5% on average
+        (benchmarks/results/solver_overhead_cpu.md).
         """
         if len(self.steps) < 2:
             return k
         now, before = self.worst[-1], self.worst[-2]
-        if not before > now > 0:
+        if not (math.isfinite(now) and before > now > 0):
             return max(1, k // 2)
         need = (k - self.steps[-2]) * math.log(now) / math.log(before / now)
-        return min(max(1, math.ceil(need)), 2 * k)
+        return min(max(1, math.ceil(need)), k)
 
     def stat(self, k: int, device: torch.device) -> SolverStat:
-        """TorchDEQ's ``SolverStat`` plus ``converged`` and ``trace_steps``.
+        """TorchDEQ's ``SolverStat`` plus ``converged``, ``trace_steps`` (and ``error_bound``).
 
         ``nstep`` is, per sample, the first checked iteration from which the sample stayed
         within tolerance to the end (the last iteration if it ended above).
@@ -244,10 +367,7 @@ class _Monitor:
         else:
             ok = abs_trace <= torch.stack(self.abs_limit, dim=1)
         nstep = [_settled_step(row, self.steps, k) for row in ok.tolist()]
-        # SolverStat's constructor builds a default tensor per key; every key is given here.
-        info = SolverStat.__new__(SolverStat)
-        dict.__init__(
-            info,
+        entries = dict(
             abs_lowest=lowest[:, 0],
             rel_lowest=lowest[:, 1],
             abs_trace=abs_trace,
@@ -257,6 +377,11 @@ class _Monitor:
             trace_steps=torch.tensor(self.steps, dtype=torch.long, device=device),
             converged=ok[:, -1],
         )
+        if self.certified:
+            entries["error_bound"] = abs_trace[:, -1]
+        # SolverStat's constructor builds a default tensor per key; every key is given here.
+        info = SolverStat.__new__(SolverStat)
+        dict.__init__(info, entries)
         return info
 
 
@@ -269,33 +394,153 @@ def _settled_step(ok: list[bool], steps: list[int], last: int) -> int:
 
 
 @functools.cache
-def _dtype_constants(dtype: torch.dtype) -> tuple[torch.dtype, float, float, float]:
-    """(accumulation dtype, its tiny, resolution floor, guard slack) for states of ``dtype``."""
+def _dtype_constants(dtype: torch.dtype) -> tuple[torch.dtype, float]:
+    """(accumulation dtype, its smallest normal number) for states of ``dtype``."""
     acc = torch.promote_types(dtype, torch.float32)
-    return acc, torch.finfo(acc).tiny, resolution_floor(dtype), _GUARD_ULPS * torch.finfo(dtype).eps
+    return acc, torch.finfo(acc).tiny
 
 
-def _report_guard(mode: str, fz: Tensor, diff: Tensor, k: int, negative: bool) -> None:
-    if negative:
-        message = (
-            f"pcDEQ guard: iterate {k} has {int((fz < 0).sum())} negative entries (min "
-            f"{fz.min().item():.3g}); a positive map never produces them. Likely causes: a "
-            "negative or non-admissible injection (compute it with layer.inject(u)), a negative "
-            "weight (use the pcDEQ layers or --norm_type pcdeq_nonneg), an activation that is "
-            "negative on [0, inf), or a negative initial state."
+# -- the runtime guard ---------------------------------------------------------------------------
+
+
+class _Guard:
+    """What a positive-monotone map guarantees about its iterates, checked at each check.
+
+    Each method returns ``None`` (guard off) or ``(device scalars, report)`` for
+    :meth:`_Monitor.check`, which syncs the scalars with its own and calls ``report``.
+    """
+
+    def __init__(self, mode: str, x0: Tensor):
+        self.mode, self.x0 = mode, x0
+        self.slack = _GUARD_ULPS * torch.finfo(arithmetic_dtype(x0)).eps
+        self.from_zero: bool | None = None
+
+    def plain(self, k: int, diff: Tensor, fz: Tensor):
+        if self.mode == "off":
+            return None
+        low, high = torch.aminmax(fz)
+        scalars = [low, high, diff.amin()]
+        if self.from_zero is None:
+            scalars.append(self.x0.detach().abs().amax())
+
+        def report(values: list[float]) -> None:
+            low, high, drop = values[:3]
+            if self.from_zero is None:
+                self.from_zero = values[3] == 0
+            if low < 0:
+                self._fail(NotPositiveMonotoneError, _negative_message(k, fz))
+            elif self.from_zero and drop < -self.slack * high:
+                self._fail(NotPositiveMonotoneError, _decrease_message(k, diff))
+
+        return scalars, report
+
+    def enclosure(self, k: int, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, monitor):
+        if self.mode == "off":
+            return None
+        dims = monitor.dims
+        step_low = (low_next - low).abs().amax(dim=dims)
+        step_high = (high_next - high).abs().amax(dim=dims)
+        top = high_next.amax(dim=dims)
+        gap = (high_next - low_next).amax(dim=dims)
+        # settled: both sequences move by no more than the dtype's resolution, the gap is wider
+        settled = (torch.maximum(step_low, step_high) <= monitor.floor * top) & (
+            gap > 8 * monitor.rel_limit * top
         )
-    else:
-        message = (
-            f"pcDEQ guard: the iteration started from 0 but iterate {k} is below iterate {k - 1} "
-            f"in {int((diff < 0).sum())} entries (by up to {-diff.min().item():.3g}); a monotone "
-            "map gives nondecreasing iterates from 0. Likely causes: a negative weight (use the "
-            "pcDEQ layers or --norm_type pcdeq_nonneg) or an activation that decreases "
-            "somewhere on [0, inf)."
+        scalars = [
+            low_next.amin(),
+            (low_next - low).amin(),
+            (high_next - high).amax(),
+            (high_next - low_next).amin(),
+            high_next.amax(),
+            torch.where(settled, gap, 0.0).amax(),
+        ]
+
+        def report(values: list[float]) -> None:
+            low_min, rise, fall, crossing, scale, stuck_gap = values
+            slack = self.slack * scale
+            if low_min < 0:
+                self._fail(NotPositiveMonotoneError, _negative_message(k, low_next))
+            elif rise < -slack or fall > slack or crossing < -slack:
+                self._fail(NotPositiveMonotoneError, _enclosure_message(k, rise, fall, crossing))
+            elif stuck_gap > 0:
+                self._fail(NonUniqueFixedPointError, _non_unique_message(k, stuck_gap))
+
+        return scalars, report
+
+    def _fail(self, error: type[Exception], message: str) -> None:
+        message += " Set pcdeq_guard='warn' or 'off' to continue anyway, without the guarantees."
+        mode, self.mode = self.mode, "off"  # report once per solve
+        if mode == "raise":
+            raise error(message)
+        warnings.warn(message, PcDEQWarning, stacklevel=5)
+
+
+def _negative_message(k: int, fz: Tensor) -> str:
+    return (
+        f"pcDEQ guard: iterate {k} has {int((fz < 0).sum())} negative entries (min "
+        f"{fz.min().item():.3g}); a positive map never produces them. Likely causes: a negative "
+        "or non-admissible injection (compute it with layer.inject(u)), a negative weight (use "
+        "the pcDEQ layers or --norm_type pcdeq_nonneg), a bias or a normalization layer "
+        "(BatchNorm, GroupNorm, LayerNorm) inside f, whose outputs can be negative (move them "
+        "into the injection), an activation that is negative on [0, inf), or a negative "
+        "initial state."
+    )
+
+
+def _decrease_message(k: int, diff: Tensor) -> str:
+    return (
+        f"pcDEQ guard: the iteration started from 0 but iterate {k} is below iterate {k - 1} in "
+        f"{int((diff < 0).sum())} entries (by up to {-diff.min().item():.3g}); a monotone map "
+        "gives nondecreasing iterates from 0. Likely causes: a negative weight (use the pcDEQ "
+        "layers or --norm_type pcdeq_nonneg), a normalization layer inside f (BatchNorm, "
+        "GroupNorm, LayerNorm are not monotone: move them into the injection), or an activation "
+        "that decreases somewhere on [0, inf)."
+    )
+
+
+def _enclosure_message(k: int, rise: float, fall: float, crossing: float) -> str:
+    found = []
+    if rise < 0:
+        found.append(f"the lower sequence fell by {-rise:.3g}")
+    if fall > 0:
+        found.append(f"the upper sequence rose by {fall:.3g}")
+    if crossing < 0:
+        found.append(f"the lower sequence passed the upper one by {-crossing:.3g}")
+    return (
+        f"pcDEQ guard: at iteration {k} of the enclosure {', '.join(found)}; for a monotone map "
+        "the sequence from 0 rises and the one from the upper bound falls. Likely causes: a "
+        "negative weight (use the pcDEQ layers or --norm_type pcdeq_nonneg), an activation that "
+        "decreases somewhere on [0, inf), or an upper bound below the activation's supremum."
+    )
+
+
+def _non_unique_message(k: int, gap: float) -> str:
+    return (
+        f"pcDEQ guard: at iteration {k} the enclosure's lower and upper sequences have both "
+        f"stopped moving {gap:.3g} apart: they reached two different fixed points, which a "
+        "positive concave map cannot have. Likely cause: an activation that is not concave on "
+        "[0, inf) (register activations with torchdeq_pcdeq.register_activation, which checks)."
+    )
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _resolve_upper(upper) -> float:
+    value = upper() if callable(upper) else upper
+    if value is None:
+        raise InvalidInputError(
+            "The enclosure starts its upper sequence at the activation's supremum, which is "
+            "unknown here. Pass upper=<supremum> (e.g. 1.0 for tanh, sigmoid and softsign, 6.0 "
+            "for relu6), or pcdeq_enclosure_upper in the pcdeq core's config."
         )
-    message += " Set pcdeq_guard='warn' or 'off' to continue anyway, without the guarantees."
-    if mode == "raise":
-        raise NotPositiveMonotoneError(message)
-    warnings.warn(message, PcDEQWarning, stacklevel=3)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise InvalidInputError(
+            f"The enclosure needs a finite positive upper bound (the activation's supremum), got "
+            f"{value!r}. An activation without a finite supremum has no certified enclosure: use "
+            "the plain solve."
+        )
+    return float(value)
 
 
 def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) -> None:
@@ -306,7 +551,7 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
             f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
             f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance.",
             PcDEQWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -316,6 +561,11 @@ def _check_output(fz, z: Tensor) -> None:
         raise InvalidInputError(
             f"func must map a state of shape {tuple(z.shape)} to the same shape, got {got}. A "
             "fixed point needs f: R^n -> R^n; check the layer's output and the initial state."
+        )
+    if fz.dtype != z.dtype or fz.device != z.device:
+        raise InvalidInputError(
+            f"func must keep the state's dtype and device ({z.dtype} on {z.device}), got "
+            f"{fz.dtype} on {fz.device}. Cast inside f, or start from a state of the dtype f returns."
         )
 
 
@@ -332,6 +582,11 @@ def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau) -> None:
         )
     if not x0.is_floating_point():
         raise InvalidInputError(f"pcdeq_fixed_point expects a floating-point state, got {x0.dtype}.")
+    if x0.numel() == 0:
+        raise InvalidInputError(
+            f"pcdeq_fixed_point got an empty state of shape {tuple(x0.shape)}; expected at least "
+            "one sample with at least one entry."
+        )
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise InvalidInputError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
@@ -347,3 +602,27 @@ def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau) -> None:
             f"pcdeq_fixed_point is undamped (tau=1.0); got tau={tau!r}. Plain iteration already "
             "converges for pcDEQ: drop tau."
         )
+
+
+def _validate_certificates(x0, enclosure, upper, weights, rate) -> None:
+    if (weights is None) != (rate is None):
+        raise InvalidInputError(
+            "weights and rate go together (the weighted l1 norm and the contraction factor in "
+            f"it); got weights={'a tensor' if weights is not None else None}, "
+            f"rate={'a tensor' if rate is not None else None}."
+        )
+    if enclosure and weights is not None:
+        raise InvalidInputError("Choose one certificate: enclosure=True or weights/rate, not both.")
+    if upper is not None and not enclosure:
+        raise InvalidInputError("upper is the enclosure's starting bound; pass enclosure=True with it.")
+    if weights is not None:
+        if not isinstance(weights, Tensor) or weights.shape != x0.shape:
+            raise InvalidInputError(
+                f"weights must be a tensor of the state's shape {tuple(x0.shape)}, got "
+                f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__}."
+            )
+        if not isinstance(rate, Tensor) or rate.shape != (x0.shape[0],):
+            raise InvalidInputError(
+                f"rate must be a tensor of shape ({x0.shape[0]},), one factor per sample, got "
+                f"{tuple(rate.shape) if isinstance(rate, Tensor) else type(rate).__name__}."
+            )

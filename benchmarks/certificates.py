@@ -1,0 +1,122 @@
+"""Cost of each certificate relative to a plain solve: same model, same tolerance, one run.
+
+For a dense and a convolutional pcDEQ layer with weights grown as in training (row sums about
+2, tanh), times in eval mode the plain solve, the certified enclosure, the rate bound, and
+``sradius_mode`` with TorchDEQ's power method against the rate bound; in training mode a
+forward plus backward step with the plain and the certified backward solve. Medians of
+``--repeats`` interleaved runs.
+
+    python -m benchmarks.certificates [--device cpu|cuda] [--repeats 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import statistics
+
+import torch
+import torchdeq
+
+import torchdeq_pcdeq  # noqa: F401  (registers the pcdeq core)
+from benchmarks.solver_overhead import hardware_line, timed
+from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def layers(device):
+    torch.manual_seed(0)
+    dense = PcDEQLinear(80, nonnegativity="project", device=device)
+    conv = PcDEQConv2d(32, nonnegativity="project", device=device)
+    with torch.no_grad():
+        dense.linear.weight.copy_(torch.rand(80, 80, device=device) * (4.0 / 80))
+        conv.conv.weight.copy_(torch.rand(32, 32, 3, 3, device=device) * (4.0 / (32 * 9)))
+    yield "linear 80, batch 64", dense, torch.randn(64, 80, device=device)
+    yield "conv 32ch 16x16, batch 16", conv, torch.randn(16, 32, 16, 16, device=device)
+
+
+def variants():
+    """name -> (core config, training?, sradius_mode?)"""
+    return {
+        "plain solve (eval)": ({}, False, False),
+        "enclosure (eval)": ({"pcdeq_enclosure": True}, False, False),
+        "rate bound (eval)": ({"pcdeq_rate_bound": True}, False, False),
+        "sradius, power method (eval)": ({}, False, True),
+        "sradius, rate bound (eval)": ({"pcdeq_sradius": "rate_bound"}, False, True),
+        "train step, plain backward": ({}, True, False),
+        "train step, certified backward": ({"pcdeq_rate_bound": True}, True, False),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for case, layer, u in layers(device):
+        x = layer.inject(u)
+        cores = {
+            name: (torchdeq.get_deq(core="pcdeq", f_tol=1e-4, **config).train(training), training, sradius)
+            for name, (config, training, sradius) in variants().items()
+        }
+        iterations = {
+            name: run(deq, layer, x, training, sradius) for name, (deq, training, sradius) in cores.items()
+        }
+        runs = {name: [] for name in cores}
+        for _ in range(args.repeats):
+            for name, (deq, training, sradius) in cores.items():
+                runs[name].append(timed(functools.partial(run, deq, layer, x, training, sradius), device))
+        base_eval = statistics.median(runs["plain solve (eval)"])
+        base_train = statistics.median(runs["train step, plain backward"])
+        for name, times in runs.items():
+            median = statistics.median(times)
+            base = base_train if name.startswith("train") else base_eval
+            rows.append(
+                {
+                    "case": case,
+                    "variant": name,
+                    "ms": 1e3 * median,
+                    "ratio": median / base,
+                    "iterations": iterations[name],
+                }
+            )
+    hardware = hardware_line(device)
+    lines = [
+        f"Certificate cost, median of {args.repeats} "
+        f"(`python -m benchmarks.certificates --device {args.device} --repeats {args.repeats}`)",
+        f"Hardware: {hardware}",
+        "",
+        "| case | variant | forward iterations | ms | relative to plain |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['variant']} | {r['iterations']:.0f} | {r['ms']:.2f} | {r['ratio']:.2f}x |"
+        )
+    print("\n".join(lines))
+    out = RESULTS / f"certificates_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"hardware": hardware, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def run(deq, layer, x, training, sradius) -> float:
+    """One forward (and backward in training) step; returns the forward iterations."""
+    if training:
+        z_out, info = deq(lambda z: layer(z, x), torch.zeros_like(x))
+        z_out[-1].sum().backward()
+    else:
+        with torch.no_grad():
+            _, info = deq(lambda z: layer(z, x), torch.zeros_like(x), sradius_mode=sradius)
+    return info["nstep"].max().item()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The certificates: enclosure, rate bound, certified backward, precondition reports.
+
+Property tests draw random small dense and conv pcDEQ instances for every activation and check
+each certificate against ground truth computed independently in float64.
+"""
+
+import math
+
+import pytest
+import torch
+import torchdeq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ACTIVATIONS, INSTANCES, MODES, conv_instance, dense_instance, iterate
+from torchdeq_pcdeq import (
+    Activation,
+    InvalidInputError,
+    NonUniqueFixedPointError,
+    NotPositiveMonotoneError,
+    PcDEQLinear,
+    PcDEQWarning,
+    add_pcdeq_args,
+    get_activation,
+    pcdeq_fixed_point,
+    rate_bound,
+    register_activation,
+)
+
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def instances(draw):
+    """A random float64 pcDEQ instance (layer, injection) and its exact fixed point."""
+    make = draw(st.sampled_from(INSTANCES))
+    common = dict(
+        activation=draw(st.sampled_from(ACTIVATIONS)),
+        batch=2,
+        scale=draw(st.floats(0.1, 3.0)),
+        seed=draw(st.integers(0, 10_000)),
+        nonnegativity=draw(st.sampled_from(MODES)),
+    )
+    if make is conv_instance:
+        f, x = make(channels=2, size=3, **common)
+    else:
+        f, x = make(n=draw(st.integers(2, 7)), **common)
+    x = x * draw(st.sampled_from([0.05, 1.0, 3.0]))
+    return f, x, exact_fixed_point(f, x)
+
+
+def exact_fixed_point(f, x):
+    """The fixed point to float64 resolution: plain iteration, then Newton's method.
+
+    Newton on ``z - f(z) = 0`` with the explicit Jacobian converges quadratically whatever the
+    contraction rate, so the reference does not inherit the slowness it is meant to check.
+    """
+    z = torch.zeros_like(x)
+    for _ in range(200):
+        z = f(z, x)
+    n = z[0].numel()
+    eye = torch.eye(n, dtype=z.dtype)
+    for _ in range(50):
+        residual = (z - f(z, x)).flatten(1)
+        if residual.abs().max() <= 2e-16 * z.abs().max():
+            return z
+        step = torch.linalg.solve(eye - jacobians(f, x, z), residual.unsqueeze(2)).squeeze(2)
+        z = (z.flatten(1) - step).view_as(z)
+    raise AssertionError("Newton's method did not settle on the fixed point")
+
+
+def jacobians(f, x, z):
+    """The explicit per-sample Jacobians of z -> f(z, x) at z, shape (batch, n, n)."""
+    out = []
+    for b in range(z.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda v: f(v.unsqueeze(0), x[b : b + 1])[0], z[b])
+        out.append(jac.reshape(z[b].numel(), z[b].numel()))
+    return torch.stack(out)
+
+
+def linf(t):
+    return t.flatten(1).abs().amax(dim=1)
+
+
+# -- the enclosure ----------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(instances())
+def test_the_two_sequences_bracket_the_exact_fixed_point(instance):
+    f, x, z_star = instance
+    slack = 1e-13 * (1 + z_star.abs().max())
+    b = get_activation(f.activation.name).supremum
+    for low, high in zip(iterate(f, x, torch.zeros_like(x), 30), iterate(f, x, torch.full_like(x, b), 30)):
+        assert (low <= z_star + slack).all() and (z_star <= high + slack).all()
+
+
+@PROPERTY
+@given(instances(), st.sampled_from([1, 2, 5, 40, 5000]))
+def test_the_enclosure_bound_is_never_below_the_true_error(instance, max_iter):
+    f, x, z_star = instance
+    z, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x),
+        torch.zeros_like(x),
+        max_iter=max_iter,
+        tol=1e-12,
+        stop_mode="abs",
+        enclosure=True,
+        upper=f.activation.supremum,
+        guard="raise",
+    )
+    true_error = linf(z - z_star)
+    assert (true_error <= info["error_bound"] + 1e-14).all()
+    if info["converged"].all():
+        assert (info["error_bound"] <= 1e-12 * max(1.0, z_star.abs().max().item()) * 10).all()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_the_enclosure_stops_on_the_certified_gap(activation):
+    f, x = dense_instance(activation=activation, scale=2.0)
+    z, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x),
+        torch.zeros_like(x),
+        max_iter=500,
+        tol=1e-6,
+        enclosure=True,
+        upper=f.activation.supremum,
+    )
+    assert info["converged"].all()
+    assert (info["error_bound"] <= 1e-6 * linf(z)).all()
+    assert (linf(z - exact_fixed_point(f, x)) <= info["error_bound"]).all()
+
+
+def test_the_enclosure_needs_a_finite_upper_bound(clean_activation_registry):
+    f, x = dense_instance()
+    with pytest.raises(InvalidInputError, match="finite positive upper bound"):
+        pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), enclosure=True, upper=math.inf)
+    with pytest.raises(InvalidInputError, match="Pass upper=<supremum>"):
+        pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), enclosure=True)
+    register_activation("log1p", torch.log1p, supremum=math.inf)
+    g = PcDEQLinear(4, "log1p")
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True)
+    u = g.inject(torch.randn(2, 4))
+    with pytest.raises(InvalidInputError, match="'log1p' has none"):
+        deq(lambda z: g(z, u), torch.zeros_like(u))
+
+
+# -- the rate bound ---------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(instances())
+def test_the_rate_bound_is_at_least_the_spectral_radius_and_below_one(instance):
+    f, x, z_star = instance
+    q = rate_bound(lambda z: f(z, x), z_star)
+    radius = torch.linalg.eigvals(jacobians(f, x, z_star)).abs().amax(dim=1)
+    assert (radius <= q + 1e-12).all()
+    assert (q < 1).all()
+
+
+def test_sigmoid_rate_bound_is_at_most_one_half():
+    f, x = dense_instance(activation="sigmoid", scale=3.0)
+    assert (rate_bound(lambda z: f(z, x), exact_fixed_point(f, x)) <= 0.5).all()
+
+
+# -- the certified backward solve -------------------------------------------------------------
+
+
+@PROPERTY
+@given(instances(), st.sampled_from([2, 5, 50, 5000]))
+def test_the_backward_error_bound_is_never_below_the_true_error(instance, max_iter):
+    f, x, z_star = instance
+    n = z_star[0].numel()
+    jac = jacobians(f, x, z_star)
+    grad = torch.randn(z_star.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # the adjoint equation y = J^T y + grad, solved directly
+    eye = torch.eye(n, dtype=torch.float64)
+    exact = torch.linalg.solve(eye - jac.transpose(1, 2), grad.flatten(1).unsqueeze(2)).squeeze(2)
+
+    def adjoint(y):
+        return (jac.transpose(1, 2) @ y.flatten(1).unsqueeze(2)).squeeze(2).view_as(y) + grad
+
+    q = rate_bound(lambda z: f(z, x), z_star)
+    y, _, info = pcdeq_fixed_point(
+        adjoint, torch.zeros_like(grad), max_iter=max_iter, tol=1e-12, stop_mode="abs", weights=z_star, rate=q
+    )
+    weighted = lambda v: (v.abs() * z_star.flatten(1)).sum(dim=1)  # noqa: E731
+    true_error = weighted(y.flatten(1) - exact)
+    # the direct solve is itself exact only to a few ulps of its solution
+    assert (true_error <= info["error_bound"] + 1e-14 * weighted(exact)).all()
+
+
+def test_the_core_certifies_its_backward_solve_and_reports_to_the_writer():
+    f, x = dense_instance(activation="tanh", scale=2.0)
+    seen = []
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, f_tol=1e-12)
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    xu = f.inject(u)
+    z_out, info = deq(lambda z: f(z, xu), torch.zeros_like(xu), backward_writer=seen.append)
+    assert (info["rate_bound"] < 1).all()
+    z_out[-1].sum().backward()
+    (backward,) = seen
+    assert backward["converged"].all()
+    assert (
+        backward["error_bound"] <= 1e-10 * (backward["abs_trace"][:, -1] / backward["rel_trace"][:, -1])
+    ).all()
+    # the certified gradient matches an uncertified one solved to the same accuracy
+    plain = torchdeq.get_deq(core="pcdeq", b_tol=1e-12, f_tol=1e-12)
+    v = u.detach().clone().requires_grad_()
+    xv = f.inject(v)
+    plain(lambda z: f(z, xv), torch.zeros_like(xv))[0][-1].sum().backward()
+    torch.testing.assert_close(u.grad, v.grad, rtol=1e-8, atol=1e-10)
+
+
+# -- broken preconditions are detected --------------------------------------------------------
+
+
+def test_a_negative_weight_is_detected_by_the_enclosure():
+    torch.manual_seed(0)
+    w = torch.rand(6, 6, dtype=torch.float64) * 0.3
+    w[0, 1] = -1.5
+    x = torch.rand(1, 6, dtype=torch.float64) + 0.5
+    broken = r"lower sequence fell|upper sequence rose|passed the upper"
+    with pytest.raises(NotPositiveMonotoneError, match=broken):
+        pcdeq_fixed_point(
+            lambda z: torch.tanh(z @ w.T + x),
+            torch.zeros(1, 6, dtype=torch.float64),
+            enclosure=True,
+            upper=1.0,
+            guard="raise",
+            check_every=1,
+        )
+
+
+def test_a_negative_injection_is_detected_by_the_enclosure():
+    f, _ = dense_instance(activation="tanh")
+    x = -torch.rand(3, 12, dtype=torch.float64)
+    with pytest.raises(NotPositiveMonotoneError, match="negative entries"):
+        pcdeq_fixed_point(
+            lambda z: torch.tanh(z @ f.weight.T + x),
+            torch.zeros_like(x),
+            enclosure=True,
+            upper=1.0,
+            guard="raise",
+        )
+
+
+def test_a_non_concave_activation_forced_past_the_registry_is_detected():
+    square = Activation("square", lambda t: t.square().clamp(max=1.0), 0.0, 1.0, 1)  # convex on [0, 1]
+    f = PcDEQLinear(4, square, nonnegativity="project", dtype=torch.float64)
+    with torch.no_grad():
+        f.linear.weight.fill_(1.5 / 4)
+    x = torch.full((1, 4), 0.1, dtype=torch.float64)  # fixed points near 0.015 and at 1
+    with pytest.raises(NonUniqueFixedPointError, match=r"two different fixed points.*not concave"):
+        pcdeq_fixed_point(
+            lambda z: f(z, x), torch.zeros_like(x), max_iter=500, enclosure=True, upper=1.0, guard="raise"
+        )
+
+
+def test_the_guard_through_the_core_uses_the_enclosure():
+    square = Activation("square", lambda t: t.square().clamp(max=1.0), 0.0, 1.0, 1)
+    f = PcDEQLinear(4, square, nonnegativity="project")
+    with torch.no_grad():
+        f.linear.weight.fill_(1.5 / 4)
+    x = torch.full((2, 4), 0.1)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True)
+    with pytest.raises(NonUniqueFixedPointError):
+        deq(lambda z: f(z, x), torch.zeros_like(x))
+    plain = torchdeq.get_deq(core="pcdeq")  # without the enclosure this goes unnoticed
+    z_out, info = plain(lambda z: f(z, x), torch.zeros_like(x))
+    assert info["converged"].all() and z_out[-1].max() < 0.1
+
+
+# -- the core ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_core_reports_error_bound_rate_bound_and_min_injection(training):
+    f, x = dense_instance(activation="softsign", scale=2.0, dtype=torch.float32)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_rate_bound=True).train(training)
+    z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    exact = exact_fixed_point(f.double(), x.double()).float()
+    f.float()
+    assert info["converged"].all()
+    assert (linf(z_out[-1].detach() - exact) <= info["error_bound"] + 1e-6).all()
+    assert (info["rate_bound"] < 1).all() and info["rate_bound"].shape == (3,)
+    torch.testing.assert_close(info["min_injection"], x.amin(dim=1))
+    if training:
+        z_out[-1].sum().backward()
+        assert f.linear.weight.grad is not None
+
+
+def test_min_injection_is_nan_without_pcdeq_layers():
+    w = torch.rand(3, 3) * 0.1
+    x = torch.rand(2, 3) + 0.1
+    _, info = torchdeq.get_deq(core="pcdeq")(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x))
+    assert info["min_injection"].isnan().all()
+
+
+def test_enclosure_with_plain_torch_layers_needs_the_upper_bound():
+    w = torch.rand(3, 3) * 0.1
+    x = torch.rand(2, 3) + 0.1
+    with pytest.raises(InvalidInputError, match="Set pcdeq_enclosure_upper"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True)(
+            lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x)
+        )
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_enclosure_upper=1.0)
+    _, info = deq(lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x))
+    assert info["converged"].all() and (info["error_bound"] < 1e-3).all()
+
+
+def test_sradius_can_be_the_certified_rate_bound():
+    f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
+    power = torchdeq.get_deq(core="pcdeq").eval()
+    certified = torchdeq.get_deq(core="pcdeq", pcdeq_sradius="rate_bound").eval()
+    _, estimate = power(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    _, bound = certified(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    assert bound["sradius"].shape == (3,)
+    assert (bound["sradius"] >= estimate["sradius"] - 1e-4).all() and (bound["sradius"] < 1).all()
+
+
+def test_add_pcdeq_args_exposes_every_option_and_layers_read_them():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)
+    add_pcdeq_args(parser)
+    text = parser.format_help()
+    for flag in [
+        "enclosure",
+        "enclosure_upper",
+        "rate_bound",
+        "guard",
+        "nonnegativity",
+        "injection_floor",
+        "sradius",
+    ]:
+        assert f"--pcdeq_{flag}" in text
+    args = parser.parse_args(
+        [
+            "--core",
+            "pcdeq",
+            "--norm_type",
+            "pcdeq_nonneg",
+            "--pcdeq_enclosure",
+            "--pcdeq_rate_bound",
+            "--pcdeq_nonnegativity",
+            "project",
+            "--pcdeq_injection_floor",
+            "1e-3",
+            "--pcdeq_guard",
+            "warn",
+        ]
+    )
+    deq = torchdeq.get_deq(args)
+    assert deq.enclosure and deq.certify_rate and deq.guard == "warn"
+    layer = PcDEQLinear(5, args=args)
+    assert layer.nonnegativity == "project" and layer.injection_floor == 1e-3
+    assert PcDEQLinear(5, nonnegativity="parametrize", args=args).nonnegativity == "parametrize"
+
+
+def test_option_values_are_validated():
+    with pytest.raises(InvalidInputError, match="pcdeq_enclosure must be True or False, got 'yes'"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_enclosure="yes")
+    with pytest.raises(InvalidInputError, match="pcdeq_enclosure_upper must be a positive finite number"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_enclosure_upper=-1.0)
+    with pytest.raises(PcDEQWarning, match="Did you mean 'pcdeq_rate_bound'"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_ratebound=True)
