@@ -27,15 +27,16 @@ from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def layers(device):
+def layers(device, smoke: bool = False):
     torch.manual_seed(0)
-    dense = PcDEQLinear(80, nonnegativity="project", device=device)
-    conv = PcDEQConv2d(32, nonnegativity="project", device=device)
+    width, channels, batch = (8, 4, 4) if smoke else (80, 32, 64)
+    dense = PcDEQLinear(width, nonnegativity="project", device=device)
+    conv = PcDEQConv2d(channels, nonnegativity="project", device=device)
     with torch.no_grad():
-        dense.linear.weight.copy_(torch.rand(80, 80, device=device) * (4.0 / 80))
-        conv.conv.weight.copy_(torch.rand(32, 32, 3, 3, device=device) * (4.0 / (32 * 9)))
-    yield "linear 80, batch 64", dense, torch.randn(64, 80, device=device)
-    yield "conv 32ch 16x16, batch 16", conv, torch.randn(16, 32, 16, 16, device=device)
+        dense.linear.weight.copy_(torch.rand(width, width, device=device) * (4.0 / width))
+        conv.conv.weight.copy_(torch.rand(channels, channels, 3, 3, device=device) * (4.0 / (channels * 9)))
+    yield f"linear {width}, batch {batch}", dense, torch.randn(batch, width, device=device)
+    yield f"conv {channels}ch 16x16, batch 16", conv, torch.randn(16, channels, 16, 16, device=device)
 
 
 def variants():
@@ -57,10 +58,11 @@ def main(argv=None):
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--smoke", action="store_true", help="tiny layers, written under results/smoke/")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
-    for case, layer, u in layers(device):
+    for case, layer, u in layers(device, args.smoke):
         x = layer.inject(u)
         cores = {
             name: (torchdeq.get_deq(core="pcdeq", f_tol=1e-4, **config).train(training), training, sradius)
@@ -101,7 +103,7 @@ def main(argv=None):
             f"| {r['case']} | {r['variant']} | {r['iterations']:.0f} | {r['ms']:.2f} | {r['ratio']:.2f}x |"
         )
     print("\n".join(lines))
-    out = RESULTS / f"certificates_{device.type}.json"
+    out = (RESULTS / "smoke" if args.smoke else RESULTS) / f"certificates_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"hardware": hardware, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchdeq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from conftest import ACTIVATIONS, INSTANCES, MODES, conv_instance, dense_instance, iterate
@@ -60,13 +60,23 @@ def exact_fixed_point(f, x):
         z = f(z, x)
     n = z[0].numel()
     eye = torch.eye(n, dtype=z.dtype)
+    previous = math.inf
     for _ in range(50):
         residual = (z - f(z, x)).flatten(1)
-        if residual.abs().max() <= 2e-16 * z.abs().max():
-            return z
         step = torch.linalg.solve(eye - jacobians(f, x, z), residual.unsqueeze(2)).squeeze(2)
         z = (z.flatten(1) - step).view_as(z)
-    raise AssertionError("Newton's method did not settle on the fixed point")
+        size = step.abs().max().item() / z.abs().max().item()
+        # settled: a correction at rounding level, or one that stopped shrinking near it
+        if size <= 4e-16 or (size <= 1e-13 and size >= previous / 2):
+            return z
+        previous = size
+    # Newton can cycle across the kinks of relu6: fall back on the (convergent) plain iteration
+    for _ in range(200_000):
+        z_next = f(z, x)
+        if (z_next - z).abs().max() <= 4e-16 * z.abs().max():
+            return z_next
+        z = z_next
+    reject()  # no trustworthy ground truth for this draw
 
 
 def jacobians(f, x, z):

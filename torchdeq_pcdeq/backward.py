@@ -42,13 +42,22 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, 
         step = autograd.grad(f_out, z_in, y, retain_graph=True)[0] + grad
         return step if tau == 1.0 else tau * step + (1 - tau) * y
 
+    grad = _same_layout(grad, z_in)
     kwargs = b_solver_kwargs
     if trainer.certify_backward:
         weights = z_in.detach()
         kwargs = {**kwargs, "weights": weights, "rate": rate_bound(func, weights)}
-    y, _, info = b_solver(adjoint, torch.zeros_like(grad), **kwargs)
+    # Starting from grad rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
+    y, _, info = b_solver(adjoint, grad, **kwargs)
     trainer.after_backward(info, writer)
     return y
+
+
+def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` in ``like``'s memory layout: mixed layouts make every product convert."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return grad.contiguous(memory_format=torch.channels_last)
+    return grad
 
 
 def make_ift(b_solver: Callable, b_solver_kwargs: dict):

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -100,8 +101,7 @@ def upper_bound(seen: dict) -> float:
 
 def min_injection(seen: dict, like: Tensor) -> Tensor:
     """Per-sample smallest injection over the pcDEQ layers in ``seen`` (NaN without any)."""
-    result = torch.full(like.shape[:1], math.nan, dtype=like.dtype, device=like.device)
-    for _, x in seen.values():
-        if x.shape[0] == result.shape[0]:
-            result = torch.fmin(result, x.detach().flatten(1).amin(dim=1).to(result.dtype))
-    return result
+    minima = [x.detach().flatten(1).amin(dim=1) for _, x in seen.values() if x.shape[0] == like.shape[0]]
+    if not minima:
+        return torch.full(like.shape[:1], math.nan, dtype=like.dtype, device=like.device)
+    return functools.reduce(torch.fmin, minima).to(like.dtype)

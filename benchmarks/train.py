@@ -1,0 +1,287 @@
+"""Train and evaluate pcDEQ and its baselines side by side: same data, architecture, batch, seed.
+
+    python -m benchmarks.train --model linear --dataset mnist_subset --epochs 10
+    python -m benchmarks.train --model single_conv --dataset mnist_subset --kinds pcdeq reference
+    python -m benchmarks.train --model multi_conv --dataset cifar10 --data-dir ~/data --device cuda --bf16
+
+Kinds (``benchmarks.baselines``): ``pcdeq`` (this plugin), ``torchdeq_anderson`` and
+``torchdeq_fixed_point`` (TorchDEQ's standard DEQ, unconstrained), ``reference`` (the reference
+implementation's way). Per epoch: train and test loss and accuracy, mean forward and backward
+iterations, the fraction of solves (samples x equilibrium layers) that reached the tolerance,
+seconds per epoch and peak memory (CUDA: allocated by tensors; CPU: the process's peak resident
+set, which only grows). Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json``
+and ``.md``; ``--plots`` adds PNG plots next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchdeq
+from tqdm import tqdm
+
+from benchmarks.baselines import KINDS, TOL, build
+from benchmarks.data import DATASETS, augment, load
+from benchmarks.solver_overhead import hardware_line
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+WEIGHT_DECAY = {"mnist": 1.5e-2, "digits": 1.5e-2}  # 2e-2 for SVHN and CIFAR-10 (method.md)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="linear", choices=["linear", "single_conv", "multi_conv"])
+    parser.add_argument("--dataset", default="mnist_subset", choices=DATASETS)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--milestone", type=int, default=None, help="epoch of the x0.1 drop (default 3/4)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
+    parser.add_argument("--test-subset", type=int, default=None, help="use only this many test images")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="width override")
+    parser.add_argument("--augment", action="store_true", help="RandomCrop(32, 4) + flip (CIFAR-10)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
+    parser.add_argument(
+        "--out", default=None, help="results path stem (default results/train_<model>_<dataset>_<device>)"
+    )
+    parser.add_argument("--plots", action="store_true", help="write PNG plots next to the results")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    data = load(args.dataset, args.data_dir, args.download, args.seed).subset(
+        args.train_subset, args.test_subset
+    )
+    channels = (
+        None
+        if args.channels is None
+        else (args.channels[0] if len(args.channels) == 1 else tuple(args.channels))
+    )
+    runs, traces, certified = {}, {}, None
+    probe = data.test_x[: args.batch_size].to(device)
+    for kind in args.kinds:
+        torch.manual_seed(args.seed)
+        model = build(kind, args.model, data.model_dataset, channels=channels).to(device)
+        print(
+            f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters"
+        )
+        runs[kind] = train(model, data, args, device)
+        if args.plots:
+            traces[kind] = residual_trace(model, kind, probe)
+            if kind == "pcdeq":
+                certified = enclosure_trace(model, probe)
+    report = {
+        "command": "python -m benchmarks.train "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "hardware": hardware_line(device),
+        "model": args.model,
+        "dataset": data.name,
+        "synthetic": data.synthetic,
+        "train_size": len(data.train_x),
+        "test_size": len(data.test_x),
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "bf16": args.bf16,
+        "runs": runs,
+    }
+    stem = pathlib.Path(args.out) if args.out else RESULTS / f"train_{args.model}_{data.name}_{device.type}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    if args.plots:
+        from benchmarks import plots
+
+        plots.training_curves(report, stem.with_name(stem.name + "_curves.png"))
+        title = f"first equilibrium layer, trained {args.model}, one test batch"
+        plots.residual_traces(
+            {k: v for k, v in traces.items() if v}, stem.with_name(stem.name + "_residuals.png"), title
+        )
+        if certified is not None:
+            plots.enclosure_gap(*certified, stem.with_name(stem.name + "_enclosure.png"), title)
+    return report
+
+
+@torch.no_grad()
+def residual_trace(model, kind: str, images) -> list[float]:
+    """Mean relative residual per iteration of the first equilibrium layer's solve."""
+    model.eval()
+    core = model.cores[0]
+    if kind == "pcdeq":
+        every, core.check_every = core.check_every, 1
+        try:
+            infos = model(images)[1]
+        finally:
+            core.check_every = every
+        return infos[0]["rel_trace"].mean(dim=0).tolist()
+    if kind.startswith("torchdeq"):
+        info = model(images)[1][0]
+        steps = int(info["nstep"].max())
+        return info["rel_trace"][:, 1 : steps + 1].mean(dim=0).tolist()
+    return []  # the reference records no trace
+
+
+@torch.no_grad()
+def enclosure_trace(model, images) -> tuple[list[float], list[float]]:
+    """Per-iteration certified bound (relative) of the enclosure, and the plain solve's residual."""
+    model.eval()
+    layer, stem = model.layers[0], model.stems[0]
+    x = layer.inject(stem(images))
+    core = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_check_every=1, f_tol=1e-6).eval()
+    _, info = core(lambda z: layer(z, x), torch.zeros_like(x))
+    plain = torchdeq.get_deq(core="pcdeq", pcdeq_check_every=1, f_tol=1e-6).eval()
+    _, plain_info = plain(lambda z: layer(z, x), torch.zeros_like(x))
+    return info["rel_trace"].mean(dim=0).tolist(), plain_info["rel_trace"].mean(dim=0).tolist()
+
+
+def train(model, data, args, device) -> list[dict]:
+    weight_decay = WEIGHT_DECAY.get(data.model_dataset, 2e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=weight_decay)
+    milestone = args.milestone or max(1, (3 * args.epochs) // 4)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[milestone], gamma=0.1)
+    gen = torch.Generator().manual_seed(args.seed)
+    history = []
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        stats = _Stats()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        order = torch.randperm(len(data.train_x), generator=gen)
+        batches = range(0, len(order), args.batch_size)
+        for i in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=args.quiet or None):
+            idx = order[i : i + args.batch_size]
+            images, labels = data.train_x[idx], data.train_y[idx]
+            if args.augment:
+                images = augment(images, gen)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits, infos = model(images, backward_writer=stats.backward)
+                loss = F.cross_entropy(logits.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.after_step()
+            stats.batch(loss, logits, labels, infos)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        schedule.step()
+        test = evaluate(model, data, args, device)
+        row = {
+            "epoch": epoch,
+            **stats.summary("train"),
+            **test,
+            "seconds": seconds,
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+        history.append(row)
+        print(
+            f"  epoch {epoch:3d}: train {100 * row['train_accuracy']:5.2f}% (loss {row['train_loss']:.3f})  "
+            f"test {100 * row['test_accuracy']:5.2f}%  fwd {row['train_forward_iterations']:.1f} "
+            f"bwd {row['train_backward_iterations']:.1f} it  converged {100 * row['train_converged']:.1f}%  "
+            f"{seconds:.1f} s  {row['peak_memory_mb']:.0f} MB"
+        )
+    return history
+
+
+@torch.no_grad()
+def evaluate(model, data, args, device) -> dict:
+    model.eval()
+    stats = _Stats()
+    for i in range(0, len(data.test_x), args.batch_size):
+        images = data.test_x[i : i + args.batch_size].to(device)
+        labels = data.test_y[i : i + args.batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits, infos = model(images)
+        stats.batch(F.cross_entropy(logits.float(), labels), logits, labels, infos)
+    return stats.summary("test")
+
+
+class _Stats:
+    """Running means of one epoch; per-sample convergence over every equilibrium layer."""
+
+    def __init__(self):
+        self.loss, self.correct, self.seen = 0.0, 0, 0
+        self.forward, self.backward_steps, self.converged, self.solves = [], [], 0, 0
+
+    def backward(self, info: dict) -> None:
+        self.backward_steps.append(info["nstep"].float().mean().item())
+
+    def batch(self, loss, logits, labels, infos) -> None:
+        n = len(labels)
+        self.loss += loss.item() * n
+        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.seen += n
+        for info in infos:
+            self.forward.append(info["nstep"].float().mean().item())
+            converged = info["converged"] if "converged" in info else info["rel_lowest"] <= TOL
+            self.converged += int(converged.sum())
+            self.solves += converged.numel()
+
+    def summary(self, split: str) -> dict:
+        mean = lambda values: statistics.fmean(values) if values else float("nan")  # noqa: E731
+        return {
+            f"{split}_loss": self.loss / self.seen,
+            f"{split}_accuracy": self.correct / self.seen,
+            f"{split}_forward_iterations": mean(self.forward),
+            f"{split}_backward_iterations": mean(self.backward_steps),
+            f"{split}_converged": self.converged / max(1, self.solves),
+        }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
+
+
+def markdown(report: dict) -> str:
+    synthetic = " (synthetic data)" if report["synthetic"] else ""
+    lines = [
+        f"Training: {report['model']} on {report['dataset']}{synthetic}, "
+        f"{report['train_size']} train / {report['test_size']} test images, batch {report['batch_size']}, "
+        f"{report['epochs']} epochs{', bf16 autocast' if report['bf16'] else ''}",
+        f"Command: `{report['command']}`",
+        f"Hardware: {report['hardware']}",
+        "",
+        "| kind | test accuracy | train accuracy | fwd iterations | bwd iterations | solves converged "
+        "| s / epoch (median) | peak memory MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, history in report["runs"].items():
+        last = history[-1]
+        seconds = statistics.median(row["seconds"] for row in history)
+        converged = min(row["train_converged"] for row in history)
+        lines.append(
+            f"| {kind} | {100 * last['test_accuracy']:.2f}% | {100 * last['train_accuracy']:.2f}% | "
+            f"{last['train_forward_iterations']:.1f} | {last['train_backward_iterations']:.1f} | "
+            f"{100 * converged:.2f}% | {seconds:.2f} | {max(row['peak_memory_mb'] for row in history):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
