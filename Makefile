@@ -26,7 +26,7 @@ test: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP_BENCH)
-	$(BIN)/python examples/train_digits.py
+	$(BIN)/python -m benchmarks.demo
 
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check --fix .

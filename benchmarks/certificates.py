@@ -59,6 +59,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--smoke", action="store_true", help="tiny layers, written under results/smoke/")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
@@ -69,12 +70,15 @@ def main(argv=None):
             for name, (config, training, sradius) in variants().items()
         }
         iterations = {
-            name: run(deq, layer, x, training, sradius) for name, (deq, training, sradius) in cores.items()
+            name: run(deq, layer, x, training, sradius, args.bf16)
+            for name, (deq, training, sradius) in cores.items()
         }
         runs = {name: [] for name in cores}
         for _ in range(args.repeats):
             for name, (deq, training, sradius) in cores.items():
-                runs[name].append(timed(functools.partial(run, deq, layer, x, training, sradius), device))
+                runs[name].append(
+                    timed(functools.partial(run, deq, layer, x, training, sradius, args.bf16), device)
+                )
         base_eval = statistics.median(runs["plain solve (eval)"])
         base_train = statistics.median(runs["train step, plain backward"])
         for name, times in runs.items():
@@ -109,8 +113,13 @@ def main(argv=None):
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def run(deq, layer, x, training, sradius) -> float:
+def run(deq, layer, x, training, sradius, bf16=False) -> float:
     """One forward (and backward in training) step; returns the forward iterations."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return _run(deq, layer, x, training, sradius)
+
+
+def _run(deq, layer, x, training, sradius) -> float:
     if training:
         z_out, info = deq(lambda z: layer(z, x), torch.zeros_like(x))
         z_out[-1].sum().backward()

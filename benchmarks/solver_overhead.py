@@ -60,8 +60,13 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def measure(layer, x, budget, repeats, device):
-    func = lambda z: layer(z, x)  # noqa: E731
+def measure(layer, x, budget, repeats, device, bf16=False):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def func(z):
+        with autocast:
+            return layer(z, x)
+
     z0 = torch.zeros_like(x)
     max_iter = budget or 200
     tol = 1e-30 if budget else 1e-4  # a budget case runs all its iterations
@@ -101,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--fixed-iterations", type=int, default=100)
+    parser.add_argument("--bf16", action="store_true", help="run f under bfloat16 autocast")
     parser.add_argument(
         "--out", default=None, help="JSON file (default: results/solver_overhead_<device>.json)"
     )
@@ -109,7 +115,7 @@ def main(argv=None):
 
     rows = []
     for name, layer, x, budget in cases(device, args.fixed_iterations):
-        needed, iterations, checks, med = measure(layer, x, budget, args.repeats, device)
+        needed, iterations, checks, med = measure(layer, x, budget, args.repeats, device, args.bf16)
         rows.append(
             {
                 "case": name,

@@ -89,8 +89,8 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
         ]
     cuda = device == "cuda"
     runs = [
-        ("solver overhead", solver_overhead, [*dev, "--repeats", "21"]),
-        ("certificates", certificates, [*dev, "--repeats", "9"]),
+        ("solver overhead", solver_overhead, [*dev, "--repeats", "21", *half]),
+        ("certificates", certificates, [*dev, "--repeats", "9", *half]),
         ("micro", micro, [*dev, "--repeats", "7" if cuda else "5", *half]),
         (
             "train linear",

@@ -1,0 +1,71 @@
+"""The benchmarks run (a smoke run of each, seconds) and their data loading is offline-safe."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.data import augment, load
+from torchdeq_pcdeq import InvalidInputError, UnknownNameError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_mnist_subset_is_the_real_offline_mnist_with_a_fixed_stratified_split():
+    data = load("mnist_subset")
+    assert data.train_x.shape == (4000, 1, 28, 28) and data.test_x.shape == (1000, 1, 28, 28)
+    assert data.train_x.min() >= 0.0 and data.train_x.max() <= 1.0
+    assert torch.bincount(data.test_y).tolist() == [100] * 10
+    again = load("mnist_subset")
+    assert torch.equal(again.train_y, data.train_y) and not data.synthetic
+
+
+def test_a_missing_torchvision_dataset_names_the_directory(tmp_path):
+    with pytest.raises(InvalidInputError, match=f"not found in {tmp_path}.*--download"):
+        load("cifar10", tmp_path)
+    with pytest.raises(UnknownNameError, match="'mnist_subset'"):
+        load("imagenet")
+
+
+def test_synthetic_data_says_so_and_augmentation_keeps_shapes():
+    data = load("synthetic-cifar10")
+    assert data.synthetic and data.train_x.shape[1:] == (3, 32, 32) and data.model_dataset == "cifar10"
+    images = torch.rand(5, 3, 32, 32)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and not torch.equal(out, images)
+
+
+def test_the_smoke_suite_runs_every_benchmark(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    smoke = ROOT / "benchmarks" / "results" / "smoke"
+    train = json.loads((smoke / "train.json").read_text())
+    assert set(train["runs"]) == {"pcdeq", "torchdeq_anderson", "torchdeq_fixed_point", "reference"}
+    assert train["runs"]["pcdeq"][-1]["train_converged"] == 1.0
+    micro = json.loads((smoke / "micro.json").read_text())
+    assert 0.8 < micro["memory_ratio"] < 1.25
+    assert {"pcdeq", "reference"} <= set(micro["steps"]["linear"])
+    for name in ("train_curves.png", "train_residuals.png", "train_enclosure.png", "certificates_cpu.md"):
+        assert (smoke / name).stat().st_size > 0, name
+    assert "suite done" in result.stdout
+
+
+@pytest.mark.cuda
+def test_the_gpu_suite_smoke_runs_on_cuda():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", "--smoke", "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

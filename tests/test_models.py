@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from torchdeq_pcdeq import InvalidInputError, PcDEQConv2d, PcDEQLinear, UnknownNameError
+from torchdeq_pcdeq.models import ModelConfig, build_model
+
+# Parameter counts of the reference (method.md, section 4), weight-norm scale included.
+COUNTS = [
+    ("linear", "mnist", 70_410),
+    ("single_conv", "mnist", 69_136),
+    ("multi_conv", "mnist", 41_278),
+    ("single_conv", "svhn", 164_760),
+    ("single_conv", "cifar10", 164_760),
+    ("multi_conv", "svhn", 130_950),
+    ("multi_conv", "cifar10", 130_950),
+    ("multi_conv", "cifar10_aug", 661_470),
+]
+
+
+@pytest.mark.parametrize(("architecture", "dataset", "count"), COUNTS)
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_parameter_counts_match_the_reference(architecture, dataset, count, activation):
+    model = build_model(architecture, dataset, activation=activation)
+    assert model.num_parameters() == count
+    assert all(layer.activation.name == activation for layer in model.layers)
+
+
+@pytest.mark.parametrize(("architecture", "shape", "layers"), [
+    ("linear", (3, 1, 28, 28), PcDEQLinear),
+    ("single_conv", (3, 1, 28, 28), PcDEQConv2d),
+    ("multi_conv", (3, 3, 32, 32), PcDEQConv2d),
+])  # fmt: skip
+def test_models_classify_and_report_one_info_per_equilibrium_layer(architecture, shape, layers):
+    torch.manual_seed(0)
+    dataset = "mnist" if shape[1] == 1 else "cifar10"
+    model = build_model(ModelConfig(architecture, dataset, deq={"f_tol": 1e-5}))
+    logits, infos = model(torch.rand(shape))
+    assert logits.shape == (3, 10)
+    assert len(infos) == len(model.layers) == (3 if architecture == "multi_conv" else 1)
+    assert all(isinstance(layer, layers) for layer in model.layers)
+    assert all(info["converged"].all() for info in infos)
+    assert all(core.f_tol == 1e-5 and core.gradient == "hook_ift" for core in model.cores)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_names_and_missing_defaults():
+    with pytest.raises(UnknownNameError, match="Valid: 'linear', 'multi_conv', 'single_conv'"):
+        build_model("resnet")
+    with pytest.raises(UnknownNameError, match="Unknown dataset 'imagenet'"):
+        build_model("linear", "imagenet")
+    with pytest.raises(InvalidInputError, match=r"no 'linear' model for 'cifar10'.*channels="):
+        build_model("linear", "cifar10")
+    assert build_model("linear", "cifar10", channels=16).num_parameters() > 0
+    with pytest.raises(InvalidInputError, match="three channel counts"):
+        build_model("multi_conv", "mnist", channels=12)
