@@ -376,3 +376,13 @@ def test_option_values_are_validated():
         torchdeq.get_deq(core="pcdeq", pcdeq_enclosure_upper=-1.0)
     with pytest.raises(PcDEQWarning, match="Did you mean 'pcdeq_rate_bound'"):
         torchdeq.get_deq(core="pcdeq", pcdeq_ratebound=True)
+
+
+def test_the_enclosure_stops_at_its_rounding_floor_instead_of_running_out_of_iterations():
+    f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
+    with pytest.warns(PcDEQWarning, match="below what"):
+        _, _, info = pcdeq_fixed_point(
+            lambda z: f(z, x), torch.zeros_like(x), max_iter=500, tol=1e-7, enclosure=True, upper=1.0
+        )
+    assert info["converged"].all()
+    assert info["trace_steps"][-1] < 100

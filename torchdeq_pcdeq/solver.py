@@ -285,7 +285,9 @@ class _Monitor:
         self.acc, self.tiny = _dtype_constants(x0.dtype)
         arithmetic = arithmetic_dtype(x0)
         self.eps = torch.finfo(arithmetic).eps
-        self.floor = resolution_floor(arithmetic)
+        # The certified measures include a rounding margin of _GUARD_ULPS ulps: no tolerance
+        # below it can be met.
+        self.floor = resolution_floor(arithmetic) + (_GUARD_ULPS * self.eps if certified else 0.0)
         if stop_mode == "rel" and tol < self.floor:
             _warn_floor(arithmetic, stop_mode, tol, self.floor)
         self.rel_limit = max(tol, self.floor)
