@@ -19,12 +19,7 @@ def training_curves(report: dict, path: pathlib.Path) -> None:
         its.plot(epochs, [row["train_forward_iterations"] for row in history], marker="o", label=kind)
     acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{report['model']} on {report['dataset']}")
     its.set(xlabel="epoch", ylabel="mean forward iterations", title="solver iterations (training)")
-    for ax in (acc, its):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, [acc, its], path)
 
 
 def residual_traces(traces: dict, path: pathlib.Path, title: str) -> None:
@@ -34,11 +29,7 @@ def residual_traces(traces: dict, path: pathlib.Path, title: str) -> None:
         ax.semilogy(range(1, len(values) + 1), values, marker=".", label=kind)
     ax.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="tolerance")
     ax.set(xlabel="iteration", ylabel="mean relative residual", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, [ax], path)
 
 
 def enclosure_gap(bounds: list[float], residuals: list[float], path: pathlib.Path, title: str) -> None:
@@ -47,8 +38,13 @@ def enclosure_gap(bounds: list[float], residuals: list[float], path: pathlib.Pat
     ax.semilogy(range(1, len(bounds) + 1), bounds, marker=".", label="certified bound on max|z - z*|")
     ax.semilogy(range(1, len(residuals) + 1), residuals, marker=".", label="relative residual (plain solve)")
     ax.set(xlabel="iteration", ylabel="mean over the batch", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    _save(fig, [ax], path)
+
+
+def _save(fig, axes, path: pathlib.Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
