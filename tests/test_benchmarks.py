@@ -52,7 +52,9 @@ def test_the_smoke_suite_runs_every_benchmark(tmp_path):
     assert set(train["runs"]) == {"pcdeq", "torchdeq_anderson", "torchdeq_fixed_point", "reference"}
     assert train["runs"]["pcdeq"][-1]["train_converged"] == 1.0
     micro = json.loads((smoke / "micro.json").read_text())
-    assert 0.8 < micro["memory_ratio"] < 1.25
+    # a smoke-sized step is a few MB, within the resident set's noise: the tight claim is the
+    # full run's (benchmarks/results/micro_cpu.md) and test_core's saved-tensor count
+    assert 0.5 < micro["memory_ratio"] < 2.0
     assert {"pcdeq", "reference"} <= set(micro["steps"]["linear"])
     for name in ("train_curves.png", "train_residuals.png", "train_enclosure.png", "certificates_cpu.md"):
         assert (smoke / name).stat().st_size > 0, name

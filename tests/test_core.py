@@ -447,3 +447,27 @@ def test_no_host_sync_per_iteration_on_cuda():
     iterations = int(info["trace_steps"][-1])
     assert iterations > 30
     assert syncs <= info["trace_steps"].numel() + 10 < iterations
+
+
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_the_graph_kept_for_backward_does_not_grow_with_the_iteration_budget(gradient):
+    f, x = dense_instance(activation="relu6", scale=0.99, dtype=torch.float32)
+    x = x * 1e-3  # a slow solve: more than 100 iterations
+
+    def saved_bytes(budget):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        deq = torchdeq.get_deq(
+            core="pcdeq", f_max_iter=budget, hook_ift=gradient == "hook_ift", pcdeq_nonconvergence="ignore"
+        )
+        u = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, info = deq(lambda z: f(z, u), torch.zeros_like(u))
+        assert int(info["nstep"].max()) == budget
+        return sum(total)
+
+    assert saved_bytes(10) == saved_bytes(100) > 0
