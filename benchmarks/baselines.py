@@ -33,11 +33,21 @@ KINDS = ("pcdeq", "torchdeq_anderson", "torchdeq_fixed_point", "reference")
 TOL, MAX_ITER = 1e-4, 200
 
 
-def build(kind: str, architecture: str, dataset: str, channels=None, deq: dict | None = None) -> nn.Module:
-    """The ``kind`` model (see the module docstring) for ``architecture`` on ``dataset`` shapes."""
+def build(
+    kind: str,
+    architecture: str,
+    dataset: str,
+    channels=None,
+    deq: dict | None = None,
+    activation: str = "tanh",
+) -> nn.Module:
+    """The ``kind`` model (see the module docstring) for ``architecture`` on ``dataset`` shapes.
+
+    ``activation`` applies to the pcDEQ kind; the baselines keep tanh, as their references do.
+    """
     check_choice("model kind", kind, KINDS)
     deq = dict(deq or {})
-    model = build_model(architecture, dataset, channels=channels, deq=deq)
+    model = build_model(architecture, dataset, channels=channels, deq=deq, activation=activation)
     if kind == "pcdeq":
         model.after_step = lambda: None
         return model

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from benchmarks.baselines import KINDS, build
 from benchmarks.data import load
+from benchmarks.memory import PeakMemory
 from benchmarks.solver_overhead import hardware_line, timed
 from torchdeq_pcdeq.models import build_model
 
@@ -53,14 +54,19 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
         model.after_step()
         return infos
 
-    iterations = {kind: step(*setup)[0]["nstep"].float().mean().item() for kind, setup in setups.items()}
+    counts = {kind: iterations(step(*setup)[0]) for kind, setup in setups.items()}
     times = {kind: [] for kind in setups}
     for _ in range(repeats):
         for kind, setup in setups.items():
             times[kind].append(timed(lambda setup=setup: step(*setup), device))
-    return {
-        kind: {"ms": 1e3 * statistics.median(t), "iterations": iterations[kind]} for kind, t in times.items()
-    }
+    return {kind: {"ms": 1e3 * statistics.median(t), "iterations": counts[kind]} for kind, t in times.items()}
+
+
+def iterations(info: dict) -> float:
+    """Iterations the solve ran (calls of f): ``trace_steps`` for pcdeq, else the longest nstep."""
+    if "trace_steps" in info:
+        return float(info["trace_steps"][-1])
+    return info["nstep"].float().max().item()
 
 
 def slow_layer_model(device, f_max_iter: int):
@@ -93,36 +99,10 @@ def memory_step(device, f_max_iter: int, batch: int) -> dict:
 
     step()  # a first step pays one-time costs (kernel caches, thread pools): not measured
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = _reset_peak_rss()
+    memory = PeakMemory(device)
+    memory.start()
     infos = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        peak = _status_bytes("VmHWM") - before
-    return {
-        "f_max_iter": f_max_iter,
-        "forward_iterations": infos[0]["nstep"].max().item(),
-        "peak_mb": peak / 2**20,
-    }
-
-
-def _status_bytes(field: str) -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}: CPU memory measurement needs Linux")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the process's peak resident set (Linux >= 4.0) and return the current one."""
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-    return _status_bytes("VmRSS")
+    return {"f_max_iter": f_max_iter, "forward_iterations": iterations(infos[0]), "peak_mb": memory.peak_mb()}
 
 
 def memory_flatness(device, batch: int, budgets=(10, 100)) -> list[dict]:

@@ -7,10 +7,12 @@
 Kinds (``benchmarks.baselines``): ``pcdeq`` (this plugin), ``torchdeq_anderson`` and
 ``torchdeq_fixed_point`` (TorchDEQ's standard DEQ, unconstrained), ``reference`` (the reference
 implementation's way). Per epoch: train and test loss and accuracy, mean forward and backward
-iterations, the fraction of solves (samples x equilibrium layers) that reached the tolerance,
-seconds per epoch and peak memory (CUDA: allocated by tensors; CPU: the process's peak resident
-set, which only grows). Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json``
-and ``.md``; ``--plots`` adds PNG plots next to them.
+iterations (calls of f per solve, whatever each solver's own ``nstep`` means), the fraction of
+solves (samples x equilibrium layers) that reached the tolerance, seconds per epoch and peak
+memory during the epoch's training (CUDA: allocated by tensors; CPU: resident set above the
+epoch's start, see ``benchmarks.memory``). Results go to
+``benchmarks/results/train_<model>_<dataset>_<device>.json`` and ``.md``; ``--plots`` adds PNG
+plots next to them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import resource
 import statistics
 import time
 
@@ -29,6 +30,8 @@ from tqdm import tqdm
 
 from benchmarks.baselines import KINDS, TOL, build
 from benchmarks.data import DATASETS, augment, load
+from benchmarks.memory import PeakMemory
+from benchmarks.micro import iterations
 from benchmarks.solver_overhead import hardware_line
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -50,6 +53,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
     parser.add_argument("--test-subset", type=int, default=None, help="use only this many test images")
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="width override")
+    parser.add_argument(
+        "--activation", default="tanh", help="pcDEQ activation: tanh (pcDEQ-1), sigmoid (pcDEQ-2)"
+    )
     parser.add_argument("--augment", action="store_true", help="RandomCrop(32, 4) + flip (CIFAR-10)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -81,7 +87,8 @@ def main(argv=None) -> dict:
     probe = data.test_x[:16].to(device)  # one small test batch for the per-iteration traces
     for kind in args.kinds:
         torch.manual_seed(args.seed)
-        model = build(kind, args.model, data.model_dataset, channels=channels).to(device)
+        shapes = "cifar10_aug" if args.augment and data.model_dataset == "cifar10" else data.model_dataset
+        model = build(kind, args.model, shapes, channels=channels, activation=args.activation).to(device)
         print(
             f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters"
@@ -182,9 +189,8 @@ def train(model, data, args, device) -> list[dict]:
     for epoch in range(1, args.epochs + 1):
         model.train()
         stats = _Stats()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            torch.cuda.synchronize(device)
+        memory = PeakMemory(device)
+        memory.start()
         start = time.perf_counter()
         order = torch.randperm(len(data.train_x), generator=gen)
         batches = range(0, len(order), args.batch_size)
@@ -212,7 +218,7 @@ def train(model, data, args, device) -> list[dict]:
             **stats.summary("train"),
             **test,
             "seconds": seconds,
-            "peak_memory_mb": peak_memory_mb(device),
+            "peak_memory_mb": memory.peak_mb(),
         }
         history.append(row)
         print(
@@ -245,7 +251,7 @@ class _Stats:
         self.forward, self.backward_steps, self.converged, self.solves = [], [], 0, 0
 
     def backward(self, info: dict) -> None:
-        self.backward_steps.append(info["nstep"].float().mean().item())
+        self.backward_steps.append(iterations(info))
 
     def batch(self, loss, logits, labels, infos) -> None:
         n = len(labels)
@@ -253,7 +259,7 @@ class _Stats:
         self.correct += (logits.argmax(1) == labels).sum().item()
         self.seen += n
         for info in infos:
-            self.forward.append(info["nstep"].float().mean().item())
+            self.forward.append(iterations(info))
             converged = info["converged"] if "converged" in info else info["rel_lowest"] <= TOL
             self.converged += int(converged.sum())
             self.solves += converged.numel()
@@ -267,12 +273,6 @@ class _Stats:
             f"{split}_backward_iterations": mean(self.backward_steps),
             f"{split}_converged": self.converged / max(1, self.solves),
         }
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
 
 
 def markdown(report: dict) -> str:

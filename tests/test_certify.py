@@ -5,6 +5,7 @@ each certificate against ground truth computed independently in float64.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -191,9 +192,17 @@ def test_the_backward_error_bound_is_never_below_the_true_error(instance, max_it
         return (jac.transpose(1, 2) @ y.flatten(1).unsqueeze(2)).squeeze(2).view_as(y) + grad
 
     q = rate_bound(lambda z: f(z, x), z_star)
-    y, _, info = pcdeq_fixed_point(
-        adjoint, torch.zeros_like(grad), max_iter=max_iter, tol=1e-12, stop_mode="abs", weights=z_star, rate=q
-    )
+    with warnings.catch_warnings():  # q near 1 raises the tolerance, with a warning: expected here
+        warnings.simplefilter("ignore", PcDEQWarning)
+        y, _, info = pcdeq_fixed_point(
+            adjoint,
+            torch.zeros_like(grad),
+            max_iter=max_iter,
+            tol=1e-12,
+            stop_mode="abs",
+            weights=z_star,
+            rate=q,
+        )
     weighted = lambda v: (v.abs() * z_star.flatten(1)).sum(dim=1)  # noqa: E731
     true_error = weighted(y.flatten(1) - exact)
     # the direct solve is itself exact only to a few ulps of its solution
@@ -386,3 +395,78 @@ def test_the_enclosure_stops_at_its_rounding_floor_instead_of_running_out_of_ite
         )
     assert info["converged"].all()
     assert info["trace_steps"][-1] < 100
+
+
+# -- regressions found in review --------------------------------------------------------------
+
+
+def test_in_training_the_error_bound_covers_the_returned_state():
+    # training returns f(midpoint) (the tracked step for the gradient), not the midpoint
+    w = torch.tensor(
+        [[7.46e-4, 0.334, 6.19e-5], [0.0232, 0.172, 8.58], [2.32e-3, 0.0160, 0.411]], dtype=torch.float64
+    )
+    x = torch.tensor([[4.12e-5, 1.0e-6, 1.0e-6]], dtype=torch.float64)
+    f = PcDEQLinear(3, "relu6", nonnegativity="project", dtype=torch.float64)
+    with torch.no_grad():
+        f.linear.weight.copy_(w)
+    exact = exact_fixed_point(f, x)
+    for training in (False, True):
+        deq = torchdeq.get_deq(
+            core="pcdeq", pcdeq_enclosure=True, f_max_iter=2, pcdeq_nonconvergence="ignore"
+        )
+        z_out, info = deq.train(training)(lambda z: f(z, x), torch.zeros_like(x))
+        assert (linf(z_out[-1].detach() - exact) <= info["error_bound"]).all(), training
+
+
+def test_the_rate_bound_of_an_unconverged_enclosure_still_bounds_the_spectral_radius_at_z_star():
+    f, x = dense_instance(n=8, activation="tanh", scale=0.9, batch=2)
+    x = x * 0.01
+    radius = torch.linalg.eigvals(jacobians(f, x, exact_fixed_point(f, x))).abs().amax(dim=1)
+    for budget in (3, 20, 200):
+        deq = torchdeq.get_deq(
+            core="pcdeq",
+            pcdeq_enclosure=True,
+            pcdeq_rate_bound=True,
+            f_max_iter=budget,
+            f_tol=1e-3,
+            pcdeq_nonconvergence="ignore",
+        ).eval()
+        _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+        assert (info["rate_bound"] >= radius - 1e-12).all(), budget
+        assert (info["lower"] <= info["upper"]).all()
+
+
+def test_a_slow_valid_enclosure_is_not_mistaken_for_two_fixed_points():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(8, 8, generator=gen, dtype=torch.float64)
+    w = (w * 0.999 / torch.linalg.eigvals(w).abs().max()).float()
+    f = PcDEQLinear(8, "relu6", nonnegativity="project")
+    with torch.no_grad():
+        f.linear.weight.copy_(w)
+    x = torch.rand(2, 8, generator=gen) * 1e-3 + 1e-4
+    _, info = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, f_max_iter=20_000).eval()(
+        lambda z: f(z, x), torch.zeros_like(x)
+    )
+    assert info["converged"].all() and info["trace_steps"][-1] > 1000
+
+
+def test_the_enclosure_refuses_several_solver_segments():
+    with pytest.raises(InvalidInputError, match=r"n_states=2.*restart the bracket"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, n_states=2)
+
+
+def test_the_certified_backward_certifies_a_reference_model_with_injections_at_the_floor(monkeypatch):
+    from torchdeq_pcdeq import solver
+    from torchdeq_pcdeq.models import build_model
+
+    monkeypatch.setattr(solver, "_warned_rates", set())  # the warning is once per process
+    torch.manual_seed(0)
+    model = build_model("linear", "mnist", deq={"pcdeq_rate_bound": True})
+    seen = []
+    with pytest.warns(PcDEQWarning, match="so close to 1 that rounding keeps the certified bound above"):
+        logits, infos = model(torch.rand(64, 1, 28, 28), backward_writer=seen.append)
+        logits.sum().backward()
+    assert infos[0]["min_injection"].min() < 1e-5  # softplus underflows to the floor somewhere
+    (backward,) = seen
+    assert backward["converged"].all() and backward["nstep"].max() <= 10
+    assert torch.isfinite(backward["error_bound"]).all()

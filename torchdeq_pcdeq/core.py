@@ -104,6 +104,10 @@ class PcDEQCore(DEQSliced):
         _check_initial_state(z_init)
         self._check_context(sradius_mode)
         z_out, info = super().forward(func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs)
+        if self.training and "error_bound" in info:
+            # Training returns f applied to the midpoint (for the gradient), not the midpoint:
+            # f(l) <= f(mid) <= f(u) and f(l) <= z* <= f(u), so the whole gap bounds its error.
+            info["error_bound"] = 2 * info["error_bound"]
         self._check_converged(info, self.f_tol, self.f_stop_mode, "forward")
         return z_out, info
 
@@ -144,7 +148,9 @@ class PcDEQCore(DEQSliced):
             z_star, info = super()._solve_fixed_point(deq_func, z_init, f_max_iter, options, **kwargs)
             info["min_injection"] = min_injection(seen, z_star)
             if self.certify_rate:
-                info["rate_bound"] = rate_bound(deq_func, z_star)
+                # At a state below z* (the enclosure's lower sequence; plain iterates from 0)
+                # the Jacobian dominates the one at z*, so q bounds the spectral radius at z*.
+                info["rate_bound"] = rate_bound(deq_func, info.get("lower", z_star))
         return z_star, info
 
     def _sradius(self, deq_func, z_star):
@@ -188,6 +194,13 @@ class PcDEQCore(DEQSliced):
 def _check_iteration_budgets(core: PcDEQCore) -> None:
     """Every solver segment and the eval solve need at least one iteration."""
     segments = core.indexing
+    if core.enclosure and len(segments) > 1:
+        raise InvalidInputError(
+            f"pcdeq_enclosure certifies one solve from 0 and from the activation's supremum, but "
+            f"n_states={core.args.get('n_states')!r} / indexing={core.args.get('indexing')!r} split the "
+            "solve into segments that would each restart the bracket. Use n_states=1 and no indexing "
+            "with the enclosure."
+        )
     if min(segments) < 1:
         raise InvalidInputError(
             f"n_states={core.args.get('n_states')!r} / indexing={core.args.get('indexing')!r} split "

@@ -228,7 +228,9 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
     z = (low + high) / 2
     if indexing and not states:
         states.append(z)
-    return z, states, monitor.stat(k, z.device)
+    info = monitor.stat(k, z.device)
+    info["lower"], info["upper"] = low.detach(), high.detach()  # the certified bracket of z*
+    return z, states, info
 
 
 # -- measures: per-sample (absolute measure, scale of the state) --------------------------------
@@ -246,7 +248,9 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     """``(q ||f(z) - z||_w + r) / (1 - q)`` (infinite where ``q >= 1``) and ``||f(z)||_w``.
 
     ``r``, a few ulps of ``||f(z)||_w``, bounds the rounding of one application of ``f``: a
-    solve stalled by rounding (``f(z) == z`` in floating point) still gets a nonzero bound.
+    solve stalled by rounding (``f(z) == z`` in floating point) still gets a nonzero bound. The
+    bound can therefore never go below ``r / (1 - q)``: the monitor's limit is raised to twice
+    that (see :meth:`_Monitor.contraction_floor`).
     """
     dims, acc = monitor.dims, monitor.acc
     step = (diff.abs() * weights).sum(dim=dims, dtype=acc)
@@ -254,6 +258,7 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     rate = rate.to(acc)
     rounding = _GUARD_ULPS * monitor.eps * scale
     bound = torch.where(rate < 1, (rate * step + rounding) / (1 - rate), math.inf)
+    monitor.contraction_floor(rate)
     return bound, scale
 
 
@@ -291,12 +296,28 @@ class _Monitor:
         if stop_mode == "rel" and tol < self.floor:
             _warn_floor(arithmetic, stop_mode, tol, self.floor)
         self.rel_limit = max(tol, self.floor)
+        self.rate_floor: float | None = None
         self.dims = tuple(range(1, x0.dim()))
         self.steps: list[int] = []
         self.abs: list[Tensor] = []
         self.rel: list[Tensor] = []
         self.abs_limit: list[Tensor] = []
         self.worst: list[float] = []
+
+    def contraction_floor(self, rate: Tensor) -> None:
+        """Raise the relative limit to what a contraction by ``rate`` can certify, once per solve.
+
+        With ``q`` close to 1 (pcDEQ-1 units whose injection sits at the floor), rounding alone
+        keeps the certified bound above ``16 eps / (1 - q)`` relative to the state.
+        """
+        if self.rate_floor is not None:
+            return
+        worst = rate.max().item()
+        self.rate_floor = 2 * _GUARD_ULPS * self.eps / (1 - worst) if worst < 1 else math.inf
+        if self.rate_floor > self.rel_limit and math.isfinite(self.rate_floor):
+            _warn_certifiable(worst, self.rel_limit, self.rate_floor)
+            self.rel_limit = self.rate_floor
+            self.floor = max(self.floor, self.rate_floor)
 
     def first_check(self, max_iter: int) -> int:
         # From z0 = 0 the first relative residual is exactly 1: start checking at the second.
@@ -411,6 +432,7 @@ class _Guard:
         self.mode, self.x0 = mode, x0
         self.slack = _GUARD_ULPS * torch.finfo(arithmetic_dtype(x0)).eps
         self.from_zero: bool | None = None
+        self.previous_gap: Tensor | None = None
 
     def plain(self, k: int, diff: Tensor, fz: Tensor):
         if self.mode == "off":
@@ -435,14 +457,14 @@ class _Guard:
         if self.mode == "off":
             return None
         dims = monitor.dims
-        step_low = (low_next - low).abs().amax(dim=dims)
-        step_high = (high_next - high).abs().amax(dim=dims)
         top = high_next.amax(dim=dims)
         gap = (high_next - low_next).amax(dim=dims)
-        # settled: both sequences move by no more than the dtype's resolution, the gap is wider
-        settled = (torch.maximum(step_low, step_high) <= monitor.floor * top) & (
-            gap > 8 * monitor.rel_limit * top
-        )
+        # Settled apart: the gap, which shrinks at every iteration while the two sequences head for
+        # one fixed point (however slowly), did not shrink at all since the previous check, and
+        # is still well above what the tolerance asks.
+        previous, self.previous_gap = self.previous_gap, gap
+        settled = gap > 8 * monitor.rel_limit * top
+        settled = settled & (gap >= previous) if previous is not None else torch.zeros_like(settled)
         scalars = [
             low_next.amin(),
             (low_next - low).amin(),
@@ -513,8 +535,8 @@ def _enclosure_message(k: int, rise: float, fall: float, crossing: float) -> str
 
 def _non_unique_message(k: int, gap: float) -> str:
     return (
-        f"pcDEQ guard: at iteration {k} the enclosure's lower and upper sequences have both "
-        f"stopped moving {gap:.3g} apart: they reached two different fixed points, which a "
+        f"pcDEQ guard: at iteration {k} the gap between the enclosure's lower and upper sequences "
+        f"({gap:.3g}) has stopped shrinking: they reached two different fixed points, which a "
         "positive concave map cannot have. Likely cause: an activation that is not concave on "
         "[0, inf) (register activations with torchdeq_pcdeq.register_activation, which checks)."
     )
@@ -549,6 +571,22 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
             f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance.",
             PcDEQWarning,
             stacklevel=4,
+        )
+
+
+_warned_rates: set[float] = set()
+
+
+def _warn_certifiable(rate: float, tol: float, floor: float) -> None:
+    key = round(math.log10(max(1 - rate, 1e-300)))
+    if key not in _warned_rates:
+        _warned_rates.add(key)
+        warnings.warn(
+            f"The contraction factor q = {rate:.6g} is so close to 1 that rounding keeps the "
+            f"certified bound above {floor:.3g} (relative); the tolerance {tol:g} is raised to it. "
+            "q approaches 1 when pcDEQ-1 injections are tiny (see info['min_injection']).",
+            PcDEQWarning,
+            stacklevel=5,
         )
 
 
