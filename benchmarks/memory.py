@@ -1,13 +1,17 @@
 """Peak memory of a stretch of work: CUDA's tensor allocator, or the process's resident set.
 
 On CPU the kernel's high-water mark of the resident set (``VmHWM``) is reset through
-``/proc/self/clear_refs`` (Linux >= 4.0) at the start and read at the end. Run with
-``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc returns freed tensor memory at once and the
-resident set follows the tensors rather than the allocator's history (``micro`` does this).
+``/proc/self/clear_refs`` (Linux >= 4.0) at the start and read at the end. A fixed
+glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``, also set at ``start()`` through
+``mallopt``) makes freed tensors above 128 KiB return to the system at once, so the resident set
+follows the tensors rather than the allocator's history; smaller tensors come from reused heap
+memory and barely show.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import pathlib
 
 import torch
@@ -20,6 +24,12 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}: CPU memory measurement needs Linux")
 
 
+def _fixed_mmap_threshold() -> None:
+    """What ``MALLOC_MMAP_THRESHOLD_=131072`` does, for a process already running (glibc only)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # M_MMAP_THRESHOLD
+
+
 class PeakMemory:
     """``start()`` then ``peak_mb()``: the peak above the memory in use at ``start()``."""
 
@@ -27,6 +37,7 @@ class PeakMemory:
         self.device, self.before = device, 0
 
     def start(self) -> None:
+        _fixed_mmap_threshold()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

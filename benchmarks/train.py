@@ -225,7 +225,7 @@ def train(model, data, args, device) -> list[dict]:
             f"  epoch {epoch:3d}: train {100 * row['train_accuracy']:5.2f}% (loss {row['train_loss']:.3f})  "
             f"test {100 * row['test_accuracy']:5.2f}%  fwd {row['train_forward_iterations']:.1f} "
             f"bwd {row['train_backward_iterations']:.1f} it  converged {100 * row['train_converged']:.1f}%  "
-            f"{seconds:.1f} s  {row['peak_memory_mb']:.0f} MB"
+            f"{seconds:.1f} s  {row['peak_memory_mb']:.1f} MB"
         )
     return history
 
@@ -285,7 +285,7 @@ def markdown(report: dict) -> str:
         f"Hardware: {report['hardware']}",
         "",
         "| kind | test accuracy | train accuracy | fwd iterations | bwd iterations | solves converged "
-        "| s / epoch (median) | peak memory MB |",
+        "| s / epoch (median) | peak memory MB (above epoch start) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, history in report["runs"].items():
@@ -295,7 +295,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {kind} | {100 * last['test_accuracy']:.2f}% | {100 * last['train_accuracy']:.2f}% | "
             f"{last['train_forward_iterations']:.1f} | {last['train_backward_iterations']:.1f} | "
-            f"{100 * converged:.2f}% | {seconds:.2f} | {max(row['peak_memory_mb'] for row in history):.0f} |"
+            f"{100 * converged:.2f}% | {seconds:.2f} | {max(row['peak_memory_mb'] for row in history):.1f} |"
         )
     return "\n".join(lines)
 
