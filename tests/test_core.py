@@ -222,7 +222,7 @@ def test_warns_when_norm_type_allows_negative_weights():
 
 
 def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
-    with pytest.warns(PcDEQWarning, match="'pcdeq_gaurd'.*Did you mean 'pcdeq_guard'"):
+    with pytest.raises(UnknownNameError, match=r"'pcdeq_gaurd'.*Did you mean 'pcdeq_guard'"):
         torchdeq.get_deq({"core": "pcdeq", "pcdeq_gaurd": "off"})
     with pytest.warns(PcDEQWarning, match="'stop_mode'.*Did you mean '[fb]_stop_mode'"):
         torchdeq.get_deq({"core": "pcdeq", "stop_mode": "abs"})

@@ -146,7 +146,7 @@ def test_project_mode_reports_weights_made_negative_by_hand():
     lin(torch.zeros(1, 4), x)
     with torch.no_grad():
         lin.linear.weight[1, 2] = -0.5
-    with pytest.raises(NegativeWeightError, match=r"1 negative entries \(min -0.5\).*attach_projection"):
+    with pytest.raises(NegativeWeightError, match=r"1 negative entry \(min -0.5\).*attach_projection"):
         lin(torch.zeros(1, 4), x)
     set_weight(lin, torch.rand(4, 4))
     assert torch.isfinite(lin(torch.zeros(1, 4), x)).all()

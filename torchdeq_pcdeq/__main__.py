@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             print(USAGE, file=sys.stderr)
             return 2
         sys.argv = argv[1:]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        with _explained_registry_errors(argv):
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return 0
     script = argv[0]
     if not os.path.isfile(script):
@@ -48,8 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.argv = argv
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    with _explained_registry_errors(argv):
+        runpy.run_path(script, run_name="__main__")
     return 0
+
+
+@contextlib.contextmanager
+def _explained_registry_errors(argv: list[str]):
+    """TorchDEQ's bare "Not registered ..." assertions become errors listing the valid names."""
+    from torchdeq_pcdeq.plugin import explain_registry_error
+
+    try:
+        yield
+    except AssertionError as error:
+        explained = explain_registry_error(error, argv)
+        if explained is None:
+            raise
+        raise explained from error
 
 
 def _register_in_child_processes() -> None:

@@ -30,7 +30,7 @@ from torchdeq.utils import add_deq_args
 from torchdeq.utils.config import DEQConfig
 
 from .constraints import NONNEGATIVITY_MODES
-from .errors import InvalidInputError, PcDEQWarning, check_choice
+from .errors import InvalidInputError, PcDEQWarning, UnknownNameError, check_choice
 from .solver import GUARD_MODES
 
 __all__ = [
@@ -182,6 +182,13 @@ PCDEQ_OPTIONS: dict[str, Option] = {
 }
 
 
+def registered_norms() -> list[str]:
+    """Values ``torchdeq.apply_norm`` accepts as ``norm_type``."""
+    from .plugin import norm_names
+
+    return norm_names()
+
+
 def registered_solvers() -> list[str]:
     """Names ``torchdeq.get_solver`` accepts."""
     from .plugin import solver_names  # the plugin module alone reads TorchDEQ's registries
@@ -220,17 +227,18 @@ def _explicit_keys(config: dict) -> set[str]:
     return {k for k, v in config.items() if k not in defaults or v != defaults[k]}
 
 
-def _warn_unknown_keys(config: dict, from_argparse: bool) -> None:
+def _check_unknown_keys(config: dict, from_argparse: bool) -> None:
+    """Refuse unknown ``pcdeq_`` keys (the prefix is ours); warn about near-misses of TorchDEQ's."""
     known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat"}
     for key in config:
         if key in known or not isinstance(key, str):
             continue
+        if key.startswith("pcdeq_"):
+            raise UnknownNameError("pcdeq core option", key, PCDEQ_OPTIONS)
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-        if key.startswith("pcdeq_") or (close and not from_argparse):
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            valid = ", ".join(sorted(PCDEQ_OPTIONS))
+        if close and not from_argparse:
             warnings.warn(
-                f"Unknown config key {key!r} is ignored by the pcdeq core.{hint} Plugin options: {valid}.",
+                f"Unknown config key {key!r} is ignored by the pcdeq core. Did you mean {close[0]!r}?",
                 PcDEQWarning,
                 stacklevel=4,
             )
@@ -246,7 +254,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     from_argparse = set(torchdeq_argparse_defaults()) <= set(source)
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
-    _warn_unknown_keys(config, from_argparse)
+    _check_unknown_keys(config, from_argparse)
 
     for key, value in PCDEQ_CORE_DEFAULTS.items():
         if key not in explicit:
@@ -277,6 +285,8 @@ def resolve_core_config(args, kwargs: dict) -> dict:
                 stacklevel=3,
             )
     norm = config.get("norm_type")
+    if norm is not None:
+        check_choice("norm_type", norm, registered_norms())
     if norm is not None and norm not in NONNEGATIVE_NORMS:
         warnings.warn(
             f"norm_type={norm!r} allows negative weights, which void pcDEQ's guarantees for plain "

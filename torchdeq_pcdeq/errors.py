@@ -36,6 +36,8 @@ class PcDEQWarning(UserWarning):
 class UnknownNameError(PcDEQError):
     """A name (activation, mode, option, ...) that is not one of the valid ones.
 
+    ``name`` may be None when only the kind of name is known (the message then omits it).
+
     Example:
         >>> raise UnknownNameError("activation", "tahn", ["tanh", "sigmoid"])
         Traceback (most recent call last):
@@ -45,8 +47,9 @@ class UnknownNameError(PcDEQError):
 
     def __init__(self, kind: str, name: object, valid: Iterable[str]):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
+        named = f" {name!r}" if name is not None else ""
         super().__init__(
-            f"Unknown {kind} {name!r}. Valid: {quote_all(self.valid)}.{did_you_mean(name, self.valid)}"
+            f"Unknown {kind}{named}. Valid: {quote_all(self.valid)}.{did_you_mean(name, self.valid)}"
         )
 
 

@@ -257,7 +257,8 @@ class PcDEQLayer(nn.Module):
         if negative:
             raise NegativeWeightError(
                 f"{type(self).__name__} (nonnegativity={self.nonnegativity!r}): the weight has "
-                f"{negative} negative entries (min {weight.min().item():.3g}); pcDEQ needs W >= 0. "
+                f"{negative} negative {'entry' if negative == 1 else 'entries'} "
+                f"(min {weight.min().item():.3g}); pcDEQ needs W >= 0. "
                 "Attach the projection to the optimizer once "
                 "(torchdeq_pcdeq.attach_projection(optimizer, model)), do not edit the weight by "
                 "hand, or use nonnegativity='weight_norm' or 'parametrize'."

@@ -21,10 +21,19 @@ import torchdeq.solver
 from .config import NORM_NAME, SOLVER_NAME
 from .constraints import PcDEQNonnegNorm
 from .core import PcDEQCore
-from .errors import PcDEQWarning
+from .errors import PcDEQWarning, UnknownNameError
 from .solver import pcdeq_fixed_point
 
-__all__ = ["register", "solver_names", "CORE_NAME", "SOLVER_NAME", "NORM_NAME"]
+__all__ = [
+    "register",
+    "solver_names",
+    "core_names",
+    "norm_names",
+    "explain_registry_error",
+    "CORE_NAME",
+    "SOLVER_NAME",
+    "NORM_NAME",
+]
 
 CORE_NAME = "pcdeq"
 
@@ -47,6 +56,50 @@ def _entries():
 def solver_names() -> list[str]:
     """The keys of TorchDEQ's solver registry."""
     return sorted(torchdeq.solver._solvers)
+
+
+def core_names() -> list[str]:
+    """The keys of TorchDEQ's core registry (``get_deq(core=...)``)."""
+    return sorted(torchdeq.core._core)
+
+
+def norm_names() -> list[str]:
+    """The values ``apply_norm(norm_type=...)`` accepts: the norm registry's keys and ``"none"``."""
+    return sorted({"none", *torchdeq.norm.base_norm._norm_class})
+
+
+# TorchDEQ reports an unknown registry key with a bare assertion; these are its messages.
+_TORCHDEQ_REGISTRY_ASSERTIONS = {
+    "Not registered DEQ class!": ("core", core_names),
+    "Not registered norm type!": ("norm_type", norm_names),
+}
+
+
+def explain_registry_error(error: BaseException, argv: list[str] | None = None) -> UnknownNameError | None:
+    """An :class:`UnknownNameError` for TorchDEQ's bare "Not registered ..." assertions, else None.
+
+    TorchDEQ's ``get_deq`` and ``apply_norm`` say only ``AssertionError: Not registered DEQ
+    class!`` for an unknown ``core`` or ``norm_type``; the runner (``python -m torchdeq_pcdeq``)
+    turns that into a message with the valid names, the name read from ``--core`` /
+    ``--norm_type`` in ``argv`` when given there.
+
+    Example:
+        >>> explain_registry_error(AssertionError("Not registered DEQ class!"), ["--core", "pcdq"])
+        UnknownNameError("Unknown core 'pcdq'. Valid: ... Did you mean 'pcdeq'?")
+    """
+    if not isinstance(error, AssertionError) or str(error) not in _TORCHDEQ_REGISTRY_ASSERTIONS:
+        return None
+    key, valid = _TORCHDEQ_REGISTRY_ASSERTIONS[str(error)]
+    return UnknownNameError(key, _flag_value(argv or [], f"--{key}"), valid())
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1 :]
+    return None
 
 
 def _same(current: object, ours: object) -> bool:
