@@ -44,7 +44,13 @@ from .config import SOLVER_NAME, resolve_core_config
 from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
 from .layers import observe_layer_calls
 
-__all__ = ["PcDEQCore"]
+__all__ = ["PcDEQCore", "COMPILE_REASON"]
+
+COMPILE_REASON = (
+    "torchdeq_pcdeq: the pcdeq core's fixed-point solve runs eagerly under torch.compile (its "
+    "iteration count and convergence checks depend on the data). The layers around it compile; "
+    "fullgraph=True cannot hold a DEQ solve, so compile the encoder and head separately instead."
+)
 
 
 class PcDEQCore(DEQSliced):
@@ -84,6 +90,10 @@ class PcDEQCore(DEQSliced):
             self.produce_grad[-1] = make(self.b_solver, b_solver_kwargs)
         _check_iteration_budgets(self)
 
+    # The solve's length and its checks depend on the data (a host sync per convergence check),
+    # which a compiled graph cannot express: torch.compile runs the solve, and every call of
+    # `func` inside it, eagerly and compiles the model around it.
+    @torch.compiler.disable(reason=COMPILE_REASON)
     def forward(
         self,
         func,
