@@ -21,6 +21,7 @@ from torchdeq_pcdeq import (
     NotPositiveMonotoneError,
     PcDEQLinear,
     PcDEQWarning,
+    UnknownNameError,
     add_pcdeq_args,
     get_activation,
     pcdeq_fixed_point,
@@ -383,7 +384,7 @@ def test_option_values_are_validated():
         torchdeq.get_deq(core="pcdeq", pcdeq_enclosure="yes")
     with pytest.raises(InvalidInputError, match="pcdeq_enclosure_upper must be a positive finite number"):
         torchdeq.get_deq(core="pcdeq", pcdeq_enclosure_upper=-1.0)
-    with pytest.raises(PcDEQWarning, match="Did you mean 'pcdeq_rate_bound'"):
+    with pytest.raises(UnknownNameError, match="Did you mean 'pcdeq_rate_bound'"):
         torchdeq.get_deq(core="pcdeq", pcdeq_ratebound=True)
 
 
@@ -470,3 +471,20 @@ def test_the_certified_backward_certifies_a_reference_model_with_injections_at_t
     (backward,) = seen
     assert backward["converged"].all() and backward["nstep"].max() <= 10
     assert torch.isfinite(backward["error_bound"]).all()
+
+
+def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkeypatch):
+    """q >= 1 (e.g. rounded up in bfloat16) certifies nothing: warn, solve plainly, no bound."""
+    import torchdeq_pcdeq.backward as backward
+
+    monkeypatch.setattr(backward, "rate_bound", lambda func, z: torch.ones(z.shape[0], dtype=z.dtype))
+    f, x = dense_instance(dtype=torch.float64)
+    x.requires_grad_()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, b_max_iter=500)
+    stats = []
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x), backward_writer=stats.append)
+    with pytest.warns(PcDEQWarning, match="cannot be certified: the rate bound q = 1 is not below 1"):
+        z_out[-1].sum().backward()
+    (info,) = stats
+    assert "error_bound" not in info
+    assert bool(info["converged"].all()) and int(info["nstep"].max()) < 500

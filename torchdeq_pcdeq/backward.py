@@ -20,12 +20,15 @@ certify it (``trainer.certify_backward``), so a deep copy of the core behaves as
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, autograd
 
 from .certify import rate_bound
+from .errors import PcDEQWarning
 
 __all__ = ["make_ift", "make_hook_ift"]
 
@@ -46,11 +49,46 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, 
     kwargs = b_solver_kwargs
     if trainer.certify_backward:
         weights = z_in.detach()
-        kwargs = {**kwargs, "weights": weights, "rate": rate_bound(func, weights)}
+        rate = rate_bound(func, weights)
+        worst = rate.max().item()
+        if worst < 1:
+            kwargs = {**kwargs, "weights": weights, "rate": rate}
+        else:
+            _warn_uncertifiable(worst, f_out.dtype)
     # Starting from grad rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
     y, _, info = b_solver(adjoint, grad, **kwargs)
     trainer.after_backward(info, writer)
     return y
+
+
+def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
+    warnings.warn(
+        f"The backward solve cannot be certified: the rate bound q = {rate:.6g} is not below 1 as "
+        f"computed in {dtype} arithmetic (q approaches 1 when pcDEQ-1 injections are tiny, and "
+        "low precision rounds it up). It is solved with the plain residual test instead, and its "
+        "statistics carry no error_bound. Certify in float32 or wider.",
+        PcDEQWarning,
+        stacklevel=2,
+    )
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    """The autocast regions active now, as ``(device_type, dtype)`` pairs."""
+    return [
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    ]
+
+
+@contextlib.contextmanager
+def _autocast_as_in_forward(state: list[tuple[str, torch.dtype]]):
+    """Re-enter the forward's autocast regions: ``backward()`` usually runs outside them, and
+    calls of ``f`` there must compute as the forward did (and mix dtypes as it did)."""
+    with contextlib.ExitStack() as stack:
+        for device, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
 
 
 def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
@@ -70,8 +108,8 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
 
     class _ImplicitGrad(autograd.Function):
         @staticmethod
-        def forward(ctx, trainer, func, z_pred, writer):
-            ctx.trainer, ctx.func, ctx.writer = trainer, func, writer
+        def forward(ctx, trainer, func, z_pred, writer, autocast):
+            ctx.trainer, ctx.func, ctx.writer, ctx.autocast = trainer, func, writer, autocast
             ctx.save_for_backward(z_pred.detach())
             return z_pred
 
@@ -79,15 +117,17 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
         def backward(ctx, grad):
             (z_pred,) = ctx.saved_tensors
             z_in = z_pred.clone().requires_grad_()
-            with torch.enable_grad():
-                f_out = ctx.func(z_in)
-            y = _solve_adjoint(
-                ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
-            )
-            return None, None, y, None
+            with _autocast_as_in_forward(ctx.autocast):
+                with torch.enable_grad():
+                    f_out = ctx.func(z_in)
+                y = _solve_adjoint(
+                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
+                )
+            return None, None, y, None, None
 
     def produce(trainer, func, z_pred, writer=None, **kwargs):
-        return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer)]
+        # backward() usually runs after the autocast region closed: remember it now.
+        return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer, _autocast_state())]
 
     return produce
 
@@ -104,13 +144,15 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
             return [f_out]
         solving = [False]
+        autocast = _autocast_state()
 
         def hook(grad: Tensor) -> Tensor | None:
             if solving[0]:  # the adjoint solve's own products pass through this tensor
                 return None
             solving[0] = True
             try:
-                return _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, writer)
+                with _autocast_as_in_forward(autocast):  # the certificate calls f again
+                    return _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, writer)
             finally:
                 solving[0] = False
 

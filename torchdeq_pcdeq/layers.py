@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .activations import Activation, get_activation
 from .constraints import (
@@ -134,7 +135,6 @@ class PcDEQLayer(nn.Module):
         # Checks that need a host sync run once per weight version / per injection tensor.
         self._verified_weight: tuple | None = None
         self._verified_call: tuple | None = None
-        self._check_weight = nonnegativity == "project"
 
     # -- the operator -------------------------------------------------------------------------
 
@@ -148,9 +148,32 @@ class PcDEQLayer(nn.Module):
         """The effective nonnegative weight ``W`` used by :meth:`forward`."""
         return self.operator.weight
 
+    def fold_nonnegativity(self) -> Tensor:
+        """Replace the weight's parametrization by a plain parameter holding ``W >= 0``; return it.
+
+        For export, or to continue training with the projection: afterwards the layer is in
+        ``"project"`` mode, so attach :func:`~torchdeq_pcdeq.attach_projection` to the
+        optimizer (or keep the weight fixed), and a negative entry is reported by the next
+        forward. A layer already in ``"project"`` mode is left as it is. Calling
+        ``torch.nn.utils.parametrize.remove_parametrizations`` directly has the same effect.
+
+        Example:
+            >>> import torch
+            >>> f = PcDEQLinear(4, nonnegativity="weight_norm")
+            >>> before = f.weight.detach().clone()
+            >>> w = f.fold_nonnegativity()
+            >>> (f.nonnegativity, type(w).__name__, torch.equal(w.detach(), before))
+            ('project', 'Parameter', True)
+        """
+        if parametrize.is_parametrized(self.operator, "weight"):
+            parametrize.remove_parametrizations(self.operator, "weight", leave_parametrized=True)
+        self.nonnegativity = "project"
+        self._verified_weight = None
+        return self.operator.weight
+
     def projection_targets(self) -> list[Tensor]:
         """Parameters that :func:`~torchdeq_pcdeq.attach_projection` must clamp (project mode)."""
-        return [self.operator.weight] if self.nonnegativity == "project" else []
+        return [] if is_nonnegative_by_construction(self.operator) else [self.operator.weight]
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
         """``W z`` for this layer's operator."""
@@ -213,7 +236,7 @@ class PcDEQLayer(nn.Module):
             verified = self._verified_call
             if verified is None or verified[0]() is not x or verified[1] != key:
                 self._verify_call(z, x, weight, key)
-            if self._check_weight:
+            if not is_nonnegative_by_construction(self.operator):  # "project", or folded
                 self._verify_weight(weight)
             if _OBSERVERS:
                 for seen in _OBSERVERS:
@@ -230,7 +253,6 @@ class PcDEQLayer(nn.Module):
             )
         self._check_compatible(z, x, weight)
         self._verify_injection(x)
-        self._check_weight = not is_nonnegative_by_construction(self.operator)
         self._verified_call = (weakref.ref(x), key)
 
     def _check_compatible(self, z: Tensor, x: Tensor, weight: Tensor) -> None:

@@ -1,0 +1,21 @@
+"""Long run: 2,000 steps of the reference linear model at 10x its learning rate, every step checked.
+
+About a minute on 2 CPU cores; ``benchmarks/results/long_run_cpu.md`` has every mechanism.
+"""
+
+import pytest
+
+from benchmarks.long_run import long_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_thousand_steps_at_ten_times_the_learning_rate_stay_finite_nonnegative_and_converged():
+    report = long_run(steps=2000, nonnegativity="weight_norm")
+    assert report["steps"] == 2000 and report["lr"] == pytest.approx(5e-3)
+    assert report["nonfinite_losses"] == 0
+    assert report["negative_weight_steps"] == 0 and report["min_weight"] >= 0
+    assert report["forward_unconverged"] == 0 and report["backward_unconverged"] == 0
+    assert report["max_forward_iterations"] < 200 and report["max_backward_iterations"] < 200
+    assert report["last_loss"] < 0.5 * report["first_loss"]
+    assert report["test_accuracy"] > 0.85

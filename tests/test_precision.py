@@ -1,0 +1,105 @@
+"""Low precision under autocast: positive injections, honest stopping, finite training steps.
+
+float16 and bfloat16 autocast on the CPU here, and on CUDA when a GPU is present (the ``cuda``
+cases skip cleanly without one).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchdeq
+from torch import nn
+
+from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning
+from torchdeq_pcdeq.solver import resolution_floor
+
+CASES = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=pytest.mark.cuda),
+]
+
+
+GRADIENTS = {
+    "ift": {},
+    "hook_ift": {"hook_ift": True},
+    "certified ift": {"pcdeq_rate_bound": True},  # calls f again inside backward()
+}
+
+
+class ConvClassifier(nn.Module):
+    def __init__(self, channels: int = 8, **config):
+        super().__init__()
+        self.encoder = nn.Conv2d(1, channels, 3, padding=1)
+        self.f = PcDEQConv2d(channels, "tanh")
+        self.deq = torchdeq.get_deq(
+            core="pcdeq", f_tol=1e-6, b_tol=1e-6, f_max_iter=300, b_max_iter=300, **config
+        )
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, images):
+        x = self.f.inject(self.encoder(images))
+        z_out, info = self.deq(lambda z: self.f(z, x), torch.zeros_like(x))
+        return self.head(z_out[-1].mean((2, 3))), x, z_out[-1], info
+
+
+@pytest.mark.parametrize("gradient", list(GRADIENTS))
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_a_training_step_under_autocast_is_finite_converged_and_stops_at_the_resolution(
+    device, dtype, gradient
+):
+    torch.manual_seed(0)
+    model = ConvClassifier(**GRADIENTS[gradient]).to(device)
+    images = (torch.rand(16, 1, 12, 12, device=device) - 0.5) * 40  # many injections underflow
+    labels = torch.arange(16, device=device) % 10
+    with warnings.catch_warnings():
+        # A non-convergence warning (forward or backward) fails the test; the expected
+        # notices that the tolerance was raised to what the dtype can resolve do not.
+        warnings.simplefilter("error", PcDEQWarning)
+        warnings.filterwarnings("ignore", "tol=.* is below what", PcDEQWarning)
+        warnings.filterwarnings("ignore", "The contraction factor q", PcDEQWarning)
+        warnings.filterwarnings("ignore", "The backward solve cannot be certified", PcDEQWarning)
+        with torch.autocast(device, dtype=dtype):
+            logits, x, z, info = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss.backward()
+
+    assert x.dtype == dtype and z.dtype == dtype
+    assert (x > 0).all(), "the injection floor must keep pcDEQ-1 injections strictly positive"
+    assert (z > 0).all()
+    # An unreachable tolerance (1e-6) stops at the dtype's floor long before the budget...
+    assert bool(info["converged"].all())
+    assert int(info["nstep"].max()) < 60
+    # ...and "converged" is true: recomputing the residual gives the same order as the floor.
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
+        fz = model.f(z, x)
+    residual = ((fz.float() - z.float()).flatten(1).norm(dim=1) / fz.float().flatten(1).norm(dim=1)).max()
+    assert residual.item() <= 2 * resolution_floor(dtype)
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.f.weight.min() >= 0
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_the_low_precision_fixed_point_is_close_to_the_float64_one(device, dtype):
+    torch.manual_seed(0)
+    f = PcDEQLinear(32, "sigmoid").to(device)  # pcDEQ-2 (sigmoid(0) > 0): nonnegative injection
+    u = torch.randn(4, 32, device=device)
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-12, f_max_iter=500)
+    with torch.no_grad():
+        x64 = f.double().inject(u.double())
+        exact, _ = deq(lambda z: f(z, x64), torch.zeros_like(x64))
+        f.float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PcDEQWarning)
+            with torch.autocast(device, dtype=dtype):
+                x = f.inject(u.to(dtype))
+                low, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    error = (low[-1].double() - exact[-1]).norm() / exact[-1].norm()
+    assert bool(info["converged"].all()) and int(info["nstep"].max()) < 100
+    assert error.item() < 20 * torch.finfo(dtype).eps

@@ -1,0 +1,141 @@
+"""State: checkpoints mid-training, EMA copies and folding the parametrization, per mechanism.
+
+Mechanisms: the layers' ``weight_norm``, ``parametrize`` and ``project`` modes, and TorchDEQ's
+``apply_norm(norm_type="pcdeq_nonneg")`` on a plain ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchdeq
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from torchdeq_pcdeq import NegativeWeightError, PcDEQLinear, attach_projection, reference_init_
+
+MECHANISMS = ["weight_norm", "parametrize", "project", "pcdeq_nonneg"]
+
+
+class Cell(nn.Module):
+    """``tanh(W z + x)`` with ``W >= 0`` kept by ``mechanism``; ``.weight`` is the effective W."""
+
+    def __init__(self, mechanism: str, features: int = 6):
+        super().__init__()
+        if mechanism == "pcdeq_nonneg":
+            self.linear = nn.Linear(features, features, bias=False)
+            reference_init_(self.linear.weight)
+            torchdeq.apply_norm(self.linear, norm_type="pcdeq_nonneg")
+            self.layer = None
+        else:
+            self.layer = PcDEQLinear(features, nonnegativity=mechanism)
+        self.deq = torchdeq.get_deq(core="pcdeq")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight if self.layer is not None else self.linear.weight
+
+    def forward(self, x):
+        if self.layer is not None:
+            step = lambda z: self.layer(z, x)  # noqa: E731
+        else:
+            step = lambda z: torch.tanh(self.linear(z) + x)  # noqa: E731
+        z_out, info = self.deq(step, torch.zeros_like(x))
+        return z_out[-1], info
+
+
+def _optimizer(cell: Cell, mechanism: str, lr: float = 1.0) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(cell.parameters(), lr=lr)
+    if mechanism == "project":
+        attach_projection(optimizer, cell.layer)
+    return optimizer
+
+
+def _push_weights_negative(cell: Cell, optimizer, x) -> None:
+    """One large step whose gradient drives every weight entry down (z grows with W)."""
+    z, _ = cell(x)
+    z.sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_checkpoint_saved_between_step_and_next_forward_loads_with_nonnegative_weights(mechanism, tmp_path):
+    torch.manual_seed(0)
+    cell = Cell(mechanism)
+    optimizer = _optimizer(cell, mechanism, lr=50.0)  # a step far larger than any weight
+    x = torch.rand(4, 6) + 0.1
+    _push_weights_negative(cell, optimizer, x)
+    torch.save(cell.state_dict(), tmp_path / "mid.pt")  # after step(), before the next forward
+
+    fresh = Cell(mechanism)
+    fresh.load_state_dict(torch.load(tmp_path / "mid.pt", weights_only=True))
+    assert fresh.weight.min() >= 0
+    torch.testing.assert_close(fresh.weight, cell.weight, rtol=0, atol=0)
+    z_fresh, info = fresh(x)
+    z_cell, _ = cell(x)
+    assert bool(info["converged"].all())
+    torch.testing.assert_close(z_fresh, z_cell, rtol=0, atol=0)
+
+
+def test_the_step_above_would_make_an_unconstrained_weight_negative():
+    """The checkpoint test is meaningful: the same step on a plain parameter goes negative."""
+    torch.manual_seed(0)
+    cell = Cell("project")
+    optimizer = torch.optim.SGD(cell.parameters(), lr=50.0)  # no projection attached
+    _push_weights_negative(cell, optimizer, torch.rand(4, 6) + 0.1)
+    assert cell.layer.linear.weight.min() < 0
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_an_ema_copy_trains_along_and_keeps_the_guarantee(mechanism):
+    torch.manual_seed(0)
+    cell = Cell(mechanism)
+    ema = AveragedModel(cell, multi_avg_fn=get_ema_multi_avg_fn(0.9))  # deep-copies the cell
+    optimizer = _optimizer(cell, mechanism, lr=0.5)
+    x = torch.rand(8, 6) + 0.1
+    for _ in range(5):
+        z, _ = cell(x)
+        ((z - 0.3) ** 2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update_parameters(cell)
+    assert ema.module.weight.min() >= 0
+    assert not torch.equal(ema.module.weight, cell.weight), "the EMA must own its parameters"
+    z_ema, info = ema(x)
+    assert bool(info["converged"].all()) and torch.isfinite(z_ema).all()
+
+
+@pytest.mark.parametrize("mechanism", ["weight_norm", "parametrize"])
+@pytest.mark.parametrize("how", ["fold_nonnegativity", "remove_parametrizations"])
+def test_removing_the_parametrization_leaves_a_plain_nonnegative_parameter(mechanism, how, tmp_path):
+    torch.manual_seed(0)
+    f = PcDEQLinear(6, nonnegativity=mechanism)
+    x = f.inject(torch.randn(3, 6))
+    z = torch.rand(3, 6)
+    before_weight, before_out = f.weight.detach().clone(), f(z, x)
+    if how == "fold_nonnegativity":
+        f.fold_nonnegativity()
+    else:
+        parametrize.remove_parametrizations(f.linear, "weight", leave_parametrized=True)
+
+    assert not parametrize.is_parametrized(f.linear)
+    assert isinstance(f.linear.weight, nn.Parameter) and f.linear.weight.min() >= 0
+    torch.testing.assert_close(f.linear.weight.detach(), before_weight, rtol=0, atol=0)
+    torch.testing.assert_close(f(z, x), before_out, rtol=0, atol=0)
+    assert f.projection_targets() == [f.linear.weight]
+
+    # A plain parameter is no longer nonnegative by construction: the forward checks it.
+    with torch.no_grad():
+        f.linear.weight[0, 0] = -1.0
+    with pytest.raises(NegativeWeightError, match="1 negative entry"):
+        f(z, x)
+
+
+def test_removing_pcdeq_nonneg_through_torchdeq_leaves_a_plain_nonnegative_parameter():
+    cell = Cell("pcdeq_nonneg")
+    before = cell.weight.detach().clone()
+    torchdeq.remove_norm(cell)
+    assert isinstance(cell.linear.weight, nn.Parameter) and cell.linear.weight.min() >= 0
+    torch.testing.assert_close(cell.linear.weight.detach(), before, rtol=0, atol=0)
