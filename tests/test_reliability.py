@@ -35,15 +35,13 @@ def documented_rows() -> dict[str, tuple[str, str]]:
     """``{case: (raised, message)}`` from the table of README's "Errors and guarantees"."""
     text = README.read_text()
     assert SECTION in text, f"README.md has no {SECTION!r} section"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    lines = text.split(SECTION, 1)[1].splitlines()
+    start = lines.index("| case | raised | message |") + 2  # after the header and its rule
     rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if len(cells) != 3 or not line.startswith("| ") or set(cells[1]) <= {"-", ":"}:
-            continue
-        case, raised, message = cells
-        if case == "case":
-            continue
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break  # the end of the table
+        case, raised, message = (c.strip() for c in line.strip().strip("|").split(" | "))
         rows[case] = (raised.strip("`"), message.strip("`"))
     return rows
 

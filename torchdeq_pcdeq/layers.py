@@ -135,6 +135,7 @@ class PcDEQLayer(nn.Module):
         # Checks that need a host sync run once per weight version / per injection tensor.
         self._verified_weight: tuple | None = None
         self._verified_call: tuple | None = None
+        self._check_weight = nonnegativity == "project"
 
     # -- the operator -------------------------------------------------------------------------
 
@@ -236,7 +237,9 @@ class PcDEQLayer(nn.Module):
             verified = self._verified_call
             if verified is None or verified[0]() is not x or verified[1] != key:
                 self._verify_call(z, x, weight, key)
-            if not is_nonnegative_by_construction(self.operator):  # "project", or folded
+            # A plain parameter ("project" mode, or a folded parametrization) is checked; so is
+            # any parametrization other than ours (looked up once per injection: it is slow).
+            if self._check_weight or isinstance(weight, nn.Parameter):
                 self._verify_weight(weight)
             if _OBSERVERS:
                 for seen in _OBSERVERS:
@@ -253,6 +256,7 @@ class PcDEQLayer(nn.Module):
             )
         self._check_compatible(z, x, weight)
         self._verify_injection(x)
+        self._check_weight = not is_nonnegative_by_construction(self.operator)
         self._verified_call = (weakref.ref(x), key)
 
     def _check_compatible(self, z: Tensor, x: Tensor, weight: Tensor) -> None:
