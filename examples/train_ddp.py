@@ -15,7 +15,8 @@ equilibrium layer keeps ``W >= 0`` with one of the nonnegativity mechanisms:
 
 DDP averages the gradients, so the ranks take identical steps. With ``--out DIR`` every rank
 writes its final parameters (``rank{R}_{mechanism}.pt``) and a log of the steps
-(``rank{R}.json``: global mean loss, smallest weight entry, every solve converged), which the
+(``rank{R}.json``: global mean loss, smallest weight entry, forward and backward solves
+converged), which the
 test ``tests/test_distributed.py`` compares across ranks.
 """
 
@@ -61,13 +62,13 @@ class DigitsDEQ(nn.Module):
         """The equilibrium layer's effective weight ``W``."""
         return self.cell.weight
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, backward_writer=None) -> tuple[torch.Tensor, dict]:
         x = F.softplus(self.encoder(images), beta=5.0) + 1e-6  # strictly positive: pcDEQ-1
         if isinstance(self.cell, PcDEQLinear):
             step = lambda z: self.cell(z, x)  # noqa: E731
         else:
             step = lambda z: torch.tanh(self.cell(z) + x)  # noqa: E731
-        z_out, info = self.deq(step, torch.zeros_like(x))
+        z_out, info = self.deq(step, torch.zeros_like(x), backward_writer=backward_writer)
         return self.head(z_out[-1]), info
 
 
@@ -85,9 +86,10 @@ def train(mechanism: str, args, device: torch.device, data) -> dict:
     shard = torch.arange(rank, len(labels), world)  # a disjoint slice of the data per rank
     generator = torch.Generator().manual_seed(args.seed + rank)
     log = {"loss": [], "min_weight": [], "converged": []}
+    backward = []  # the backward solve's statistics, written during loss.backward()
     for _ in range(args.steps):
         batch = shard[torch.randint(len(shard), (args.batch_size,), generator=generator)]
-        logits, info = ddp(images[batch])
+        logits, info = ddp(images[batch], backward_writer=backward.append)
         loss = F.cross_entropy(logits, labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -98,7 +100,9 @@ def train(mechanism: str, args, device: torch.device, data) -> dict:
         with torch.no_grad():
             log["loss"].append(mean_loss.item() / world)
             log["min_weight"].append(model.weight.min().item())
-            log["converged"].append(bool(info["converged"].all()))
+            solves = [info, *backward]  # forward and backward
+            log["converged"].append(len(solves) == 2 and all(bool(i["converged"].all()) for i in solves))
+        backward.clear()
     if args.out:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save(state, Path(args.out) / f"rank{rank}_{mechanism}.pt")

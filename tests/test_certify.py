@@ -478,12 +478,16 @@ def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkey
     import torchdeq_pcdeq.backward as backward
 
     monkeypatch.setattr(backward, "rate_bound", lambda func, z: torch.ones(z.shape[0], dtype=z.dtype))
+    monkeypatch.setattr(backward, "_warned_uncertifiable", set())
     f, x = dense_instance(dtype=torch.float64)
     x.requires_grad_()
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, b_max_iter=500)
     stats = []
     z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x), backward_writer=stats.append)
-    with pytest.warns(PcDEQWarning, match="cannot be certified: the rate bound q = 1 is not below 1"):
+    with pytest.warns(
+        PcDEQWarning,
+        match="cannot be certified: the rate bound q = 1 at the torch.float64 state is not below 1",
+    ):
         z_out[-1].sum().backward()
     (info,) = stats
     assert "error_bound" not in info

@@ -221,6 +221,12 @@ def test_warns_when_norm_type_allows_negative_weights():
         torchdeq.get_deq(parse(["--core", "pcdeq"]))
 
 
+def test_a_core_rebuilt_from_another_cores_config_is_the_same_core():
+    first = torchdeq.get_deq(core="pcdeq", hook_ift=True, f_max_iter=50, pcdeq_guard="warn")
+    second = torchdeq.get_deq(first.args)
+    assert (second.gradient, second.f_max_iter, second.guard) == ("hook_ift", 50, "warn")
+
+
 def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
     with pytest.raises(UnknownNameError, match=r"'pcdeq_gaurd'.*Did you mean 'pcdeq_guard'"):
         torchdeq.get_deq({"core": "pcdeq", "pcdeq_gaurd": "off"})

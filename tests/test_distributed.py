@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 MECHANISMS = ("weight_norm", "parametrize", "project", "pcdeq_nonneg")
@@ -40,8 +43,17 @@ def ranks(tmp_path_factory):
         "--out",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # A session of its own, so that a timeout kills torchrun's workers too, not only torchrun.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"2-process DDP training did not finish in 300 s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     logs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     states = [{m: torch.load(out / f"rank{r}_{m}.pt", weights_only=True) for m in MECHANISMS} for r in (0, 1)]
     return logs, states

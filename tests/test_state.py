@@ -139,3 +139,26 @@ def test_removing_pcdeq_nonneg_through_torchdeq_leaves_a_plain_nonnegative_param
     torchdeq.remove_norm(cell)
     assert isinstance(cell.linear.weight, nn.Parameter) and cell.linear.weight.min() >= 0
     torch.testing.assert_close(cell.linear.weight.detach(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["project", "folded"])
+def test_a_weight_edited_through_data_after_a_checked_forward_is_caught_at_the_next_solve(how):
+    """``.data`` edits keep the version counter; the weight is checked again per injection."""
+    torch.manual_seed(0)
+    f = PcDEQLinear(4, nonnegativity="project" if how == "project" else "weight_norm")
+    if how == "folded":
+        f.fold_nonnegativity()
+    z = torch.rand(2, 4)
+    f(z, f.inject(torch.randn(2, 4)))  # checked, and remembered as checked
+    f.linear.weight.data[0, 0] = -0.5
+    with pytest.raises(NegativeWeightError, match="1 negative entry"):
+        f(z, f.inject(torch.randn(2, 4)))  # the next solve's injection
+
+
+def test_a_folded_layer_checks_any_weight_it_is_given():
+    torch.manual_seed(0)
+    f = PcDEQLinear(4)
+    f.fold_nonnegativity()
+    x, z = f.inject(torch.randn(2, 4)), torch.rand(2, 4)
+    with pytest.raises(NegativeWeightError):
+        torch.func.functional_call(f, {"linear.weight": -torch.ones(4, 4)}, (z, x))

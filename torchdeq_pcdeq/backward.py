@@ -61,22 +61,29 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, 
     return y
 
 
+_warned_uncertifiable: set[torch.dtype] = set()
+
+
 def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
+    if dtype in _warned_uncertifiable:  # once per dtype: training would repeat it every step
+        return
+    _warned_uncertifiable.add(dtype)
     warnings.warn(
-        f"The backward solve cannot be certified: the rate bound q = {rate:.6g} is not below 1 as "
-        f"computed in {dtype} arithmetic (q approaches 1 when pcDEQ-1 injections are tiny, and "
-        "low precision rounds it up). It is solved with the plain residual test instead, and its "
-        "statistics carry no error_bound. Certify in float32 or wider.",
+        f"The backward solve cannot be certified: the rate bound q = {rate:.6g} at the {dtype} "
+        "state is not below 1 (q approaches 1 when pcDEQ-1 injections are tiny, and a "
+        "low-precision state is only as accurate as its dtype). It is solved with the plain "
+        "residual test instead, and its statistics carry no error_bound. Certify in float32 or "
+        "wider.",
         PcDEQWarning,
         stacklevel=2,
     )
 
 
-def _autocast_state() -> list[tuple[str, torch.dtype]]:
-    """The autocast regions active now, as ``(device_type, dtype)`` pairs."""
+def _autocast_state(state: Tensor) -> list[tuple[str, torch.dtype]]:
+    """The autocast regions active now for the CPU and ``state``'s device, as (device type, dtype)."""
     return [
         (device, torch.get_autocast_dtype(device))
-        for device in ("cpu", "cuda")
+        for device in dict.fromkeys(("cpu", state.device.type))
         if torch.is_autocast_enabled(device)
     ]
 
@@ -127,7 +134,7 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
 
     def produce(trainer, func, z_pred, writer=None, **kwargs):
         # backward() usually runs after the autocast region closed: remember it now.
-        return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer, _autocast_state())]
+        return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer, _autocast_state(z_pred))]
 
     return produce
 
@@ -144,7 +151,7 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
             return [f_out]
         solving = [False]
-        autocast = _autocast_state()
+        autocast = _autocast_state(z_in)
 
         def hook(grad: Tensor) -> Tensor | None:
             if solving[0]:  # the adjoint solve's own products pass through this tensor

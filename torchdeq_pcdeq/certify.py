@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -57,8 +58,15 @@ def rate_bound(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
             "torch.inference_mode() disables. Evaluate under torch.no_grad() instead."
         )
     z = z.detach()
+    autocast = contextlib.nullcontext()
+    if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
+        # q is a property of the exact map: under autocast, take the product in float32 (the
+        # weights' dtype) rather than in bfloat16 / float16, whose rounding can push q past 1
+        # or below its true value. The iteration's own rounding is the solver's margin.
+        autocast = torch.autocast(z.device.type, enabled=False)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
     try:
-        with torch.no_grad(), forward_ad.dual_level(), warnings.catch_warnings():
+        with torch.no_grad(), autocast, forward_ad.dual_level(), warnings.catch_warnings():
             # forward AD's first use compiles a helper with torch.jit.script, which warns
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             tangent = forward_ad.unpack_dual(func(forward_ad.make_dual(z, z))).tangent

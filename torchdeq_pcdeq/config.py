@@ -63,6 +63,8 @@ NONCONVERGENCE_MODES = ("warn", "raise", "ignore")
 GUARANTEED_SOLVERS = (SOLVER_NAME, "fixed_point_iter", "simple_fixed_point_iter")
 # Norms under which a plain nn.Linear / nn.Conv2d may keep nonnegative weights.
 NONNEGATIVE_NORMS = (NORM_NAME, "none")
+# Keys the core writes into its own config, recomputed from the others on every resolve.
+DERIVED_KEYS = ("pcdeq_gradient",)
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,9 @@ def _explicit_keys(config: dict) -> set[str]:
 
 def _check_unknown_keys(config: dict, from_argparse: bool) -> None:
     """Refuse unknown ``pcdeq_`` keys (the prefix is ours); warn about near-misses of TorchDEQ's."""
-    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat"}
+    # The config a core stores (core.args) also holds the keys it derived: a core rebuilt from
+    # it must not fail on them.
+    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat", *DERIVED_KEYS}
     for key in config:
         if key in known or not isinstance(key, str):
             continue
@@ -260,6 +264,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         if key not in explicit:
             config[key] = value
     # TorchDEQ's --ift flag cannot say "off"; only a dict can ask for phantom gradients.
+    # (Derived again from ift / hook_ift whenever a config is resolved: see DERIVED_KEYS.)
     config["pcdeq_gradient"] = (
         "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
     )

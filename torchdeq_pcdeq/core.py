@@ -46,6 +46,15 @@ from .layers import observe_layer_calls
 
 __all__ = ["PcDEQCore", "COMPILE_REASON"]
 
+
+def _run_eagerly_under_compile(method):
+    """``torch.compiler.disable`` with our reason (the ``reason`` argument exists from torch 2.8)."""
+    try:
+        return torch.compiler.disable(method, reason=COMPILE_REASON)
+    except TypeError:
+        return torch.compiler.disable(method)
+
+
 COMPILE_REASON = (
     "torchdeq_pcdeq: the pcdeq core's fixed-point solve runs eagerly under torch.compile (its "
     "iteration count and convergence checks depend on the data). The layers around it compile; "
@@ -93,7 +102,7 @@ class PcDEQCore(DEQSliced):
     # The solve's length and its checks depend on the data (a host sync per convergence check),
     # which a compiled graph cannot express: torch.compile runs the solve, and every call of
     # `func` inside it, eagerly and compiles the model around it.
-    @torch.compiler.disable(reason=COMPILE_REASON)
+    @_run_eagerly_under_compile
     def forward(
         self,
         func,

@@ -169,6 +169,7 @@ class PcDEQLayer(nn.Module):
         if parametrize.is_parametrized(self.operator, "weight"):
             parametrize.remove_parametrizations(self.operator, "weight", leave_parametrized=True)
         self.nonnegativity = "project"
+        self._check_weight = True
         self._verified_weight = None
         return self.operator.weight
 
@@ -257,6 +258,9 @@ class PcDEQLayer(nn.Module):
         self._check_compatible(z, x, weight)
         self._verify_injection(x)
         self._check_weight = not is_nonnegative_by_construction(self.operator)
+        # Edits through .data or under torch.no_grad() on a detached alias can keep the weight's
+        # version counter: a checked weight is checked again once per new injection (per solve).
+        self._verified_weight = None
         self._verified_call = (weakref.ref(x), key)
 
     def _check_compatible(self, z: Tensor, x: Tensor, weight: Tensor) -> None:
