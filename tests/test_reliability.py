@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -142,43 +141,33 @@ def unknown_norm_in_core_config():
     return lambda: torchdeq.get_deq(core="pcdeq", norm_type="pcdeq_nonnegg"), []
 
 
-def _runner_script(tmp_path, monkeypatch, body: str) -> Path:
+# The start of a TorchDEQ argparse script: it never imports torchdeq_pcdeq.
+SCRIPT_HEAD = (
+    "import argparse, torch, torchdeq\n"
+    "parser = argparse.ArgumentParser()\n"
+    "torchdeq.utils.add_deq_args(parser)\n"
+    "args = parser.parse_args()\n"
+)
+
+
+def _through_the_runner(tmp_path, monkeypatch, statement: str, flags: list[str]):
+    """A TorchDEQ script ending in ``statement``, run by ``python -m torchdeq_pcdeq`` with ``flags``."""
     # The runner sets sys.argv, sys.path and PYTHONPATH for the script it runs: undo afterwards.
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(body))
-    return script
+    script.write_text(SCRIPT_HEAD + statement + "\n")
+    return lambda: runner.main([str(script), *flags]), []
 
 
 def unknown_norm_through_the_runner(tmp_path, monkeypatch):
-    script = _runner_script(
-        tmp_path,
-        monkeypatch,
-        """
-        import argparse, torch, torchdeq
-        parser = argparse.ArgumentParser()
-        torchdeq.utils.add_deq_args(parser)
-        args = parser.parse_args()
-        torchdeq.apply_norm(torch.nn.Linear(3, 3), args=args)
-        """,
-    )
-    return lambda: runner.main([str(script), "--norm_type", "pcdeq_nonnegg"]), []
+    statement = "torchdeq.apply_norm(torch.nn.Linear(3, 3), args=args)"
+    return _through_the_runner(tmp_path, monkeypatch, statement, ["--norm_type", "pcdeq_nonnegg"])
 
 
 def unknown_core_through_the_runner(tmp_path, monkeypatch):
-    script = _runner_script(
-        tmp_path,
-        monkeypatch,
-        """
-        import argparse, torchdeq
-        parser = argparse.ArgumentParser()
-        torchdeq.utils.add_deq_args(parser)
-        torchdeq.get_deq(parser.parse_args())
-        """,
-    )
-    return lambda: runner.main([str(script), "--core", "pcdq"]), []
+    return _through_the_runner(tmp_path, monkeypatch, "torchdeq.get_deq(args)", ["--core", "pcdq"])
 
 
 def not_positive_monotone():
@@ -301,13 +290,7 @@ def test_the_unknown_names_in_messages_list_every_valid_one():
 def test_core_pcdeq_without_the_plugin_fails_with_the_message_readme_explains(tmp_path):
     """TorchDEQ's own message when the plugin is not imported; README says what to do."""
     script = tmp_path / "train.py"
-    script.write_text(
-        "import argparse, torchdeq\n"
-        "parser = argparse.ArgumentParser()\n"
-        "torchdeq.utils.add_deq_args(parser)\n"
-        "deq = torchdeq.get_deq(parser.parse_args())\n"
-        "print(type(deq).__name__)\n"
-    )
+    script.write_text(SCRIPT_HEAD + "print(type(torchdeq.get_deq(args)).__name__)\n")
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     without_plugin = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if "_autoload" not in p)}
     plain = subprocess.run(
