@@ -225,6 +225,8 @@ def test_a_core_rebuilt_from_another_cores_config_is_the_same_core():
     first = torchdeq.get_deq(core="pcdeq", hook_ift=True, f_max_iter=50, pcdeq_guard="warn")
     second = torchdeq.get_deq(first.args)
     assert (second.gradient, second.f_max_iter, second.guard) == ("hook_ift", 50, "warn")
+    with pytest.raises(InvalidInputError, match="pcdeq_gradient='phantom' disagrees with ift"):
+        torchdeq.get_deq(first.args, pcdeq_gradient="phantom")
 
 
 def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():

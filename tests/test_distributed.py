@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +42,22 @@ def ranks(tmp_path_factory):
         "--out",
         str(out),
     ]
-    # A session of its own, so that a timeout kills torchrun's workers too, not only torchrun.
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"2-process DDP training did not finish in 300 s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    # Output to files, not pipes: torchrun's workers (each in a session of their own) inherit
+    # them, and a pipe held open by a stray worker would block the read.
+    stdout, stderr = out / "stdout.txt", out / "stderr.txt"
+    with stdout.open("w") as out_file, stderr.open("w") as err_file:
+        process = subprocess.Popen(command, stdout=out_file, stderr=err_file, text=True, env=env)
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # torchrun passes SIGTERM on to its workers and waits for them
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+            pytest.fail(f"2-process DDP training did not finish in 300 s:\n{stderr.read_text()[-3000:]}")
+    assert process.returncode == 0, stdout.read_text()[-3000:] + stderr.read_text()[-3000:]
     logs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     states = [{m: torch.load(out / f"rank{r}_{m}.pt", weights_only=True) for m in MECHANISMS} for r in (0, 1)]
     return logs, states

@@ -6,6 +6,7 @@ cases skip cleanly without one).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torchdeq
 from torch import nn
 
-from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning
+from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, rate_bound
 from torchdeq_pcdeq import backward as backward_module
 from torchdeq_pcdeq.solver import resolution_floor
 
@@ -116,3 +117,53 @@ def test_the_low_precision_fixed_point_is_close_to_the_float64_one(device, dtype
     error = (low[-1].double() - exact[-1]).norm() / exact[-1].norm()
     assert bool(info["converged"].all()) and int(info["nstep"].max()) < 100
     assert error.item() < 20 * torch.finfo(dtype).eps
+
+
+def test_the_rate_bound_under_autocast_falls_back_for_an_f_that_cannot_run_in_float32():
+    """bfloat16 weights cannot meet a float32 state outside autocast: q comes from autocast's arithmetic."""
+    torch.manual_seed(0)
+    weight = torch.rand(8, 8, dtype=torch.float64) * 0.1
+    x = torch.full((2, 8), 0.1, dtype=torch.float64)
+    z = torch.rand(2, 8, dtype=torch.float64) + 0.1
+    exact = rate_bound(lambda v: torch.tanh(v @ weight.T + x), z)
+    low_weight, low_x = weight.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = rate_bound(lambda v: torch.tanh(v @ low_weight.T + low_x), z.to(torch.bfloat16))
+    torch.testing.assert_close(q.double(), exact, rtol=0.05, atol=0)
+
+
+def test_a_certified_hook_backward_after_two_solves_under_autocast():
+    """The second solve's checks must not make the first one's float32 rate bound fail."""
+    torch.manual_seed(0)
+    f = PcDEQLinear(16)
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=True, pcdeq_rate_bound=True, pcdeq_nonconvergence="ignore")
+    u = torch.randn(2, 4, 16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PcDEQWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = []
+            for i in range(2):
+                x = f.inject(u[i])
+                outs.append(deq(lambda z, x=x: f(z, x), torch.zeros_like(x))[0][-1])
+        sum(out.float().sum() for out in outs).backward()
+    assert torch.isfinite(u.grad).all() and (u.grad != 0).any()
+
+
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_a_backward_inside_an_autocast_region_computes_as_the_float32_forward_did(gradient):
+    torch.manual_seed(0)
+    f = PcDEQLinear(16)
+    deq = torchdeq.get_deq(core="pcdeq", b_tol=1e-6, hook_ift=gradient == "hook_ift")
+    u = torch.randn(4, 16, requires_grad=True)
+
+    def input_gradient(region) -> torch.Tensor:
+        u.grad = None
+        x = f.inject(u)
+        z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+        with region:
+            z_out[-1].sum().backward()
+        return u.grad.clone()
+
+    outside = input_gradient(contextlib.nullcontext())
+    inside = input_gradient(torch.autocast("cpu", dtype=torch.bfloat16))
+    assert torch.equal(inside, outside)

@@ -79,22 +79,22 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
     )
 
 
-def _autocast_state(state: Tensor) -> list[tuple[str, torch.dtype]]:
-    """The autocast regions active now for the CPU and ``state``'s device, as (device type, dtype)."""
+def _autocast_state(state: Tensor) -> list[tuple[str, bool, torch.dtype]]:
+    """Autocast for the CPU and ``state``'s device now, as (device type, enabled, dtype)."""
     return [
-        (device, torch.get_autocast_dtype(device))
+        (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         for device in dict.fromkeys(("cpu", state.device.type))
-        if torch.is_autocast_enabled(device)
     ]
 
 
 @contextlib.contextmanager
-def _autocast_as_in_forward(state: list[tuple[str, torch.dtype]]):
-    """Re-enter the forward's autocast regions: ``backward()`` usually runs outside them, and
-    calls of ``f`` there must compute as the forward did (and mix dtypes as it did)."""
+def _autocast_as_in_forward(state: list[tuple[str, bool, torch.dtype]]):
+    """Autocast as it was in the forward, on or off: ``backward()`` usually runs outside the
+    forward's autocast region (or inside another), and calls of ``f`` there must compute as
+    the forward did."""
     with contextlib.ExitStack() as stack:
-        for device, dtype in state:
-            stack.enter_context(torch.autocast(device, dtype=dtype))
+        for device, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
         yield
 
 

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
@@ -43,7 +42,8 @@ def rate_bound(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     """Per-sample ``q = max_i (J z)_i / z_i`` with ``J = d func / dz`` at ``z``.
 
     For ``J >= 0`` and ``z > 0``, ``q`` is at least the spectral radius of ``J``. Entries with
-    ``z_i = 0`` count as 0 when ``(J z)_i = 0`` and make ``q`` infinite otherwise.
+    ``z_i = 0`` count as 0 when ``(J z)_i = 0`` and make ``q`` infinite otherwise. Under
+    autocast the product is taken in float32 when ``f`` can run so, else in autocast's dtype.
 
     Args:
         func: the map, evaluated once with forward-mode automatic differentiation.
@@ -58,15 +58,23 @@ def rate_bound(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
             "torch.inference_mode() disables. Evaluate under torch.no_grad() instead."
         )
     z = z.detach()
-    autocast = contextlib.nullcontext()
     if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
         # q is a property of the exact map: under autocast, take the product in float32 (the
-        # weights' dtype) rather than in bfloat16 / float16, whose rounding can push q past 1
-        # or below its true value. The iteration's own rounding is the solver's margin.
-        autocast = torch.autocast(z.device.type, enabled=False)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        # weights' dtype) when f allows it, rather than in bfloat16 / float16, whose rounding
+        # can push q past 1 or below its true value. The iteration's own rounding is the
+        # solver's margin. An f that cannot run in float32 outside autocast (bfloat16 weights,
+        # a low-precision tensor in a product) gets q in the forward's arithmetic.
+        try:
+            with torch.autocast(z.device.type, enabled=False):
+                return _collatz_wielandt(func, z.to(torch.promote_types(z.dtype, torch.float32)))
+        except (RuntimeError, InvalidInputError):
+            pass
+    return _collatz_wielandt(func, z)
+
+
+def _collatz_wielandt(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     try:
-        with torch.no_grad(), autocast, forward_ad.dual_level(), warnings.catch_warnings():
+        with torch.no_grad(), forward_ad.dual_level(), warnings.catch_warnings():
             # forward AD's first use compiles a helper with torch.jit.script, which warns
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             tangent = forward_ad.unpack_dual(func(forward_ad.make_dual(z, z))).tangent

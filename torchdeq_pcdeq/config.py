@@ -265,9 +265,14 @@ def resolve_core_config(args, kwargs: dict) -> dict:
             config[key] = value
     # TorchDEQ's --ift flag cannot say "off"; only a dict can ask for phantom gradients.
     # (Derived again from ift / hook_ift whenever a config is resolved: see DERIVED_KEYS.)
-    config["pcdeq_gradient"] = (
-        "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
-    )
+    gradient = "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
+    if config.get("pcdeq_gradient", gradient) != gradient:
+        raise InvalidInputError(
+            f"pcdeq_gradient={config['pcdeq_gradient']!r} disagrees with ift={config.get('ift')!r} / "
+            f"hook_ift={config.get('hook_ift')!r}, from which the core derives it ({gradient!r}). "
+            "Set ift / hook_ift instead (ift=False asks for phantom gradients)."
+        )
+    config["pcdeq_gradient"] = gradient
     for key, option in PCDEQ_OPTIONS.items():
         config[key] = option.convert(key, config.get(key, option.default))
 
