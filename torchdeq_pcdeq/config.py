@@ -297,14 +297,15 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     norm = config.get("norm_type")
     if norm is not None:
         check_choice("norm_type", norm, registered_norms())
-    if norm is not None and norm not in NONNEGATIVE_NORMS:
-        warnings.warn(
-            f"norm_type={norm!r} allows negative weights, which void pcDEQ's guarantees for plain "
-            f"nn.Linear / nn.Conv2d layers in f. Pass --norm_type {NORM_NAME} (or norm_type="
-            f"'{NORM_NAME}'). The pcDEQ layers constrain their own weights whatever the norm_type.",
-            PcDEQWarning,
-            stacklevel=3,
-        )
+        if norm not in NONNEGATIVE_NORMS:
+            warnings.warn(
+                f"norm_type={norm!r} allows negative weights, which void pcDEQ's guarantees for "
+                f"plain nn.Linear / nn.Conv2d layers in f. Pass --norm_type {NORM_NAME} (or "
+                f"norm_type='{NORM_NAME}'). The pcDEQ layers constrain their own weights whatever "
+                "the norm_type.",
+                PcDEQWarning,
+                stacklevel=3,
+            )
     return config
 
 
