@@ -19,6 +19,7 @@ import json
 import pathlib
 import subprocess
 import time
+import traceback
 
 import torch
 
@@ -175,15 +176,30 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch on this machine.")
     summary = {"hardware": hardware_line(torch.device(args.device)), "driver": _driver(), "runs": {}}
+    folder = RESULTS / "smoke" if args.smoke else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name, module, run_argv in plan(args.device, args.smoke, args.bf16):
         start = time.perf_counter()
         print(f"== {name}: python -m {module.__name__} {' '.join(run_argv)}", flush=True)
-        module.main(run_argv)
-        summary["runs"][name] = {"argv": run_argv, "seconds": time.perf_counter() - start}
-    folder = RESULTS / "smoke" if args.smoke else RESULTS
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"suite_{args.device}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"suite done: {sum(r['seconds'] for r in summary['runs'].values()):.0f} s; {summary['hardware']}")
+        record = {"argv": run_argv}
+        # One broken benchmark must not cost the others' results (a GPU lease is short): the
+        # failure is printed in full, recorded, and makes the suite's exit status nonzero.
+        try:
+            module.main(run_argv)
+        except Exception as error:
+            traceback.print_exc()
+            record["error"] = f"{type(error).__name__}: {error}"
+            failed.append(name)
+        record["seconds"] = time.perf_counter() - start
+        summary["runs"][name] = record
+        # written after each run, so that a suite stopped by a time limit keeps what it measured
+        (folder / f"suite_{args.device}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    total = sum(r["seconds"] for r in summary["runs"].values())
+    if failed:
+        names = ", ".join(failed)
+        raise SystemExit(f"suite finished in {total:.0f} s with {len(failed)} failed run(s): {names}")
+    print(f"suite done: {total:.0f} s; {summary['hardware']}")
     return summary
 
 

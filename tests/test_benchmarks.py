@@ -73,3 +73,31 @@ def test_the_gpu_suite_smoke_runs_on_cuda():
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_suite_runs_on_after_a_failed_benchmark_and_exits_nonzero(monkeypatch, tmp_path):
+    from benchmarks import suite
+
+    ran = []
+
+    class Broken:
+        __name__ = "benchmarks.broken"
+
+        @staticmethod
+        def main(argv):
+            raise RuntimeError("out of memory")
+
+    class Fine:
+        __name__ = "benchmarks.fine"
+
+        @staticmethod
+        def main(argv):
+            ran.append(argv)
+
+    monkeypatch.setattr(suite, "RESULTS", tmp_path)
+    monkeypatch.setattr(suite, "plan", lambda *a: [("broken", Broken, ["-a"]), ("fine", Fine, ["-b"])])
+    with pytest.raises(SystemExit, match=r"1 failed run\(s\): broken"):
+        suite.main(["--device", "cpu"])
+    assert ran == [["-b"]]
+    runs = json.loads((tmp_path / "suite_cpu.json").read_text())["runs"]
+    assert runs["broken"]["error"] == "RuntimeError: out of memory" and "error" not in runs["fine"]
