@@ -424,6 +424,34 @@ def test_hook_ift_gives_the_implicit_gradient_on_every_backward_of_a_retained_gr
         u.grad = None
 
 
+@pytest.mark.parametrize("backward", [True, False], ids=["after backward", "without backward"])
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_a_training_step_frees_every_state_tensor_it_made(gradient, backward):
+    """A graph that refers to itself through a hook is never collected: one leaked state per step."""
+    import gc
+    import weakref
+
+    f, x = dense_instance(scale=2.0, dtype=torch.float32)
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift")
+    u = torch.randn(x.shape, requires_grad=True)
+    states, step = [], {}
+
+    def tracked(z):
+        states.append(weakref.ref(z))
+        return f(z, step["x"])
+
+    for _ in range(3):
+        step["x"] = f.inject(u)
+        z_out, _ = deq(tracked, torch.zeros_like(step["x"]))
+        if backward:
+            z_out[-1].sum().backward()
+        del z_out
+        step.clear()
+    gc.collect()
+    assert len(states) > 6
+    assert [ref for ref in states if ref() is not None] == []
+
+
 def test_a_deep_copy_of_the_core_applies_its_own_policy_in_backward():
     f, x = dense_instance(scale=2.0, dtype=torch.float32)
     original = torchdeq.get_deq(core="pcdeq", b_max_iter=1)

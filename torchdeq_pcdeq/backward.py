@@ -6,12 +6,17 @@ radius is below 1 (method.md, section 3), so plain iteration on ``y`` converges.
 
 Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, writer=None)``:
 
-* :func:`make_ift` (default): a ``torch.autograd.Function``; two graphs of ``f`` in memory.
-* :func:`make_hook_ift`: a tensor hook; one graph. Unlike TorchDEQ's, the hook stays registered
-  for the life of the graph and lets the gradient through unchanged while its own adjoint solve
-  runs. TorchDEQ's version removes a hook stored on the core, so calling the core twice before
-  ``backward()`` makes a hook re-enter itself without bound, and a second backward through a
-  retained graph silently falls back to a one-step gradient.
+* :func:`make_ift` (default): the backward recomputes ``f`` at ``z*``; two graphs of ``f`` in
+  memory during ``backward()``.
+* :func:`make_hook_ift` (``hook_ift=True``): the adjoint products reuse the graph of the tracked
+  application ``f(z*)``; one graph. TorchDEQ implements it as a tensor hook on ``f(z*)`` that
+  refers to ``f(z*)``, a reference cycle through the C++ graph that Python's garbage collector
+  cannot see (three state-sized tensors leaked per training step, until the process ran out of
+  memory); removing the hook stored on the core on first use bounds that, but then calling the
+  core twice before ``backward()`` makes a hook re-enter itself without bound, and a second
+  backward through a retained graph silently falls back to a one-step gradient. Here an
+  ``autograd.Function`` placed after ``f(z*)`` saves it: its graph points upstream only, so it
+  is freed with the step, and every backward of a retained graph solves again.
 
 The producers ask the core that calls them (``trainer``) what to do after each backward solve
 (``trainer.after_backward``: statistics to ``writer``, non-convergence policy) and whether to
@@ -140,30 +145,37 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
 
 
 def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
-    """Gradient producer: implicit differentiation through a tensor hook (one graph of ``f``).
+    """Gradient producer: implicit differentiation on the graph of ``f(z*)`` itself (one graph).
 
     Arguments as :func:`make_ift`.
     """
 
+    class _ImplicitGradOnGraph(autograd.Function):
+        # f_out and z_in go through save_for_backward, not ctx attributes: the saved copies are
+        # released after a backward that does not retain the graph, and in-place changes to
+        # them are caught.
+        @staticmethod
+        def forward(ctx, f_out, z_in, trainer, func, writer, autocast):
+            ctx.trainer, ctx.func, ctx.writer, ctx.autocast = trainer, func, writer, autocast
+            ctx.save_for_backward(f_out, z_in)
+            return f_out.view_as(f_out)
+
+        @staticmethod
+        def backward(ctx, grad):
+            f_out, z_in = ctx.saved_tensors
+            with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
+                y = _solve_adjoint(
+                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
+                )
+            # y flows on through f_out's graph to the parameters and the injection.
+            return y, None, None, None, None, None
+
     def produce(trainer, func, z_pred, writer=None, **kwargs):
-        z_in = z_pred.requires_grad_()
+        z_in = z_pred.detach().requires_grad_()
         f_out = func(z_in)
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
             return [f_out]
-        solving = [False]
-        autocast = _autocast_state(z_in)
-
-        def hook(grad: Tensor) -> Tensor | None:
-            if solving[0]:  # the adjoint solve's own products pass through this tensor
-                return None
-            solving[0] = True
-            try:
-                with _autocast_as_in_forward(autocast):  # the certificate calls f again
-                    return _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, writer)
-            finally:
-                solving[0] = False
-
-        f_out.register_hook(hook)
-        return [f_out]
+        autocast = _autocast_state(z_in)  # backward() usually runs after the autocast region closed
+        return [_ImplicitGradOnGraph.apply(f_out, z_in, trainer, func, writer, autocast)]
 
     return produce
