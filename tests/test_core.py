@@ -452,6 +452,17 @@ def test_a_training_step_frees_every_state_tensor_it_made(gradient, backward):
     assert [ref for ref in states if ref() is not None] == []
 
 
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_a_second_order_gradient_through_the_solve_is_an_error_not_a_wrong_number(gradient):
+    f, x = dense_instance(scale=2.0)
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    z = solve(torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift"), f, f.inject(u))[0][-1]
+    with pytest.raises(InvalidInputError, match=r"second-order gradient .* \(create_graph=True\)"):
+        torch.autograd.grad(z.square().sum(), u, create_graph=True)
+    (du,) = torch.autograd.grad(z.square().sum(), u)  # the first order is unaffected
+    assert torch.isfinite(du).all() and (du != 0).any()
+
+
 def test_a_deep_copy_of_the_core_applies_its_own_policy_in_backward():
     f, x = dense_instance(scale=2.0, dtype=torch.float32)
     original = torchdeq.get_deq(core="pcdeq", b_max_iter=1)

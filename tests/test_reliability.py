@@ -191,6 +191,13 @@ def solve_not_converged():
     return lambda: deq(lambda z: f(z, x), torch.zeros_like(x)), [f]
 
 
+def second_order_gradient():
+    f, x = dense_instance(dtype=torch.float32)
+    u = torch.randn(x.shape, requires_grad=True)
+    z = _deq()(lambda z: f(z, f.inject(u)), torch.zeros_like(x))[0][-1]
+    return lambda: torch.autograd.grad(z.square().sum(), u, create_graph=True), [f]
+
+
 def tolerance_below_dtype_resolution(monkeypatch):
     monkeypatch.setattr(solver_module, "_warned_floors", set())  # warned once per process
     f, x = dense_instance(dtype=torch.float32)
@@ -221,6 +228,7 @@ CASES = {
     "`f` not positive-monotone": not_positive_monotone,
     "weight made negative by hand, `project` mode": weight_made_negative_by_hand_in_project_mode,
     "solve not converged, `pcdeq_nonconvergence='raise'`": solve_not_converged,
+    "second-order gradient (`create_graph=True`)": second_order_gradient,
     "tolerance below the dtype's resolution": tolerance_below_dtype_resolution,
 }
 

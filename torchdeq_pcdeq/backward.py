@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, autograd
 
 from .certify import rate_bound
-from .errors import PcDEQWarning
+from .errors import InvalidInputError, PcDEQWarning
 
 __all__ = ["make_ift", "make_hook_ift"]
 
@@ -84,6 +84,16 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
     )
 
 
+def _refuse_second_order() -> None:
+    # Autograd runs backward functions with grad mode on exactly when asked for create_graph=True.
+    if torch.is_grad_enabled():
+        raise InvalidInputError(
+            "A second-order gradient through the pcdeq core was asked for (create_graph=True), but "
+            "the implicit gradient solves its adjoint equation without building a graph, so the "
+            "result would be wrong. Differentiate through the solve once (create_graph=False)."
+        )
+
+
 def _autocast_state(state: Tensor) -> list[tuple[str, bool, torch.dtype]]:
     """Autocast for the CPU and ``state``'s device now, as (device type, enabled, dtype)."""
     return [
@@ -127,6 +137,7 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
 
         @staticmethod
         def backward(ctx, grad):
+            _refuse_second_order()
             (z_pred,) = ctx.saved_tensors
             z_in = z_pred.clone().requires_grad_()
             with _autocast_as_in_forward(ctx.autocast):
@@ -162,12 +173,14 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
 
         @staticmethod
         def backward(ctx, grad):
+            _refuse_second_order()
             f_out, z_in = ctx.saved_tensors
             with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
                 y = _solve_adjoint(
                     ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
                 )
-            # y flows on through f_out's graph to the parameters and the injection.
+            # y flows on through f_out's graph to the parameters and the injection (and, one
+            # unused product, to z_in: the price of sharing the graph with the adjoint solve).
             return y, None, None, None, None, None
 
     def produce(trainer, func, z_pred, writer=None, **kwargs):
