@@ -10,13 +10,14 @@ Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, write
   memory during ``backward()``.
 * :func:`make_hook_ift` (``hook_ift=True``): the adjoint products reuse the graph of the tracked
   application ``f(z*)``; one graph. TorchDEQ implements it as a tensor hook on ``f(z*)`` that
-  refers to ``f(z*)``, a reference cycle through the C++ graph that Python's garbage collector
-  cannot see (three state-sized tensors leaked per training step, until the process ran out of
-  memory); removing the hook stored on the core on first use bounds that, but then calling the
-  core twice before ``backward()`` makes a hook re-enter itself without bound, and a second
-  backward through a retained graph silently falls back to a one-step gradient. Here an
-  ``autograd.Function`` placed after ``f(z*)`` saves it: its graph points upstream only, so it
-  is freed with the step, and every backward of a retained graph solves again.
+  refers to ``f(z*)`` and removes itself on first use through a handle stored on the core, so
+  calling the core twice before ``backward()`` makes a hook re-enter itself without bound, and a
+  second backward through a retained graph silently falls back to a one-step gradient. A hook
+  that stays registered (this package's first version) keeps that mutual reference for good: it
+  runs through the C++ graph, which Python's garbage collector cannot see, and every training
+  step leaked three state-sized tensors. Here an ``autograd.Function`` placed after ``f(z*)``
+  saves it: its graph points upstream only, so it is freed with the step, and every backward of
+  a retained graph solves again.
 
 The producers ask the core that calls them (``trainer``) what to do after each backward solve
 (``trainer.after_backward``: statistics to ``writer``, non-convergence policy) and whether to
