@@ -496,6 +496,31 @@ def test_no_host_sync_per_iteration_on_cuda():
     assert syncs <= info["trace_steps"].numel() + 10 < iterations
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_training_steps_on_cuda_return_the_device_memory_they_take(gradient):
+    """The leak that showed on an H200 as 4 GB per single-conv epoch: allocated memory is flat."""
+    f, _ = conv_instance(channels=16, size=28, batch=32, dtype=torch.float32)
+    f = f.cuda()
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift")
+    u = torch.randn(32, 16, 28, 28, device="cuda", requires_grad=True)
+
+    def step():
+        x = f.inject(u)
+        deq(lambda z: f(z, x), torch.zeros_like(x))[0][-1].sum().backward()
+        u.grad = None
+        f.zero_grad(set_to_none=True)
+
+    step()  # the first step allocates what every step reuses (workspaces, gradients' buffers)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    state_bytes = u.numel() * u.element_size()
+    assert torch.cuda.memory_allocated() - before < state_bytes  # three states per step leaked before
+
+
 @pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
 def test_the_graph_kept_for_backward_does_not_grow_with_the_iteration_budget(gradient):
     f, x = dense_instance(activation="relu6", scale=0.99, dtype=torch.float32)
