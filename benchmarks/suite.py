@@ -26,6 +26,7 @@ import torch
 from benchmarks import certificates, long_run, micro, solver_overhead, train
 from benchmarks.solver_overhead import hardware_line
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -177,7 +178,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch on this machine.")
-    summary = {"hardware": hardware_line(torch.device(args.device)), "driver": _driver(), "runs": {}}
+    summary = {
+        "hardware": hardware_line(torch.device(args.device)),
+        "driver": _driver(),
+        "commit": _commit(),
+        "runs": {},
+    }
     folder = RESULTS / "smoke" if args.smoke else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -216,6 +222,29 @@ def _driver() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _commit() -> str | None:
+    """The code measured: the checkout's commit, with "+changes" when the tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30, cwd=ROOT
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "torchdeq_pcdeq", "benchmarks"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None  # not a git checkout (a copied tree)
+    changed = dirty.returncode == 0 and any(
+        not line[3:].startswith("benchmarks/results/") for line in dirty.stdout.splitlines()
+    )
+    return head.stdout.strip() + ("+changes" if changed else "")
 
 
 if __name__ == "__main__":

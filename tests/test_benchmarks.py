@@ -99,5 +99,12 @@ def test_the_suite_runs_on_after_a_failed_benchmark_and_exits_nonzero(monkeypatc
     with pytest.raises(SystemExit, match=r"1 failed run\(s\): broken"):
         suite.main(["--device", "cpu"])
     assert ran == [["-b"]]
-    runs = json.loads((tmp_path / "suite_cpu.json").read_text())["runs"]
+    summary = json.loads((tmp_path / "suite_cpu.json").read_text())
+    assert summary["commit"] is None or summary["commit"].startswith(_head()[:7])
+    runs = summary["runs"]
     assert runs["broken"]["error"] == "RuntimeError: out of memory" and "error" not in runs["fine"]
+
+
+def _head() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
