@@ -54,3 +54,49 @@ def test_unknown_names_and_missing_defaults():
     assert build_model("linear", "cifar10", channels=16).num_parameters() > 0
     with pytest.raises(InvalidInputError, match="three channel counts"):
         build_model("multi_conv", "mnist", channels=12)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "nonnegativity", "deq"),
+    [
+        ("linear", "weight_norm", None),
+        ("single_conv", "parametrize", None),
+        ("multi_conv", "project", None),
+        ("single_conv", "weight_norm", {"hook_ift": False}),
+        ("linear", "weight_norm", {"hook_ift": True, "pcdeq_rate_bound": True}),
+        ("multi_conv", "weight_norm", {"pcdeq_enclosure": True}),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::torchdeq_pcdeq.PcDEQWarning")  # tolerances raised at random init
+def test_training_a_model_keeps_the_live_tensors_flat(architecture, nonnegativity, deq):
+    """No tensor outlives its step: the bytes held by live tensors stop growing after warm-up
+    (a leak grows them by a state or more at every step)."""
+    import gc
+
+    import torch.nn.functional as F
+
+    from torchdeq_pcdeq import attach_projection
+
+    def live_bytes() -> int:
+        gc.collect()
+        return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if torch.is_tensor(o))
+
+    torch.manual_seed(0)
+    dataset = "cifar10" if architecture == "multi_conv" else "mnist"
+    channels = {"linear": 16, "single_conv": 8, "multi_conv": (4, 8, 8)}[architecture]
+    model = build_model(architecture, dataset, nonnegativity=nonnegativity, channels=channels, deq=deq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if nonnegativity == "project":
+        attach_projection(optimizer, model)
+    shape = (8, 3, 32, 32) if dataset == "cifar10" else (8, 1, 28, 28)
+    sizes = []
+    for _ in range(7):
+        logits, _ = model(torch.rand(shape))
+        loss = F.cross_entropy(logits, torch.randint(0, 10, (8,)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        del logits, loss
+        sizes.append(live_bytes())
+    # warm-up allocates for good (optimizer state, gradients' buffers, caches); then flat
+    assert sizes[-3] == sizes[-2] == sizes[-1], sizes
