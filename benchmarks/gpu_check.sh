@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh [ARCHIVE]      # default: gpu_check.tgz in the repository root
 #
+# TESTS_TIMEOUT and SUITE_TIMEOUT (seconds; default 120 and 420) fit it into a shorter lease.
+#
 # Needs a CUDA GPU and torch, torchdeq, mlxtend, matplotlib, tqdm and pytest importable (with
 # the repository root on PYTHONPATH when the package is not installed). About 5 minutes on one
 # H200; the suite's summary (benchmarks/results/suite_cuda.json) is written after every run.
@@ -19,10 +21,10 @@ python=${PYTHON:-python3}
 
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1
 # the smoke suite is covered by the full one below
-timeout 120 "$python" -m pytest -q -p no:cacheprovider -m cuda -k "not gpu_suite_smoke" tests \
+timeout "${TESTS_TIMEOUT:-120}" "$python" -m pytest -q -p no:cacheprovider -m cuda -k "not gpu_suite_smoke" tests \
     >"$logs/pytest_cuda.log" 2>&1
 tests=$?
-timeout 420 "$python" -m benchmarks.suite --device cuda >"$logs/suite.log" 2>&1
+timeout "${SUITE_TIMEOUT:-420}" "$python" -m benchmarks.suite --device cuda >"$logs/suite.log" 2>&1
 suite=$?
 tail -n 3 "$logs/pytest_cuda.log"
 grep -v '^  epoch' "$logs/suite.log" | tail -n 60
