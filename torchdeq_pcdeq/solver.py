@@ -382,25 +382,24 @@ class _Monitor:
         within tolerance to the end (the last iteration if it ended above).
         """
         n = len(self.steps)
-        history = torch.stack(self.abs + self.rel, dim=1)  # (batch, 2n): one op for both traces
-        abs_trace, rel_trace = history[:, :n], history[:, n:]
-        lowest = history.view(-1, 2, n).amin(dim=2)
+        # One op for both traces; every other entry is a view of it or one reduction over it.
+        history = torch.stack(self.abs + self.rel, dim=1).view(-1, 2, n)  # (batch, abs|rel, check)
+        abs_trace, rel_trace = history.unbind(1)
+        abs_lowest, rel_lowest = history.amin(dim=2).unbind(1)
         if self.stop_mode == "rel":
             ok = rel_trace <= self.rel_limit
         else:
             ok = abs_trace <= torch.stack(self.abs_limit, dim=1)
-        # nstep: the first check from which the sample stayed within tolerance to the end
-        positions = torch.arange(n, device=ok.device)
-        settled_from = torch.where(ok, -1, positions).amax(dim=1) + 1  # n when the last failed
-        steps = torch.tensor([*self.steps, k], dtype=history.dtype, device=device)
+        # nstep: the check after the sample's last failed one (the first check if none failed)
+        marks = torch.tensor([*self.steps, k], dtype=history.dtype, device=device)
         entries = dict(
-            abs_lowest=lowest[:, 0],
-            rel_lowest=lowest[:, 1],
+            abs_lowest=abs_lowest,
+            rel_lowest=rel_lowest,
             abs_trace=abs_trace,
             rel_trace=rel_trace,
-            nstep=steps[settled_from],
+            nstep=torch.where(ok, self.steps[0], marks[1:]).amax(dim=1),
             sradius=torch.full((1,), -1.0, device=device),
-            trace_steps=steps[:-1].long(),
+            trace_steps=marks[:-1].long(),
             converged=ok[:, -1],
         )
         if self.certified:
