@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterator
 
@@ -297,11 +298,14 @@ class PcDEQLayer(nn.Module):
 
     def _verify_injection(self, x: Tensor) -> None:
         strict = self.variant == 1
+        if x.numel() == 0:  # an empty batch holds nothing to check (and has no extremes)
+            return
         with torch.no_grad():
-            bad = ~torch.isfinite(x) | ((x <= 0) if strict else (x < 0))
-            if bool(bad.any()):
+            # One reduction and one host sync: NaN propagates to both extremes and fails both tests.
+            low, high = torch.stack(torch.aminmax(x)).tolist()
+            if not ((low > 0 if strict else low >= 0) and high < math.inf):
                 _require_finite(x, f"{type(self).__name__} injection")
-                count, low = int(bad.sum()), x.min().item()
+                count = int(((x <= 0) if strict else (x < 0)).sum())
                 need = "strictly positive" if strict else "nonnegative"
                 raise InvalidInputError(
                     f"{type(self).__name__} with activation {self.activation.name!r} (pcDEQ-"
