@@ -19,6 +19,7 @@ from conftest import (
 from torchdeq_pcdeq import (
     ConvergenceError,
     InvalidInputError,
+    NonFiniteError,
     NonNegativeWeightNorm,
     NotPositiveMonotoneError,
     PcDEQCore,
@@ -543,3 +544,75 @@ def test_the_graph_kept_for_backward_does_not_grow_with_the_iteration_budget(gra
         return sum(total)
 
     assert saved_bytes(10) == saved_bytes(100) > 0
+
+
+# -- the first iteration from zero ---------------------------------------------------------------
+
+
+def _count_products(f):
+    """Make ``f`` count its products with ``W``; return the counter."""
+    calls = {"n": 0}
+    apply = f.apply_operator
+
+    def counting(z, weight):
+        calls["n"] += 1
+        return apply(z, weight)
+
+    f.apply_operator = counting
+    return calls
+
+
+@pytest.mark.parametrize("make", INSTANCES)
+@pytest.mark.parametrize("training", [False, True])
+def test_a_solve_from_zero_skips_one_product_with_w_and_changes_nothing(make, training):
+    results = {}
+    for variant in ("skip", "full"):
+        f, x = make(scale=2.0)
+        x.requires_grad_(training)
+        calls = _count_products(f)
+        deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).train(training)
+        # z.clone() is not the initial state object: the layer computes W 0 in full
+        func = (lambda z: f(z, x)) if variant == "skip" else (lambda z: f(z.clone(), x))
+        z_out, info = deq(func, torch.zeros_like(x))
+        tracked = 1 if training else 0
+        results[variant] = (z_out[-1], int(info["trace_steps"][-1]) + tracked, calls["n"])
+        if training:
+            z_out[-1].square().sum().backward()
+            results[variant] += ([x.grad, *(p.grad for p in f.parameters())],)
+    (z_skip, iterations, products_skip), (z_full, _, products_full) = results["skip"][:3], results["full"][:3]
+    assert torch.equal(z_skip, z_full)  # W 0 + x == x exactly
+    assert products_full == iterations and products_skip == iterations - 1
+    if training:
+        for skip, full in zip(results["skip"][3], results["full"][3], strict=True):
+            assert torch.equal(skip, full)
+
+
+def test_a_solve_from_a_nonzero_state_computes_every_product():
+    f, x = dense_instance(scale=2.0)
+    calls = _count_products(f)
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).eval()
+    _, info = deq(lambda z: f(z, x), torch.full_like(x, 0.5))
+    assert calls["n"] == int(info["trace_steps"][-1])
+
+
+def test_a_nan_weight_is_still_reported_when_the_first_product_is_skipped():
+    f, x = dense_instance(scale=2.0)
+    with torch.no_grad():
+        f.linear.weight[0, 0] = float("nan")
+    deq = torchdeq.get_deq(core="pcdeq").eval()
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        deq(lambda z: f(z, x), torch.zeros_like(x))
+
+
+def test_zero_state_keeps_the_gradient_of_a_state_that_requires_grad():
+    from torchdeq_pcdeq.layers import zero_state
+
+    f, x = dense_instance()
+    grads = []
+    for marked in (False, True):
+        z = torch.zeros_like(x, requires_grad=True)
+        with zero_state(z if marked else None):
+            f(z, x).sum().backward()
+        grads.append(z.grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1])

@@ -15,7 +15,9 @@ options) with:
   that ends above its tolerance is flagged in ``info["converged"]`` and, per
   ``pcdeq_nonconvergence``, warned about or raised;
 * parametrized weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
-  instead of once per iteration.
+  instead of once per iteration;
+* from a zero initial state, the first iteration of the pcDEQ layers is ``sigma(x)``: the
+  product with ``W``, exactly zero, is skipped (:func:`~torchdeq_pcdeq.layers.zero_state`).
 
 Example:
     >>> import torch, torchdeq
@@ -42,7 +44,7 @@ from .backward import make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
 from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
-from .layers import observe_layer_calls
+from .layers import observe_layer_calls, zero_state
 
 __all__ = ["PcDEQCore", "COMPILE_REASON"]
 
@@ -123,9 +125,13 @@ class PcDEQCore(DEQSliced):
             ``min_injection`` (per sample, over the pcDEQ layers called by ``func``; NaN
             without any) and, when enabled, ``error_bound`` and ``rate_bound``.
         """
-        _check_initial_state(z_init)
+        starts_at_zero = _check_initial_state(z_init)
         self._check_context(sradius_mode)
-        z_out, info = super().forward(func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs)
+        # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
+        with zero_state(z_init if starts_at_zero else None):
+            z_out, info = super().forward(
+                func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs
+            )
         if self.training and "error_bound" in info:
             # Training returns f applied to the midpoint (for the gradient), not the midpoint:
             # f(l) <= f(mid) <= f(u) and f(l) <= z* <= f(u), so the whole gap bounds its error.
@@ -238,7 +244,8 @@ def _check_iteration_budgets(core: PcDEQCore) -> None:
         )
 
 
-def _check_initial_state(z_init) -> None:
+def _check_initial_state(z_init) -> bool:
+    """Raise unless ``z_init`` is one finite, nonnegative state tensor; return whether it is zero."""
     if not isinstance(z_init, Tensor):
         raise InvalidInputError(
             f"The pcdeq core takes the initial state as one tensor, got {type(z_init).__name__}. "
@@ -260,3 +267,4 @@ def _check_initial_state(z_init) -> None:
             f"The initial state has negative entries (min {low:.3g}); pcDEQ "
             "iterates live in the nonnegative orthant. Start from torch.zeros_like(x)."
         )
+    return high == 0

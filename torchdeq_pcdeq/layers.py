@@ -45,6 +45,7 @@ __all__ = [
     "PcDEQLinear",
     "PcDEQConv2d",
     "observe_layer_calls",
+    "zero_state",
     "DEFAULT_INJECTION_FLOOR",
     "DEFAULT_NONNEGATIVITY",
     "INJECTION_BETA",
@@ -56,6 +57,8 @@ DEFAULT_NONNEGATIVITY = "weight_norm"
 
 # Active observers of layer calls (see observe_layer_calls); empty almost always.
 _OBSERVERS: list[dict] = []
+# States known to be exactly zero (see zero_state); empty outside a pcdeq solve.
+_ZERO_STATES: list[Tensor] = []
 
 
 @contextlib.contextmanager
@@ -80,6 +83,36 @@ def observe_layer_calls() -> Iterator[dict]:
         yield seen
     finally:
         _OBSERVERS.remove(seen)
+
+
+@contextlib.contextmanager
+def zero_state(z: Tensor | None) -> Iterator[None]:
+    """Tell the pcDEQ layers that ``z`` (this very tensor object) holds only zeros.
+
+    A solve from ``z_0 = 0`` starts with ``f(0) = sigma(W 0 + x) = sigma(x)``: a layer called
+    inside the block on ``z`` itself skips the product with ``W`` (exactly
+    zero for finite weights; a NaN weight still shows in the next iterate). The pcdeq core uses
+    it after verifying that its initial state is zero. ``None`` is a no-op. A ``z`` that
+    requires grad is computed in full, so that its gradient is kept.
+
+    Example:
+        >>> import torch
+        >>> f = PcDEQLinear(4)
+        >>> z, x = torch.zeros(2, 4), f.inject(torch.randn(2, 4))
+        >>> with zero_state(z):
+        ...     first = f(z, x)
+        >>> torch.equal(first, f(z, x)), torch.equal(first, torch.tanh(x))
+        (True, True)
+    """
+    if z is None:
+        yield
+        return
+    _ZERO_STATES.append(z)
+    try:
+        yield
+    finally:
+        # by identity: list.remove would compare tensors elementwise
+        del _ZERO_STATES[next(i for i, known in enumerate(_ZERO_STATES) if known is z)]
 
 
 def _option(args, key: str, default):
@@ -246,6 +279,8 @@ class PcDEQLayer(nn.Module):
             if _OBSERVERS:
                 for seen in _OBSERVERS:
                     seen.setdefault(id(self), (self, x))
+            if _ZERO_STATES and not z.requires_grad and any(z is zero for zero in _ZERO_STATES):
+                return self.activation.function(x)  # W 0 + x == x exactly: skip the product
         return self.activation.function(self.apply_operator(z, weight) + x)
 
     def _verify_call(self, z: Tensor, x: Tensor, weight: Tensor, key: tuple) -> None:
