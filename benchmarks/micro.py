@@ -3,6 +3,10 @@
 * ``steps``: median time of a training step (forward, backward, optimizer step) of pcDEQ
   (``pcdeq``), TorchDEQ's standard DEQ (``torchdeq_anderson``, ``torchdeq_fixed_point``) and the
   reference's way (``reference``), on the same architecture, batch and data, interleaved.
+* ``work``: what one training step of each kind computes, counted at PyTorch's dispatcher: all
+  tensor operations, and the passes of the heavy operator (a convolution or a matrix product,
+  forward or one gradient output of its backward). Time follows the passes for the convolutional
+  models and the operation count for the small linear one.
 * ``memory``: peak memory of one pcDEQ training step with ``f_max_iter`` 10 and 100 on a layer
   that needs more than 10 iterations. Implicit differentiation keeps no graph of the solve, so the
   two must match. CUDA: peak bytes allocated by tensors. CPU: the peak resident set of a fresh
@@ -24,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.baselines import KINDS, build
 from benchmarks.data import load
@@ -55,11 +60,53 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
         return infos
 
     counts = {kind: iterations(step(*setup)[0]) for kind, setup in setups.items()}
+    work = {}
+    for kind, setup in setups.items():
+        with WorkCounter() as counter:
+            step(*setup)
+        work[kind] = counter.totals()
     times = {kind: [] for kind in setups}
     for _ in range(repeats):
         for kind, setup in setups.items():
             times[kind].append(timed(lambda setup=setup: step(*setup), device))
-    return {kind: {"ms": 1e3 * statistics.median(t), "iterations": counts[kind]} for kind, t in times.items()}
+    return {
+        kind: {"ms": 1e3 * statistics.median(t), "iterations": counts[kind], **work[kind]}
+        for kind, t in times.items()
+    }
+
+
+class WorkCounter(TorchDispatchMode):
+    """Counts the tensor operations of a block, and the passes of its heavy operators.
+
+    A pass is one convolution or matrix product: a forward call, or one gradient output (input
+    or weight) of a convolution's backward.
+
+    Example:
+        >>> a = torch.ones(2, 2)
+        >>> with WorkCounter() as counter:
+        ...     _ = a @ a + 1
+        >>> counter.totals()
+        {'ops': 2, 'passes': 1}
+    """
+
+    _PRODUCTS = frozenset(
+        (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.passes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func is torch.ops.aten.convolution.default or func in self._PRODUCTS:
+            self.passes += 1
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.passes += sum(args[-1][:2])  # output_mask: (input, weight, bias)
+        return func(*args, **(kwargs or {}))
+
+    def totals(self) -> dict:
+        return {"ops": self.ops, "passes": self.passes}
 
 
 def iterations(info: dict) -> float:
@@ -158,14 +205,18 @@ def main(argv=None):
         f"--repeats {args.repeats}{' --bf16' if args.bf16 else ''}`)",
         f"Hardware: {hardware}",
         "",
-        "| model | kind | forward iterations | training step ms | relative to reference |",
-        "|---|---|---:|---:|---:|",
+        "| model | kind | forward iterations | operations / step | heavy passes / step | training step ms "
+        "| relative to reference |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, rows in steps.items():
         base = rows.get("reference", {}).get("ms")
         for kind, row in rows.items():
             ratio = f"{row['ms'] / base:.2f}x" if base else "-"
-            lines.append(f"| {name} | {kind} | {row['iterations']:.1f} | {row['ms']:.1f} | {ratio} |")
+            lines.append(
+                f"| {name} | {kind} | {row['iterations']:.1f} | {row['ops']} | {row['passes']} "
+                f"| {row['ms']:.1f} | {ratio} |"
+            )
     lines += [
         "",
         "| pcDEQ training step (single conv, slow layer) | forward iterations | peak memory MB |",
