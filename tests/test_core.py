@@ -616,3 +616,22 @@ def test_zero_state_keeps_the_gradient_of_a_state_that_requires_grad():
         grads.append(z.grad)
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])
+
+
+def test_a_zero_state_changed_in_place_or_under_inference_mode_is_computed_in_full():
+    f, x = dense_instance(scale=2.0)
+    calls = _count_products(f)
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).eval()
+
+    def shifted(z):  # a (buggy) f that edits the solver's state in place
+        return f(z.add_(0.5) if z is z_init else z, x)
+
+    z_init = torch.zeros_like(x)
+    z_edit, info = deq(shifted, z_init)
+    assert calls["n"] == int(info["trace_steps"][-1])  # no product skipped
+    full = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).eval()
+    torch.testing.assert_close(z_edit[-1], full(lambda z: f(z, x), torch.full_like(x, 0.5))[0][-1])
+    calls["n"] = 0
+    with torch.inference_mode():
+        _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    assert calls["n"] == int(info["trace_steps"][-1])

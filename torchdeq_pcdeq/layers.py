@@ -57,8 +57,9 @@ DEFAULT_NONNEGATIVITY = "weight_norm"
 
 # Active observers of layer calls (see observe_layer_calls); empty almost always.
 _OBSERVERS: list[dict] = []
-# States known to be exactly zero (see zero_state); empty outside a pcdeq solve.
-_ZERO_STATES: list[Tensor] = []
+# States known to be exactly zero, with their version counters (see zero_state); empty outside
+# a pcdeq solve.
+_ZERO_STATES: list[tuple[Tensor, int]] = []
 
 
 @contextlib.contextmanager
@@ -92,8 +93,10 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
     A solve from ``z_0 = 0`` starts with ``f(0) = sigma(W 0 + x) = sigma(x)``: a layer called
     inside the block on ``z`` itself skips the product with ``W`` (exactly
     zero for finite weights; a NaN weight still shows in the next iterate). The pcdeq core uses
-    it after verifying that its initial state is zero. ``None`` is a no-op. A ``z`` that
-    requires grad is computed in full, so that its gradient is kept.
+    it after verifying that its initial state is zero. ``None`` is a no-op. The product is
+    computed in full for a ``z`` that requires grad (its gradient is kept), that was changed in
+    place since (its version counter moved), or that is an inference tensor (which has no
+    version counter to tell).
 
     Example:
         >>> import torch
@@ -104,15 +107,16 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
         >>> torch.equal(first, f(z, x)), torch.equal(first, torch.tanh(x))
         (True, True)
     """
-    if z is None:
+    if z is None or z.is_inference():
         yield
         return
-    _ZERO_STATES.append(z)
+    entry = (z, z._version)
+    _ZERO_STATES.append(entry)
     try:
         yield
     finally:
-        # by identity: list.remove would compare tensors elementwise
-        del _ZERO_STATES[next(i for i, known in enumerate(_ZERO_STATES) if known is z)]
+        # by identity: list.remove would compare the tensors elementwise
+        del _ZERO_STATES[next(i for i, known in enumerate(_ZERO_STATES) if known is entry)]
 
 
 def _option(args, key: str, default):
@@ -279,7 +283,7 @@ class PcDEQLayer(nn.Module):
             if _OBSERVERS:
                 for seen in _OBSERVERS:
                     seen.setdefault(id(self), (self, x))
-            if _ZERO_STATES and not z.requires_grad and any(z is zero for zero in _ZERO_STATES):
+            if _ZERO_STATES and _is_known_zero(z):
                 return self.activation.function(x)  # W 0 + x == x exactly: skip the product
         return self.activation.function(self.apply_operator(z, weight) + x)
 
@@ -470,6 +474,12 @@ class PcDEQConv2d(PcDEQLayer):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
+
+
+def _is_known_zero(z: Tensor) -> bool:
+    if z.requires_grad or z.is_inference():
+        return False
+    return any(z is zero and z._version == version for zero, version in _ZERO_STATES)
 
 
 def _describe(value: object) -> str:
