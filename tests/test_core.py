@@ -595,11 +595,15 @@ def test_a_solve_from_a_nonzero_state_computes_every_product():
     assert calls["n"] == int(info["trace_steps"][-1])
 
 
-def test_a_nan_weight_is_still_reported_when_the_first_product_is_skipped():
-    f, x = dense_instance(scale=2.0)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("activation", ["tanh", "relu6"])
+@pytest.mark.parametrize("budget", [1, 200])
+def test_a_non_finite_weight_is_still_reported_when_the_first_product_is_skipped(bad, activation, budget):
+    # Inf * 0 is NaN in the product; tanh(Inf) = 1 would hide an Inf weight from then on.
+    f, x = dense_instance(scale=2.0, activation=activation)
     with torch.no_grad():
-        f.linear.weight[0, 0] = float("nan")
-    deq = torchdeq.get_deq(core="pcdeq").eval()
+        f.linear.weight[0, 0] = bad
+    deq = torchdeq.get_deq(core="pcdeq", f_max_iter=budget, eval_f_max_iter=budget).eval()
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         deq(lambda z: f(z, x), torch.zeros_like(x))
 
@@ -635,3 +639,52 @@ def test_a_zero_state_changed_in_place_or_under_inference_mode_is_computed_in_fu
     with torch.inference_mode():
         _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
     assert calls["n"] == int(info["trace_steps"][-1])
+
+
+def test_a_zero_state_laid_out_unlike_the_injection_is_computed_in_full():
+    f, x = conv_instance(scale=2.0)
+    calls = _count_products(f)
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).eval()
+    z_init = torch.zeros_like(x).contiguous(memory_format=torch.channels_last)
+    _, info = deq(lambda z: f(z, x), z_init)
+    assert calls["n"] == int(info["trace_steps"][-1])
+
+
+def test_solves_in_several_threads_keep_their_layer_contexts_apart():
+    import threading
+
+    from torchdeq_pcdeq.layers import _CONTEXT
+
+    threads_count = 4
+    inside = threading.Barrier(threads_count, timeout=30)
+    errors, results = [], {}
+
+    def work(seed):
+        try:
+            f, x = dense_instance(seed=seed, scale=2.0)
+            x = x * (seed + 1)  # each thread its own smallest injection
+            deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).eval()
+            calls = [0]
+
+            def func(z):
+                calls[0] += 1
+                if calls[0] == 1:
+                    inside.wait()  # every thread is inside its solve's contexts at once
+                return f(z, x)
+
+            z, info = deq(func, torch.zeros_like(x))
+            results[seed] = (z[-1], iterate(f, x, torch.zeros_like(x), 500)[-1], info, x)
+            assert not _CONTEXT.zero_states and not _CONTEXT.observers
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for z, reference, info, x in results.values():
+        torch.testing.assert_close(z, reference, rtol=0, atol=1e-9)
+        # a layer called by another thread's solve would lower this solve's minimum
+        assert torch.equal(info["min_injection"], x.amin(dim=1).to(info["min_injection"].dtype))

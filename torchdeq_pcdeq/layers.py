@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -55,11 +56,19 @@ INJECTION_BETA = 5.0
 DEFAULT_INJECTION_FLOOR = 1e-6
 DEFAULT_NONNEGATIVITY = "weight_norm"
 
-# Active observers of layer calls (see observe_layer_calls); empty almost always.
-_OBSERVERS: list[dict] = []
-# States known to be exactly zero, with their version counters (see zero_state); empty outside
-# a pcdeq solve.
-_ZERO_STATES: list[tuple[Tensor, int]] = []
+
+class _SolveContext(threading.local):
+    """What the solves running in this thread tell the layers; empty outside a pcdeq solve.
+
+    Per thread, so that solves in several threads neither see nor unregister each other's.
+    """
+
+    def __init__(self):
+        self.observers: list[dict] = []  # see observe_layer_calls
+        self.zero_states: list[tuple[Tensor, int]] = []  # (state, its version); see zero_state
+
+
+_CONTEXT = _SolveContext()
 
 
 @contextlib.contextmanager
@@ -79,11 +88,12 @@ def observe_layer_calls() -> Iterator[dict]:
         [6.0]
     """
     seen: dict = {}
-    _OBSERVERS.append(seen)
+    observers = _CONTEXT.observers
+    observers.append(seen)
     try:
         yield seen
     finally:
-        _OBSERVERS.remove(seen)
+        del observers[next(i for i, known in enumerate(observers) if known is seen)]
 
 
 @contextlib.contextmanager
@@ -95,8 +105,10 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
     zero for finite weights; a NaN weight still shows in the next iterate). The pcdeq core uses
     it after verifying that its initial state is zero. ``None`` is a no-op. The product is
     computed in full for a ``z`` that requires grad (its gradient is kept), that was changed in
-    place since (its version counter moved), or that is an inference tensor (which has no
-    version counter to tell).
+    place since (its version counter moved; edits through ``z.data`` or NumPy do not move it, so
+    do not make them), that is an inference tensor (which has no version counter to tell), or
+    whose memory layout differs from the injection's. A weight holding Inf or NaN still makes
+    the first iterate NaN, as the product would.
 
     Example:
         >>> import torch
@@ -111,12 +123,13 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
         yield
         return
     entry = (z, z._version)
-    _ZERO_STATES.append(entry)
+    zero_states = _CONTEXT.zero_states
+    zero_states.append(entry)
     try:
         yield
     finally:
         # by identity: list.remove would compare the tensors elementwise
-        del _ZERO_STATES[next(i for i, known in enumerate(_ZERO_STATES) if known is entry)]
+        del zero_states[next(i for i, known in enumerate(zero_states) if known is entry)]
 
 
 def _option(args, key: str, default):
@@ -280,11 +293,13 @@ class PcDEQLayer(nn.Module):
             # any parametrization other than ours (looked up once per injection: it is slow).
             if self._check_weight or isinstance(weight, nn.Parameter):
                 self._verify_weight(weight)
-            if _OBSERVERS:
-                for seen in _OBSERVERS:
-                    seen.setdefault(id(self), (self, x))
-            if _ZERO_STATES and _is_known_zero(z):
-                return self.activation.function(x)  # W 0 + x == x exactly: skip the product
+            context = _CONTEXT
+            for seen in context.observers:
+                seen.setdefault(id(self), (self, x))
+            if context.zero_states and _is_known_zero(z, x, context.zero_states):
+                # W 0 + x == x exactly, unless W holds Inf or NaN (Inf * 0 is NaN): the product
+                # is skipped, and a non-finite weight still poisons the iterate.
+                return self.activation.function(x + weight.amax() * 0)
         return self.activation.function(self.apply_operator(z, weight) + x)
 
     def _verify_call(self, z: Tensor, x: Tensor, weight: Tensor, key: tuple) -> None:
@@ -476,10 +491,12 @@ class PcDEQConv2d(PcDEQLayer):
         return f"{self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
 
 
-def _is_known_zero(z: Tensor) -> bool:
-    if z.requires_grad or z.is_inference():
+def _is_known_zero(z: Tensor, x: Tensor, zero_states: list[tuple[Tensor, int]]) -> bool:
+    # A layout other than the injection's would change the iterate's layout, hence the kernels
+    # of the next products and their rounding: skip only where the result is bitwise the same.
+    if z.requires_grad or z.is_inference() or z.stride() != x.stride():
         return False
-    return any(z is zero and z._version == version for zero, version in _ZERO_STATES)
+    return any(z is zero and z._version == version for zero, version in zero_states)
 
 
 def _describe(value: object) -> str:
