@@ -4,9 +4,10 @@
   (``pcdeq``), TorchDEQ's standard DEQ (``torchdeq_anderson``, ``torchdeq_fixed_point``) and the
   reference's way (``reference``), on the same architecture, batch and data, interleaved.
 * ``work``: what one training step of each kind computes, counted at PyTorch's dispatcher: all
-  tensor operations, and the passes of the heavy operator (a convolution or a matrix product,
-  forward or one gradient output of its backward). Time follows the passes for the convolutional
-  models and the operation count for the small linear one.
+  tensor operations, and the passes of the models' heavy operators (a convolution or a matrix
+  product, forward or one gradient output of its backward; see :class:`WorkCounter`). Time
+  follows the passes for the convolutional models and the operation count for the small linear
+  one.
 * ``memory``: peak memory of one pcDEQ training step with ``f_max_iter`` 10 and 100 on a layer
   that needs more than 10 iterations. Implicit differentiation keeps no graph of the solve, so the
   two must match. CUDA: peak bytes allocated by tensors. CPU: the peak resident set of a fresh
@@ -59,11 +60,10 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
         model.after_step()
         return infos
 
-    counts = {kind: iterations(step(*setup)[0]) for kind, setup in setups.items()}
-    work = {}
+    counts, work = {}, {}
     for kind, setup in setups.items():
         with WorkCounter() as counter:
-            step(*setup)
+            counts[kind] = iterations(step(*setup)[0])  # the iterations of the counted step
         work[kind] = counter.totals()
     times = {kind: [] for kind in setups}
     for _ in range(repeats):
@@ -78,8 +78,10 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
 class WorkCounter(TorchDispatchMode):
     """Counts the tensor operations of a block, and the passes of its heavy operators.
 
-    A pass is one convolution or matrix product: a forward call, or one gradient output (input
-    or weight) of a convolution's backward.
+    A pass is one convolution or matrix-matrix product (``mm``, ``addmm``: the models' layers):
+    a forward call, or one gradient output (input or weight) of a convolution's backward. The
+    batched products of Anderson acceleration (``bmm``, on its small history) are operations,
+    not passes.
 
     Example:
         >>> a = torch.ones(2, 2)
@@ -89,9 +91,7 @@ class WorkCounter(TorchDispatchMode):
         {'ops': 2, 'passes': 1}
     """
 
-    _PRODUCTS = frozenset(
-        (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-    )
+    _PRODUCTS = frozenset((torch.ops.aten.mm.default, torch.ops.aten.addmm.default))
 
     def __init__(self):
         super().__init__()
