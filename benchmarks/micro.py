@@ -62,6 +62,7 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
 
     counts, work = {}, {}
     for kind, setup in setups.items():
+        step(*setup)  # the first step also creates the optimizer's state: not counted
         with WorkCounter() as counter:
             counts[kind] = iterations(step(*setup)[0])  # the iterations of the counted step
         work[kind] = counter.totals()
