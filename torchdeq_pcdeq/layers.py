@@ -88,12 +88,8 @@ def observe_layer_calls() -> Iterator[dict]:
         [6.0]
     """
     seen: dict = {}
-    observers = _CONTEXT.observers
-    observers.append(seen)
-    try:
+    with _registered(_CONTEXT.observers, seen):
         yield seen
-    finally:
-        del observers[next(i for i, known in enumerate(observers) if known is seen)]
 
 
 @contextlib.contextmanager
@@ -101,14 +97,13 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
     """Tell the pcDEQ layers that ``z`` (this very tensor object) holds only zeros.
 
     A solve from ``z_0 = 0`` starts with ``f(0) = sigma(W 0 + x) = sigma(x)``: a layer called
-    inside the block on ``z`` itself skips the product with ``W`` (exactly
-    zero for finite weights; a NaN weight still shows in the next iterate). The pcdeq core uses
-    it after verifying that its initial state is zero. ``None`` is a no-op. The product is
-    computed in full for a ``z`` that requires grad (its gradient is kept), that was changed in
-    place since (its version counter moved; edits through ``z.data`` or NumPy do not move it, so
-    do not make them), that is an inference tensor (which has no version counter to tell), or
-    whose memory layout differs from the injection's. A weight holding Inf or NaN still makes
-    the first iterate NaN, as the product would.
+    inside the block on ``z`` itself skips the product with ``W`` (exactly zero for finite
+    weights). The pcdeq core uses it after verifying that its initial state is zero. ``None`` is
+    a no-op. The product is computed in full for a ``z`` that requires grad (its gradient is
+    kept), that was changed in place since (its version counter moved; edits through ``z.data``
+    or NumPy do not move it, so do not make them), that is an inference tensor (which has no
+    version counter to tell), or whose memory layout differs from the injection's. A weight
+    holding Inf or NaN still makes the first iterate NaN, as the product would.
 
     Example:
         >>> import torch
@@ -122,14 +117,19 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
     if z is None or z.is_inference():
         yield
         return
-    entry = (z, z._version)
-    zero_states = _CONTEXT.zero_states
-    zero_states.append(entry)
+    with _registered(_CONTEXT.zero_states, (z, z._version)):
+        yield
+
+
+@contextlib.contextmanager
+def _registered(entries: list, entry) -> Iterator[None]:
+    """``entry`` in ``entries`` for the duration of the block."""
+    entries.append(entry)
     try:
         yield
     finally:
-        # by identity: list.remove would compare the tensors elementwise
-        del zero_states[next(i for i, known in enumerate(zero_states) if known is entry)]
+        # by identity: list.remove would compare tensors elementwise
+        del entries[next(i for i, known in enumerate(entries) if known is entry)]
 
 
 def _option(args, key: str, default):
@@ -492,11 +492,12 @@ class PcDEQConv2d(PcDEQLayer):
 
 
 def _is_known_zero(z: Tensor, x: Tensor, zero_states: list[tuple[Tensor, int]]) -> bool:
-    # A layout other than the injection's would change the iterate's layout, hence the kernels
-    # of the next products and their rounding: skip only where the result is bitwise the same.
-    if z.requires_grad or z.is_inference() or z.stride() != x.stride():
-        return False
-    return any(z is zero and z._version == version for zero, version in zero_states)
+    for zero, version in zero_states:  # registered states are never inference tensors
+        if z is zero:
+            # Not if edited in place, tracked by autograd, or laid out unlike the injection: the
+            # iterate's layout would change the kernels of the next products and their rounding.
+            return z._version == version and not z.requires_grad and z.stride() == x.stride()
+    return False
 
 
 def _describe(value: object) -> str:
