@@ -23,6 +23,7 @@ from torchdeq_pcdeq import (
     NonNegativeWeightNorm,
     NotPositiveMonotoneError,
     PcDEQCore,
+    PcDEQLayer,
     PcDEQLinear,
     PcDEQWarning,
     UnknownNameError,
@@ -32,9 +33,20 @@ from torchdeq_pcdeq import (
 TIGHT = dict(f_tol=1e-12, b_tol=1e-12, f_max_iter=5000, b_max_iter=5000)
 
 
-def solve(deq, f, x, z0=None):
+def solve(deq, f, x, z0=None, path="closed_form"):
     z0 = torch.zeros_like(x) if z0 is None else z0
-    return deq(lambda z: f(z, x), z0)
+    return deq(layer_map(f, x, path), z0)
+
+
+# How the gradient is computed: in closed form for a plain layer call, else through a recorded f.
+PATHS = ["closed_form", "recorded"]
+
+
+def layer_map(f, x, path):
+    """``z -> f(z, x)``; ``"recorded"`` hides the layer's own output behind an exact copy."""
+    if path == "closed_form":
+        return lambda z: f(z, x)
+    return lambda z: f(z, x).clone()
 
 
 # -- the method's claims ----------------------------------------------------------------------
@@ -78,9 +90,10 @@ def test_iterates_increase_from_zero_and_decrease_from_the_upper_bound(activatio
 # -- gradients --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("make", [dense_instance, conv_instance])
-def test_implicit_gradient_matches_finite_differences_float64(activation, make):
+def test_implicit_gradient_matches_finite_differences_float64(activation, make, path):
     f, x = (
         make(activation=activation, scale=2.0, batch=1, size=3)
         if make is conv_instance
@@ -90,15 +103,16 @@ def test_implicit_gradient_matches_finite_differences_float64(activation, make):
     u = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def z_star(u):
-        return solve(deq, f, f.inject(u))[0][-1]
+        return solve(deq, f, f.inject(u), path=path)[0][-1]
 
     assert torch.autograd.gradcheck(z_star, (u.requires_grad_(),), atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
 @pytest.mark.parametrize("make", INSTANCES)
 @pytest.mark.parametrize("mode", MODES)
-def test_weight_gradient_matches_central_differences_float64(gradient, make, mode):
+def test_weight_gradient_matches_central_differences_float64(gradient, make, mode, path):
     f, x = make(activation="tanh", scale=2.0, nonnegativity=mode)
     deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift", **TIGHT)
     probe = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -107,7 +121,7 @@ def test_weight_gradient_matches_central_differences_float64(gradient, make, mod
     directions = [torch.rand(p.shape, dtype=torch.float64, generator=gen) for p in params]
 
     def loss():
-        return (solve(deq, f, x)[0][-1] * probe).sum()
+        return (solve(deq, f, x, path=path)[0][-1] * probe).sum()
 
     loss().backward()
     analytic = sum((p.grad * d).sum() for p, d in zip(params, directions)).item()
@@ -151,7 +165,8 @@ def test_phantom_gradient_when_a_dict_config_turns_ift_off():
     assert z_out[-1].requires_grad
 
 
-def test_parametrized_weights_are_computed_once_per_solve(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_parametrized_weights_are_computed_once_per_solve(monkeypatch, path):
     calls = []
     original = NonNegativeWeightNorm.forward
 
@@ -163,11 +178,13 @@ def test_parametrized_weights_are_computed_once_per_solve(monkeypatch):
     monkeypatch.setattr(NonNegativeWeightNorm, "forward", counting)
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_check_every=1)
     x = f.inject(torch.randn(4, 8))
-    z_out, info = solve(deq, f, x)
+    z_out, info = solve(deq, f, x, path=path)
     z_out[-1].sum().backward()
     assert info["nstep"].max() >= 3
-    # one for the no-grad solve, one for the tracked step, one for the adjoint graph
-    assert calls == [False, True, True]
+    if path == "closed_form":  # the no-grad solve, then the weight the gradient flows to
+        assert calls == [False, True]
+    else:  # the no-grad solve, the tracked step, the adjoint graph
+        assert calls == [False, True, True]
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -410,14 +427,15 @@ def test_training_inside_an_outer_parametrize_cache_is_refused():
         torchdeq.get_deq(core="pcdeq")(lambda z: f(z, x), torch.zeros_like(x))
 
 
-def test_hook_ift_gives_the_implicit_gradient_on_every_backward_of_a_retained_graph():
+@pytest.mark.parametrize("path", PATHS)
+def test_hook_ift_gives_the_implicit_gradient_on_every_backward_of_a_retained_graph(path):
     f, x = dense_instance(scale=2.0)
     u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
     reference = torchdeq.get_deq(core="pcdeq", **TIGHT)
-    solve(reference, f, f.inject(u))[0][-1].sum().backward()
+    solve(reference, f, f.inject(u), path="recorded")[0][-1].sum().backward()
     expected = u.grad.clone()
     u.grad = None
-    z = solve(torchdeq.get_deq(core="pcdeq", hook_ift=True, **TIGHT), f, f.inject(u))[0][-1]
+    z = solve(torchdeq.get_deq(core="pcdeq", hook_ift=True, **TIGHT), f, f.inject(u), path=path)[0][-1]
     loss = z.sum()
     for _ in range(2):
         loss.backward(retain_graph=True)
@@ -425,9 +443,10 @@ def test_hook_ift_gives_the_implicit_gradient_on_every_backward_of_a_retained_gr
         u.grad = None
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("backward", [True, False], ids=["after backward", "without backward"])
 @pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
-def test_a_training_step_frees_every_state_tensor_it_made(gradient, backward):
+def test_a_training_step_frees_every_state_tensor_it_made(gradient, backward, path):
     """A graph that refers to itself through a hook is never collected: one leaked state per step."""
     import gc
     import weakref
@@ -439,7 +458,7 @@ def test_a_training_step_frees_every_state_tensor_it_made(gradient, backward):
 
     def tracked(z):
         states.append(weakref.ref(z))
-        return f(z, step["x"])
+        return layer_map(f, step["x"], path)(z)
 
     for _ in range(3):
         step["x"] = f.inject(u)
@@ -453,11 +472,13 @@ def test_a_training_step_frees_every_state_tensor_it_made(gradient, backward):
     assert [ref for ref in states if ref() is not None] == []
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
-def test_a_second_order_gradient_through_the_solve_is_an_error_not_a_wrong_number(gradient):
+def test_a_second_order_gradient_through_the_solve_is_an_error_not_a_wrong_number(gradient, path):
     f, x = dense_instance(scale=2.0)
     u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
-    z = solve(torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift"), f, f.inject(u))[0][-1]
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift")
+    z = solve(deq, f, f.inject(u), path=path)[0][-1]
     with pytest.raises(InvalidInputError, match=r"second-order gradient .* \(create_graph=True\)"):
         torch.autograd.grad(z.square().sum(), u, create_graph=True)
     (du,) = torch.autograd.grad(z.square().sum(), u)  # the first order is unaffected
@@ -522,8 +543,9 @@ def test_training_steps_on_cuda_return_the_device_memory_they_take(gradient):
     assert torch.cuda.memory_allocated() - before < state_bytes  # three states per step leaked before
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
-def test_the_graph_kept_for_backward_does_not_grow_with_the_iteration_budget(gradient):
+def test_the_graph_kept_for_backward_does_not_grow_with_the_iteration_budget(gradient, path):
     f, x = dense_instance(activation="relu6", scale=0.99, dtype=torch.float32)
     x = x * 1e-3  # a slow solve: more than 100 iterations
 
@@ -539,11 +561,141 @@ def test_the_graph_kept_for_backward_does_not_grow_with_the_iteration_budget(gra
         )
         u = x.clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _, info = deq(lambda z: f(z, u), torch.zeros_like(u))
+            _, info = deq(layer_map(f, u, path), torch.zeros_like(u))
         assert int(info["nstep"].max()) == budget
         return sum(total)
 
     assert saved_bytes(10) == saved_bytes(100) > 0
+
+
+# -- the closed-form implicit gradient ------------------------------------------------------------
+
+
+def _step(deq, f, u, path, probe):
+    """One training step's solve and backward; its gradients, statistics and heavy passes."""
+    from benchmarks.micro import WorkCounter
+
+    backward_stats = []
+    f.zero_grad(set_to_none=True)
+    u.grad = None
+    with WorkCounter() as counter:
+        x = f.inject(u)
+        z_out, _ = deq(layer_map(f, x, path), torch.zeros_like(x), backward_writer=backward_stats.append)
+        (z_out[-1] * probe).sum().backward()
+    grads = [u.grad] + [p.grad for p in f.parameters()]
+    return type(z_out[-1].grad_fn).__name__, grads, backward_stats, counter.totals()["passes"]
+
+
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+@pytest.mark.parametrize("make", INSTANCES)
+def test_the_closed_form_gradient_equals_the_recorded_one_with_two_passes_fewer(make, gradient):
+    """No tracked application of f, and no product with W that the gradient does not use."""
+    f, x = make(scale=2.0, nonnegativity="weight_norm")
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift", **TIGHT)
+    u = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u.requires_grad_()
+    probe = torch.rand(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    closed = _step(deq, f, u, "closed_form", probe)
+    recorded = _step(deq, f, u, "recorded", probe)
+    assert closed[0] == "_ClosedFormImplicitGradBackward"
+    assert recorded[0] in ("_ImplicitGradBackward", "_ImplicitGradOnGraphBackward")
+    for a, b in zip(closed[1], recorded[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    (closed_stats,), (recorded_stats,) = closed[2], recorded[2]
+    assert bool(closed_stats["converged"].all())
+    assert torch.equal(closed_stats["nstep"], recorded_stats["nstep"])
+    assert recorded[3] - closed[3] == 2
+
+
+def _plain_linear_layer(n):
+    class WithoutVjp(PcDEQLinear):
+        operator_vjp = PcDEQLayer.operator_vjp  # a layer class that does not implement it
+
+    return WithoutVjp(n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two layers",
+        "a new injection per call",
+        "one iteration",
+        "autocast",
+        "rate bound",
+        "enclosure",
+        "no operator vjp",
+    ],
+)
+def test_the_closed_form_is_used_only_where_it_holds_and_the_gradient_is_right_everywhere(case):
+    f, x = dense_instance(scale=2.0)
+    if case == "no operator vjp":
+        weight = f.weight.detach()
+        f = _plain_linear_layer(x.shape[1])
+        set_weight(f, weight)
+    g, _ = dense_instance(scale=1.0, seed=1)
+    u = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    u.requires_grad_()
+    config = dict(TIGHT, pcdeq_nonconvergence="ignore")
+    config.update(
+        {
+            "one iteration": dict(f_max_iter=1),
+            "rate bound": dict(pcdeq_rate_bound=True),
+            "enclosure": dict(pcdeq_enclosure=True),
+            "autocast": dict(f_tol=5e-2, b_tol=5e-2),
+        }.get(case, {})
+    )
+    deq = torchdeq.get_deq(core="pcdeq", **config)
+
+    def run(path):
+        u.grad = None
+        x = f.inject(u)
+        if case == "two layers":
+            func = lambda z: g(f(z, x), x)  # noqa: E731
+        elif case == "a new injection per call":
+            func = lambda z: f(z, x * 1)  # noqa: E731
+        else:
+            func = layer_map(f, x, path)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            z_out, _ = deq(func, torch.zeros_like(x))
+        z_out[-1].float().sum().backward()
+        return type(z_out[-1].grad_fn).__name__, u.grad.clone()
+
+    name, grad = run("closed_form")
+    assert name != "_ClosedFormImplicitGradBackward", case
+    assert torch.isfinite(grad).all() and (grad != 0).any()
+    if case in ("no operator vjp", "rate bound", "enclosure"):  # the same f, recorded by hand
+        torch.testing.assert_close(grad, run("recorded")[1], rtol=1e-8, atol=1e-10)
+
+
+def test_a_layer_chain_stops_at_any_other_call_and_at_any_edit_in_place():
+    from torchdeq_pcdeq.layers import record_layer_chain
+
+    f, x = dense_instance(scale=2.0)
+    g, _ = dense_instance(scale=2.0, seed=1)
+
+    def run(calls):
+        with record_layer_chain() as chain:
+            z = torch.zeros_like(x)
+            for call in calls:
+                z = call(z)
+        return chain, z
+
+    plain = lambda z: f(z, x)  # noqa: E731
+    chain, z = run([plain] * 3)
+    step = chain.last_step(z.detach())
+    assert step.layer is f and step.x is x and chain.calls == 3
+    assert torch.equal(f(step.z_in, x), z)
+    assert chain.last_step(z.clone()) is None, "another tensor, even with the same values"
+    assert run([plain])[0].last_step(run([plain])[1]) is None, "one call: f's input is unknown"
+    assert run([plain, lambda z: g(z, x), plain])[0].broken
+    assert run([plain, lambda z: f(z.clone(), x), plain])[0].broken
+    assert run([plain, lambda z: f(z, x.clone()), plain])[0].broken
+    chain, z = run([plain] * 3)
+    z.add_(0)
+    assert chain.last_step(z) is None, "the state was edited in place"
+    chain, z = run([plain] * 3)
+    x.add_(0)
+    assert chain.last_step(z) is None, "the injection was edited in place"
 
 
 # -- the first iteration from zero ---------------------------------------------------------------
@@ -571,11 +723,13 @@ def test_a_solve_from_zero_skips_one_product_with_w_and_changes_nothing(make, tr
         x.requires_grad_(training)
         calls = _count_products(f)
         deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, f_max_iter=500).train(training)
-        # z.clone() is not the initial state object: the layer computes W 0 in full
-        func = (lambda z: f(z, x)) if variant == "skip" else (lambda z: f(z.clone(), x))
-        z_out, info = deq(func, torch.zeros_like(x))
-        tracked = 1 if training else 0
-        results[variant] = (z_out[-1], int(info["trace_steps"][-1]) + tracked, calls["n"])
+        z_init = torch.zeros_like(x)
+        # a copy of the initial state is not the initial state object: the layer computes W 0
+        # in full (the later calls get the layer's own outputs: the same gradient path)
+        func = (lambda z: f(z, x)) if variant == "skip" else (lambda z: f(z.clone() if z is z_init else z, x))
+        z_out, info = deq(func, z_init)
+        # training: the closed-form gradient needs no tracked application of f
+        results[variant] = (z_out[-1], int(info["trace_steps"][-1]), calls["n"])
         if training:
             z_out[-1].square().sum().backward()
             results[variant] += ([x.grad, *(p.grad for p in f.parameters())],)

@@ -36,22 +36,22 @@ from torch import Tensor, autograd
 from .certify import rate_bound
 from .errors import InvalidInputError, PcDEQWarning
 
-__all__ = ["make_ift", "make_hook_ift"]
+__all__ = ["make_ift", "make_hook_ift", "make_closed_form_ift"]
 
 
-def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, writer) -> Tensor:
-    """Solve ``y = J^T y + grad`` with ``J = d f_out / d z_in``; report through the trainer.
+def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer) -> Tensor:
+    """Solve ``y = J^T y + grad`` with ``J^T y = vjp(y)`` at ``z_in``; report through the trainer.
 
     With ``trainer.certify_backward``, the solve runs in the ``z_in``-weighted l1 norm, in which
     the adjoint map contracts by the rate bound ``q`` computed at ``z_in``, and stops on the
     certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``.
     """
+    grad = _same_layout(grad, z_in)
 
     def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
-        step = autograd.grad(f_out, z_in, y, retain_graph=True)[0] + grad
+        step = vjp(y) + grad
         return step if tau == 1.0 else tau * step + (1 - tau) * y
 
-    grad = _same_layout(grad, z_in)
     kwargs = b_solver_kwargs
     if trainer.certify_backward:
         weights = z_in.detach()
@@ -60,7 +60,7 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, f_out, grad, 
         if worst < 1:
             kwargs = {**kwargs, "weights": weights, "rate": rate}
         else:
-            _warn_uncertifiable(worst, f_out.dtype)
+            _warn_uncertifiable(worst, z_in.dtype)
     # Starting from grad rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
     y, _, info = b_solver(adjoint, grad, **kwargs)
     trainer.after_backward(info, writer)
@@ -144,12 +144,18 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
             with _autocast_as_in_forward(ctx.autocast):
                 with torch.enable_grad():
                     f_out = ctx.func(z_in)
+                vjp = _graph_vjp(f_out, z_in)
                 y = _solve_adjoint(
-                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
+                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
                 )
             return None, None, y, None, None
 
+    closed_form = make_closed_form_ift(b_solver, b_solver_kwargs)
+
     def produce(trainer, func, z_pred, writer=None, **kwargs):
+        closed = closed_form(trainer, z_pred, writer)
+        if closed is not None:
+            return closed
         # backward() usually runs after the autocast region closed: remember it now.
         return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer, _autocast_state(z_pred))]
 
@@ -177,14 +183,20 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
             _refuse_second_order()
             f_out, z_in = ctx.saved_tensors
             with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
+                vjp = _graph_vjp(f_out, z_in)
                 y = _solve_adjoint(
-                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, f_out, grad, ctx.writer
+                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
                 )
             # y flows on through f_out's graph to the parameters and the injection (and, one
             # unused product, to z_in: the price of sharing the graph with the adjoint solve).
             return y, None, None, None, None, None
 
+    closed_form = make_closed_form_ift(b_solver, b_solver_kwargs)
+
     def produce(trainer, func, z_pred, writer=None, **kwargs):
+        closed = closed_form(trainer, z_pred, writer)
+        if closed is not None:
+            return closed
         z_in = z_pred.detach().requires_grad_()
         f_out = func(z_in)
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
@@ -193,3 +205,85 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
         return [_ImplicitGradOnGraph.apply(f_out, z_in, trainer, func, writer, autocast)]
 
     return produce
+
+
+def _graph_vjp(f_out: Tensor, z_in: Tensor) -> Callable[[Tensor], Tensor]:
+    """``y -> J^T y`` through the recorded graph of ``f_out = f(z_in)``."""
+    return lambda y: autograd.grad(f_out, z_in, y, retain_graph=True)[0]
+
+
+def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
+    """Implicit differentiation in closed form, for a solve that only iterated one pcDEQ layer.
+
+    When ``f = lambda z: layer(z, x)`` (the solve's layer calls form one
+    :class:`~torchdeq_pcdeq.layers.LayerChain`), the returned state is ``z* = sigma(pre)`` with
+    ``pre = W z_in + x`` from the solver's last step, and ``J = diag(sigma'(pre)) W``. Then
+
+    * the output is ``z*`` itself, with a backward that needs no recorded application of ``f``
+      (saving the forward pass of the tracked application);
+    * each adjoint product is ``W^T (sigma'(pre) y)``, one pass of the operator's transpose (no
+      graph of ``f``, hence no unused product with respect to ``z_in`` afterwards);
+    * the parameters get ``d<v, W z_in>/dW`` and the injection ``v``, with ``v = sigma'(pre) y``.
+
+    The Jacobian is taken at the last step's input ``z_in`` instead of at ``z*``; both are within
+    the solve's tolerance of the fixed point, as with TorchDEQ's ``f(z*)``.
+
+    Returns ``closed_form(trainer, z_pred, writer)``: the gradient producer's result, or ``None``
+    where the closed form does not apply (the caller then records ``f``).
+    """
+
+    class _ClosedFormImplicitGrad(autograd.Function):
+        @staticmethod
+        def forward(ctx, weight, x, z_in, pre, z_star, step, trainer, writer, autocast):
+            ctx.layer, ctx.trainer, ctx.writer, ctx.autocast = step.layer, trainer, writer, autocast
+            ctx.save_for_backward(weight, z_in, pre)
+            return z_star
+
+        @staticmethod
+        def backward(ctx, grad):
+            _refuse_second_order()
+            weight, z_in, pre = ctx.saved_tensors
+            layer = ctx.layer
+            slope = _slope(layer.activation.function, pre)
+
+            def vjp(y: Tensor) -> Tensor:
+                return layer.operator_vjp(slope * y, z_in, weight)[0]
+
+            with _autocast_as_in_forward(ctx.autocast):
+                y = _solve_adjoint(ctx.trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, ctx.writer)
+                v = slope * y
+                want_weight, want_x = ctx.needs_input_grad[:2]
+                grad_weight = (
+                    layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
+                    if want_weight
+                    else None
+                )
+            return grad_weight, v if want_x else None, None, None, None, None, None, None, None
+
+    def closed_form(trainer, z_pred, writer):
+        take = getattr(trainer, "take_last_step", None)
+        step = take(z_pred) if take is not None else None
+        if step is None or not torch.is_grad_enabled():
+            return None
+        weight = step.layer.weight
+        if not (weight.requires_grad or step.x.requires_grad):
+            return None
+        if len({weight.dtype, step.x.dtype, step.pre.dtype, z_pred.dtype}) != 1:
+            return None
+        autocast = _autocast_state(z_pred)
+        if any(enabled for _, enabled, _ in autocast):
+            return None  # the solve computed in autocast's dtypes: record f instead
+        return [
+            _ClosedFormImplicitGrad.apply(
+                weight, step.x, step.z_in, step.pre, z_pred, step, trainer, writer, autocast
+            )
+        ]
+
+    return closed_form
+
+
+def _slope(activation: Callable[[Tensor], Tensor], pre: Tensor) -> Tensor:
+    """``sigma'(pre)``, elementwise, by autograd on the activation alone (any registered one)."""
+    with torch.enable_grad():
+        point = pre.detach().requires_grad_()
+        return autograd.grad(activation(point), point, torch.ones_like(point))[0]

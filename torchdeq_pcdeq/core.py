@@ -7,7 +7,10 @@ options) with:
 * forward and backward solvers pinned to ``pcdeq_fixed_point`` (TorchDEQ's ``--b_solver`` flag
   cannot name a plugin solver), unless the config forces another one, with a warning;
 * implicit differentiation by default, solved by plain iteration on the adjoint equation, with
-  a hook variant that cannot re-enter itself;
+  a hook variant that cannot re-enter itself; when ``f`` is one pcDEQ layer call
+  (``lambda z: layer(z, x)``), in closed form from the solver's last step: no tracked
+  application of ``f``, and each adjoint product one pass of ``W^T``
+  (:func:`~torchdeq_pcdeq.backward.make_closed_form_ift`);
 * pcDEQ defaults (relative tolerance ``1e-4``, 200 iterations; see
   :data:`~torchdeq_pcdeq.config.PCDEQ_CORE_DEFAULTS`), read from a private copy of the config;
 * checks: the initial state must be one finite, nonnegative tensor; a runtime guard
@@ -32,7 +35,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 
 import torch
@@ -44,7 +49,7 @@ from .backward import make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
 from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
-from .layers import observe_layer_calls, zero_state
+from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 
 __all__ = ["PcDEQCore", "COMPILE_REASON"]
 
@@ -162,9 +167,12 @@ class PcDEQCore(DEQSliced):
 
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
         options = {}
+        _LAST_SOLVE.chain = None
+        # The closed-form gradient needs the solve's last layer call (backward.make_closed_form_ift).
+        chain = record_layer_chain() if self._closed_form_gradient() else contextlib.nullcontext()
         # Inside the (no-grad) solve every parametrized weight is computed once, not per call;
         # the layers f calls report their activation and injection.
-        with parametrize.cached(), observe_layer_calls() as seen:
+        with parametrize.cached(), observe_layer_calls() as seen, chain as recorded:
             if self.owns_f_solver:
                 options = {"guard": self.guard, "check_every": self.check_every}
                 if self.enclosure:
@@ -179,7 +187,31 @@ class PcDEQCore(DEQSliced):
                 # At a state below z* (the enclosure's lower sequence; plain iterates from 0)
                 # the Jacobian dominates the one at z*, so q bounds the spectral radius at z*.
                 info["rate_bound"] = rate_bound(deq_func, info.get("lower", z_star))
+        if recorded is not None:
+            _LAST_SOLVE.chain = (self, recorded)
         return z_star, info
+
+    def _closed_form_gradient(self) -> bool:
+        """Whether a solve now may be differentiated in closed form (then its chain is recorded)."""
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and self.gradient in ("ift", "hook_ift")
+            and self.owns_f_solver
+            and not self.enclosure
+            and not self.certify_backward
+        )
+
+    def take_last_step(self, z_star: Tensor) -> LastStep | None:
+        """The last step of this core's latest solve in this thread, if it returned ``z_star``
+        by iterating one pcDEQ layer with a closed-form operator VJP; at most once per solve."""
+        latest, _LAST_SOLVE.chain = _LAST_SOLVE.chain, None
+        if latest is None or latest[0] is not self:
+            return None
+        step = latest[1].last_step(z_star)
+        if step is None or not step.layer.has_operator_vjp():
+            return None
+        return step
 
     def _sradius(self, deq_func, z_star):
         if self.sradius_method == "rate_bound":
@@ -217,6 +249,11 @@ class PcDEQCore(DEQSliced):
         if self.nonconvergence == "raise":
             raise ConvergenceError(message)
         warnings.warn(message, PcDEQWarning, stacklevel=4)
+
+
+# The chain of layer calls of the latest solve, handed from the solve to the gradient producer
+# that TorchDEQ's forward calls right after it (per thread: a core may be shared by threads).
+_LAST_SOLVE = threading.local()
 
 
 def _check_iteration_budgets(core: PcDEQCore) -> None:

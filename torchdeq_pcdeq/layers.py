@@ -26,6 +26,7 @@ import math
 import threading
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,9 @@ __all__ = [
     "PcDEQConv2d",
     "observe_layer_calls",
     "zero_state",
+    "record_layer_chain",
+    "LayerChain",
+    "LastStep",
     "DEFAULT_INJECTION_FLOOR",
     "DEFAULT_NONNEGATIVITY",
     "INJECTION_BETA",
@@ -66,6 +70,7 @@ class _SolveContext(threading.local):
     def __init__(self):
         self.observers: list[dict] = []  # see observe_layer_calls
         self.zero_states: list[tuple[Tensor, int]] = []  # (state, its version); see zero_state
+        self.chains: list[LayerChain] = []  # see record_layer_chain
 
 
 _CONTEXT = _SolveContext()
@@ -119,6 +124,88 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
         return
     with _registered(_CONTEXT.zero_states, (z, z._version)):
         yield
+
+
+@dataclass(frozen=True)
+class LastStep:
+    """The last step ``out = sigma(pre)``, ``pre = W z_in + x``, of a solve that only iterated one layer."""
+
+    layer: PcDEQLayer
+    x: Tensor
+    z_in: Tensor
+    pre: Tensor
+
+
+class LayerChain:
+    """The calls of pcDEQ layers in a block, kept only while they form one chain.
+
+    A chain is what a plain solve of ``f = lambda z: layer(z, x)`` produces: every call is made
+    by the same layer with the same injection ``x`` (this very tensor object, unchanged) on the
+    previous call's output. Only the last call is kept (its input, pre-activation and output);
+    any other call breaks the chain for good. :meth:`last_step` then says whether a returned
+    state is the chain's last output, so that the implicit gradient can use the layer's closed
+    form ``df/dz = diag(sigma'(pre)) W`` at that step instead of recording ``f`` again.
+    """
+
+    def __init__(self):
+        self.calls = 0
+        self.broken = False
+        self._layer = self._x = self._last = None
+        self._versions: tuple[int, ...] = ()
+
+    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, pre: Tensor, out: Tensor) -> None:
+        if self.broken:
+            return
+        if self._layer is None:
+            self._layer, self._x, self._x_version = layer, x, x._version
+        elif layer is not self._layer or x is not self._x or z is not self._last[2]:
+            self.broken = True
+            self._layer = self._x = self._last = None  # keep no tensor alive
+            return
+        self.calls += 1
+        self._last = (z, pre, out)
+        self._versions = (z._version, pre._version, out._version)
+
+    def last_step(self, state: Tensor) -> LastStep | None:
+        """The chain's last step if ``state`` is its last output (or a detached alias), unchanged.
+
+        ``None`` when the chain is broken, has fewer than two calls (the first call's input is
+        not known to be ``f``'s), or anything was edited in place since.
+        """
+        if self.broken or self.calls < 2:
+            return None
+        z_in, pre, out = self._last
+        same = (
+            state.data_ptr() == out.data_ptr()
+            and state.shape == out.shape
+            and state.stride() == out.stride()
+            and state.dtype == out.dtype
+        )
+        versions = (z_in._version, pre._version, out._version)
+        if not same or versions != self._versions or self._x._version != self._x_version:
+            return None
+        return LastStep(self._layer, self._x, z_in, pre)
+
+
+@contextlib.contextmanager
+def record_layer_chain() -> Iterator[LayerChain]:
+    """Record the pcDEQ layer calls of the block in a :class:`LayerChain` (this thread only).
+
+    Example:
+        >>> import torch
+        >>> f = PcDEQLinear(4)
+        >>> x = f.inject(torch.randn(2, 4))
+        >>> with record_layer_chain() as chain:
+        ...     z = torch.zeros(2, 4)
+        ...     for _ in range(3):
+        ...         z = f(z, x)
+        >>> step = chain.last_step(z.detach())
+        >>> step.layer is f, step.x is x
+        (True, True)
+    """
+    chain = LayerChain()
+    with _registered(_CONTEXT.chains, chain):
+        yield chain
 
 
 @contextlib.contextmanager
@@ -232,6 +319,21 @@ class PcDEQLayer(nn.Module):
         """``W z`` for this layer's operator."""
         raise NotImplementedError
 
+    def operator_vjp(
+        self, v: Tensor, z: Tensor, weight: Tensor, *, state: bool = True, weight_grad: bool = False
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Pull ``v`` back through ``W z``: ``(W^T v, d<v, W z>/dW)``, each only when asked for.
+
+        Optional for subclasses: a layer that implements it gets the closed-form implicit
+        gradient (no recorded application of ``f``; see :mod:`~torchdeq_pcdeq.backward`).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def has_operator_vjp(cls) -> bool:
+        """Whether this layer class implements :meth:`operator_vjp`."""
+        return cls.operator_vjp is not PcDEQLayer.operator_vjp
+
     def check_state(self, z: Tensor) -> None:
         """Raise :class:`InvalidInputError` unless ``z`` has this layer's state shape."""
         raise NotImplementedError
@@ -299,7 +401,13 @@ class PcDEQLayer(nn.Module):
             if context.zero_states and _is_known_zero(z, x, context.zero_states):
                 # W 0 + x == x exactly, unless W holds Inf or NaN (Inf * 0 is NaN): the product
                 # is skipped, and a non-finite weight still poisons the iterate.
-                return self.activation.function(x + weight.amax() * 0)
+                pre = x + weight.amax() * 0
+            else:
+                pre = self.apply_operator(z, weight) + x
+            out = self.activation.function(pre)
+            for chain in context.chains:
+                chain.record(self, z, x, pre, out)
+            return out
         return self.activation.function(self.apply_operator(z, weight) + x)
 
     def _verify_call(self, z: Tensor, x: Tensor, weight: Tensor, key: tuple) -> None:
@@ -419,6 +527,13 @@ class PcDEQLinear(PcDEQLayer):
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
         return F.linear(z, weight)
 
+    def operator_vjp(self, v, z, weight, *, state=True, weight_grad=False):
+        grad_state = torch.matmul(v, weight) if state else None
+        grad_weight = None
+        if weight_grad:
+            grad_weight = v.reshape(-1, self.features).t().matmul(z.reshape(-1, self.features))
+        return grad_state, grad_weight
+
     def check_state(self, z: Tensor) -> None:
         if not isinstance(z, Tensor) or z.dim() < 2 or z.shape[-1] != self.features:
             raise InvalidInputError(
@@ -478,6 +593,14 @@ class PcDEQConv2d(PcDEQLayer):
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(z, weight, padding=self.padding)
+
+    def operator_vjp(self, v, z, weight, *, state=True, weight_grad=False):
+        # The kernel autograd runs for F.conv2d's backward: one pass per requested output.
+        stride, padding, dilation = [1, 1], [self.padding] * 2, [1, 1]
+        grad_state, grad_weight, _ = torch.ops.aten.convolution_backward(
+            v, z, weight, None, stride, padding, dilation, False, [0, 0], 1, [state, weight_grad, False]
+        )
+        return grad_state, grad_weight
 
     def check_state(self, z: Tensor) -> None:
         if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1] != self.channels:
