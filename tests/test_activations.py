@@ -126,3 +126,14 @@ def test_record_passes_through_get_activation():
 def test_a_value_at_zero_within_rounding_of_zero_is_pcdeq1(clean_activation_registry):
     record = register_activation("shifted", lambda x: torch.tanh(x) - 1e-12, supremum=1.0)
     assert record.value_at_zero == 0.0 and record.variant == 1
+
+
+@pytest.mark.parametrize("name", ["tanh", "softsign", "relu6", "sigmoid"])
+def test_each_builtin_slope_is_the_derivative_read_from_the_output(name):
+    record = get_activation(name)
+    u = torch.cat(
+        [torch.linspace(-8, 8, 2001, dtype=torch.float64), torch.tensor([0.0, 6.0, 1e-9, 6 - 1e-9])]
+    )
+    u.requires_grad_()
+    (expected,) = torch.autograd.grad(record.function(u).sum(), u)
+    torch.testing.assert_close(record.slope(record.function(u.detach())), expected, rtol=1e-12, atol=1e-15)

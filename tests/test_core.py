@@ -1,5 +1,6 @@
 import argparse
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -607,11 +608,15 @@ def test_the_closed_form_gradient_equals_the_recorded_one_with_two_passes_fewer(
     assert recorded[3] - closed[3] == 2
 
 
-def _plain_linear_layer(n):
-    class WithoutVjp(PcDEQLinear):
-        operator_vjp = PcDEQLayer.operator_vjp  # a layer class that does not implement it
+class _WithoutVjp(PcDEQLinear):
+    operator_vjp = PcDEQLayer.operator_vjp  # a layer class that does not implement it
 
-    return WithoutVjp(n, dtype=torch.float64)
+
+class _OtherOperator(PcDEQLinear):
+    """Changes the operator (W z plus a shift of z, still nonnegative) and inherits the VJP."""
+
+    def apply_operator(self, z, weight):
+        return super().apply_operator(z, weight) + 0.3 * z.roll(1, dims=-1)
 
 
 @pytest.mark.parametrize(
@@ -624,14 +629,22 @@ def _plain_linear_layer(n):
         "rate bound",
         "enclosure",
         "no operator vjp",
+        "an operator changed in a subclass",
+        "an activation without slope",
+        "a backward hook on the layer",
     ],
 )
 def test_the_closed_form_is_used_only_where_it_holds_and_the_gradient_is_right_everywhere(case):
     f, x = dense_instance(scale=2.0)
-    if case == "no operator vjp":
+    replace = {"no operator vjp": _WithoutVjp, "an operator changed in a subclass": _OtherOperator}
+    if case in replace:
         weight = f.weight.detach()
-        f = _plain_linear_layer(x.shape[1])
+        f = replace[case](x.shape[1], nonnegativity="project", dtype=torch.float64)
         set_weight(f, weight)
+    if case == "an activation without slope":  # e.g. a user-registered one
+        f.activation = dataclasses.replace(f.activation, slope=None)
+    if case == "a backward hook on the layer":
+        f.register_full_backward_hook(lambda module, grad_in, grad_out: None)
     g, _ = dense_instance(scale=1.0, seed=1)
     u = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     u.requires_grad_()
@@ -663,7 +676,8 @@ def test_the_closed_form_is_used_only_where_it_holds_and_the_gradient_is_right_e
     name, grad = run("closed_form")
     assert name != "_ClosedFormImplicitGradBackward", case
     assert torch.isfinite(grad).all() and (grad != 0).any()
-    if case in ("no operator vjp", "rate bound", "enclosure"):  # the same f, recorded by hand
+    if case not in ("two layers", "a new injection per call", "one iteration", "autocast"):
+        # the same f, recorded by hand
         torch.testing.assert_close(grad, run("recorded")[1], rtol=1e-8, atol=1e-10)
 
 
@@ -728,8 +742,9 @@ def test_a_solve_from_zero_skips_one_product_with_w_and_changes_nothing(make, tr
         # in full (the later calls get the layer's own outputs: the same gradient path)
         func = (lambda z: f(z, x)) if variant == "skip" else (lambda z: f(z.clone() if z is z_init else z, x))
         z_out, info = deq(func, z_init)
-        # training: the closed-form gradient needs no tracked application of f
-        results[variant] = (z_out[-1], int(info["trace_steps"][-1]), calls["n"])
+        # f counting its products is patched on the instance: the gradient records f once more
+        tracked = 1 if training else 0
+        results[variant] = (z_out[-1], int(info["trace_steps"][-1]) + tracked, calls["n"])
         if training:
             z_out[-1].square().sum().backward()
             results[variant] += ([x.grad, *(p.grad for p in f.parameters())],)

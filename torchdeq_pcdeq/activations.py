@@ -8,6 +8,9 @@ carries what the rest of the package needs to know about it:
   strictly positive injection, pcDEQ-2 (``sigma(0) > 0``) a nonnegative one.
 * ``supremum``: ``sup sigma`` on ``[0, inf)``, the starting point of the decreasing iteration
   and of the certified enclosure (``math.inf`` when unbounded).
+* ``slope``: ``sigma'`` as a function of ``sigma``'s value, for the built-ins. It lets the pcdeq
+  core differentiate a solve in closed form; activations without it (user-registered ones,
+  which may hold parameters or compute in place) get the recorded implicit gradient.
 
 Example:
     >>> import torch
@@ -55,6 +58,7 @@ class Activation:
         supremum: ``sup function`` on ``[0, inf)``; ``math.inf`` when unbounded.
         variant: 1 when ``value_at_zero == 0`` (needs a strictly positive injection),
             2 when ``value_at_zero > 0`` (a nonnegative injection suffices).
+        slope: ``s -> sigma'(u)`` for ``s = sigma(u)``, elementwise, or ``None``.
 
     Example:
         >>> import torch
@@ -68,6 +72,7 @@ class Activation:
     value_at_zero: float
     supremum: float
     variant: int
+    slope: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.function(x)
@@ -82,11 +87,28 @@ def _relu6(x: Tensor) -> Tensor:
     return F.relu6(x)
 
 
+# Derivatives from the output, as autograd computes them (module-level: records are pickled).
+def _tanh_slope(s: Tensor) -> Tensor:
+    return 1 - s * s
+
+
+def _softsign_slope(s: Tensor) -> Tensor:
+    return (1 - s.abs()).square()  # 1 / (1 + |u|)^2 with |s| = |u| / (1 + |u|)
+
+
+def _relu6_slope(s: Tensor) -> Tensor:
+    return ((s > 0) & (s < 6)).to(s.dtype)  # 1 strictly inside (0, 6), like relu6's backward
+
+
+def _sigmoid_slope(s: Tensor) -> Tensor:
+    return s * (1 - s)
+
+
 _BUILTINS = {
-    "tanh": Activation("tanh", torch.tanh, 0.0, 1.0, 1),
-    "softsign": Activation("softsign", F.softsign, 0.0, 1.0, 1),
-    "relu6": Activation("relu6", _relu6, 0.0, 6.0, 1),
-    "sigmoid": Activation("sigmoid", torch.sigmoid, 0.5, 1.0, 2),
+    "tanh": Activation("tanh", torch.tanh, 0.0, 1.0, 1, slope=_tanh_slope),
+    "softsign": Activation("softsign", F.softsign, 0.0, 1.0, 1, slope=_softsign_slope),
+    "relu6": Activation("relu6", _relu6, 0.0, 6.0, 1, slope=_relu6_slope),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, 0.5, 1.0, 2, slope=_sigmoid_slope),
 }
 _REGISTRY: dict[str, Activation] = dict(_BUILTINS)
 

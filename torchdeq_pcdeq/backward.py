@@ -216,17 +216,19 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
     """Implicit differentiation in closed form, for a solve that only iterated one pcDEQ layer.
 
     When ``f = lambda z: layer(z, x)`` (the solve's layer calls form one
-    :class:`~torchdeq_pcdeq.layers.LayerChain`), the returned state is ``z* = sigma(pre)`` with
-    ``pre = W z_in + x`` from the solver's last step, and ``J = diag(sigma'(pre)) W``. Then
+    :class:`~torchdeq_pcdeq.layers.LayerChain`), the returned state is the solver's last step
+    ``z_K = sigma(W z_in + x)``, and ``J = diag(sigma'(.)) W`` there, with ``sigma'`` read
+    from ``z_K`` (the activation's ``slope``). Then
 
-    * the output is ``z*`` itself, with a backward that needs no recorded application of ``f``
+    * the output is ``z_K`` itself, with a backward that needs no recorded application of ``f``
       (saving the forward pass of the tracked application);
-    * each adjoint product is ``W^T (sigma'(pre) y)``, one pass of the operator's transpose (no
+    * each adjoint product is ``W^T (sigma' y)``, one pass of the operator's transpose (no
       graph of ``f``, hence no unused product with respect to ``z_in`` afterwards);
-    * the parameters get ``d<v, W z_in>/dW`` and the injection ``v``, with ``v = sigma'(pre) y``.
+    * the parameters get ``d<v, W z_in>/dW`` and the injection ``v``, with ``v = sigma' y``.
 
-    The Jacobian is taken at the last step's input ``z_in`` instead of at ``z*``; both are within
-    the solve's tolerance of the fixed point, as with TorchDEQ's ``f(z*)``.
+    The recorded gradient returns ``f(z_K)`` and linearizes at ``z_K``; this one returns ``z_K``
+    and linearizes at ``z_in``, one iteration earlier. Both are within the solve's tolerance of
+    the fixed point; the recorded one is about one contraction factor closer.
 
     Returns ``closed_form(trainer, z_pred, writer)``: the gradient producer's result, or ``None``
     where the closed form does not apply (the caller then records ``f``).
@@ -234,31 +236,29 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
 
     class _ClosedFormImplicitGrad(autograd.Function):
         @staticmethod
-        def forward(ctx, weight, x, z_in, pre, z_star, step, trainer, writer, autocast):
-            ctx.layer, ctx.trainer, ctx.writer, ctx.autocast = step.layer, trainer, writer, autocast
-            ctx.save_for_backward(weight, z_in, pre)
-            return z_star
+        def forward(ctx, weight, x, z_in, z_out, layer, trainer, writer, autocast):
+            ctx.layer, ctx.trainer, ctx.writer, ctx.autocast = layer, trainer, writer, autocast
+            ctx.save_for_backward(weight, z_in, z_out)
+            return z_out
 
         @staticmethod
         def backward(ctx, grad):
             _refuse_second_order()
-            weight, z_in, pre = ctx.saved_tensors
+            weight, z_in, z_out = ctx.saved_tensors
             layer = ctx.layer
-            slope = _slope(layer.activation.function, pre)
+            slope = layer.activation.slope(z_out)
 
             def vjp(y: Tensor) -> Tensor:
                 return layer.operator_vjp(slope * y, z_in, weight)[0]
 
             with _autocast_as_in_forward(ctx.autocast):
-                y = _solve_adjoint(ctx.trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, ctx.writer)
+                trainer, writer = ctx.trainer, ctx.writer
+                y = _solve_adjoint(trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, writer)
                 v = slope * y
-                want_weight, want_x = ctx.needs_input_grad[:2]
-                grad_weight = (
-                    layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
-                    if want_weight
-                    else None
-                )
-            return grad_weight, v if want_x else None, None, None, None, None, None, None, None
+                grad_weight = None
+                if ctx.needs_input_grad[0]:
+                    grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
+            return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 6
 
     def closed_form(trainer, z_pred, writer):
         take = getattr(trainer, "take_last_step", None)
@@ -268,22 +268,15 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
         weight = step.layer.weight
         if not (weight.requires_grad or step.x.requires_grad):
             return None
-        if len({weight.dtype, step.x.dtype, step.pre.dtype, z_pred.dtype}) != 1:
+        if len({weight.dtype, step.x.dtype, z_pred.dtype}) != 1:
             return None
         autocast = _autocast_state(z_pred)
         if any(enabled for _, enabled, _ in autocast):
             return None  # the solve computed in autocast's dtypes: record f instead
         return [
             _ClosedFormImplicitGrad.apply(
-                weight, step.x, step.z_in, step.pre, z_pred, step, trainer, writer, autocast
+                weight, step.x, step.z_in, z_pred, step.layer, trainer, writer, autocast
             )
         ]
 
     return closed_form
-
-
-def _slope(activation: Callable[[Tensor], Tensor], pre: Tensor) -> Tensor:
-    """``sigma'(pre)``, elementwise, by autograd on the activation alone (any registered one)."""
-    with torch.enable_grad():
-        point = pre.detach().requires_grad_()
-        return autograd.grad(activation(point), point, torch.ones_like(point))[0]

@@ -209,7 +209,7 @@ class PcDEQCore(DEQSliced):
         if latest is None or latest[0] is not self:
             return None
         step = latest[1].last_step(z_star)
-        if step is None or not step.layer.has_operator_vjp():
+        if step is None or not step.layer.has_closed_form_gradient():
             return None
         return step
 

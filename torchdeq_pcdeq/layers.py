@@ -128,12 +128,12 @@ def zero_state(z: Tensor | None) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class LastStep:
-    """The last step ``out = sigma(pre)``, ``pre = W z_in + x``, of a solve that only iterated one layer."""
+    """The last step ``out = sigma(W z_in + x)`` of a solve that only iterated one layer."""
 
     layer: PcDEQLayer
     x: Tensor
     z_in: Tensor
-    pre: Tensor
+    out: Tensor
 
 
 class LayerChain:
@@ -144,7 +144,7 @@ class LayerChain:
     previous call's output. Only the last call is kept (its input, pre-activation and output);
     any other call breaks the chain for good. :meth:`last_step` then says whether a returned
     state is the chain's last output, so that the implicit gradient can use the layer's closed
-    form ``df/dz = diag(sigma'(pre)) W`` at that step instead of recording ``f`` again.
+    form ``df/dz = diag(sigma'(W z_in + x)) W`` at that step instead of recording ``f`` again.
     """
 
     def __init__(self):
@@ -153,18 +153,18 @@ class LayerChain:
         self._layer = self._x = self._last = None
         self._versions: tuple[int, ...] = ()
 
-    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, pre: Tensor, out: Tensor) -> None:
+    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor) -> None:
         if self.broken:
             return
         if self._layer is None:
             self._layer, self._x, self._x_version = layer, x, x._version
-        elif layer is not self._layer or x is not self._x or z is not self._last[2]:
+        elif layer is not self._layer or x is not self._x or z is not self._last[1]:
             self.broken = True
             self._layer = self._x = self._last = None  # keep no tensor alive
             return
         self.calls += 1
-        self._last = (z, pre, out)
-        self._versions = (z._version, pre._version, out._version)
+        self._last = (z, out)
+        self._versions = (z._version, out._version)
 
     def last_step(self, state: Tensor) -> LastStep | None:
         """The chain's last step if ``state`` is its last output (or a detached alias), unchanged.
@@ -174,17 +174,17 @@ class LayerChain:
         """
         if self.broken or self.calls < 2:
             return None
-        z_in, pre, out = self._last
+        z_in, out = self._last
         same = (
             state.data_ptr() == out.data_ptr()
             and state.shape == out.shape
             and state.stride() == out.stride()
             and state.dtype == out.dtype
         )
-        versions = (z_in._version, pre._version, out._version)
+        versions = (z_in._version, out._version)
         if not same or versions != self._versions or self._x._version != self._x_version:
             return None
-        return LastStep(self._layer, self._x, z_in, pre)
+        return LastStep(self._layer, self._x, z_in, out)
 
 
 @contextlib.contextmanager
@@ -325,14 +325,28 @@ class PcDEQLayer(nn.Module):
         """Pull ``v`` back through ``W z``: ``(W^T v, d<v, W z>/dW)``, each only when asked for.
 
         Optional for subclasses: a layer that implements it gets the closed-form implicit
-        gradient (no recorded application of ``f``; see :mod:`~torchdeq_pcdeq.backward`).
+        gradient (no recorded application of ``f``; see :meth:`has_closed_form_gradient`).
         """
         raise NotImplementedError
 
-    @classmethod
-    def has_operator_vjp(cls) -> bool:
-        """Whether this layer class implements :meth:`operator_vjp`."""
-        return cls.operator_vjp is not PcDEQLayer.operator_vjp
+    def has_closed_form_gradient(self) -> bool:
+        """Whether a solve of ``lambda z: self(z, x)`` may be differentiated in closed form.
+
+        It needs :meth:`operator_vjp` from the class that defines :meth:`apply_operator` (or a
+        subclass of it; a subclass that changes the operator and inherits the VJP does not
+        qualify), an activation with a known ``slope``, and no hooks that a recorded
+        application of the layer would run.
+        """
+        if self.activation.slope is None or _has_hooks(self):
+            return False
+        if "apply_operator" in self.__dict__ or "operator_vjp" in self.__dict__:
+            return False  # patched on the instance
+        if type(self).operator_vjp is PcDEQLayer.operator_vjp:
+            return False
+        mro = type(self).__mro__
+        owner = next(c for c in mro if "apply_operator" in c.__dict__)
+        vjp_owner = next(c for c in mro if "operator_vjp" in c.__dict__)
+        return issubclass(vjp_owner, owner)
 
     def check_state(self, z: Tensor) -> None:
         """Raise :class:`InvalidInputError` unless ``z`` has this layer's state shape."""
@@ -406,7 +420,7 @@ class PcDEQLayer(nn.Module):
                 pre = self.apply_operator(z, weight) + x
             out = self.activation.function(pre)
             for chain in context.chains:
-                chain.record(self, z, x, pre, out)
+                chain.record(self, z, x, out)
             return out
         return self.activation.function(self.apply_operator(z, weight) + x)
 
@@ -612,6 +626,24 @@ class PcDEQConv2d(PcDEQLayer):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Module hooks on ``module`` or global ones (``torch.nn.modules.module``)."""
+    from torch.nn.modules import module as module_lib
+
+    return any(
+        (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            module._backward_pre_hooks,
+            module_lib._global_forward_hooks,
+            module_lib._global_forward_pre_hooks,
+            module_lib._global_backward_hooks,
+            module_lib._global_backward_pre_hooks,
+        )
+    )
 
 
 def _is_known_zero(z: Tensor, x: Tensor, zero_states: list[tuple[Tensor, int]]) -> bool:
