@@ -64,6 +64,8 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                     "--budgets",
                     "2",
                     "4",
+                    "--memory-processes",
+                    "1",
                     "--out",
                     str(RESULTS / "smoke" / "micro"),
                 ],

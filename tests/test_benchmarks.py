@@ -55,6 +55,8 @@ def test_the_smoke_suite_runs_every_benchmark(tmp_path):
     # a smoke-sized step is a few MB, within the resident set's noise: the tight claim is the
     # full run's (benchmarks/results/micro_cpu.md) and test_core's saved-tensor count
     assert 0.5 < micro["memory_ratio"] < 2.0
+    assert [len(row["peaks_mb"]) for row in micro["memory"]] == [1, 1]  # --memory-processes 1
+    assert all(row["peak_mb"] <= row["peak_mb_max"] for row in micro["memory"])
     assert {"pcdeq", "reference"} <= set(micro["steps"]["linear"])
     for name in ("train_curves.png", "train_residuals.png", "train_enclosure.png", "certificates_cpu.md"):
         assert (smoke / name).stat().st_size > 0, name
