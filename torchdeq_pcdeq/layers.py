@@ -141,7 +141,7 @@ class LayerChain:
 
     A chain is what a plain solve of ``f = lambda z: layer(z, x)`` produces: every call is made
     by the same layer with the same injection ``x`` (this very tensor object, unchanged) on the
-    previous call's output. Only the last call is kept (its input, pre-activation and output);
+    previous call's output. Only the last call is kept (its input and output);
     any other call breaks the chain for good. :meth:`last_step` then says whether a returned
     state is the chain's last output, so that the implicit gradient can use the layer's closed
     form ``df/dz = diag(sigma'(W z_in + x)) W`` at that step instead of recording ``f`` again.
