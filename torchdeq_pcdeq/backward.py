@@ -19,6 +19,9 @@ Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, write
   saves it: its graph points upstream only, so it is freed with the step, and every backward of
   a retained graph solves again.
 
+The core wraps the one it uses in :func:`make_closed_form_ift`, which differentiates in closed
+form, with no recorded ``f``, when ``f`` is one pcDEQ layer call, and calls it otherwise.
+
 The producers ask the core that calls them (``trainer``) what to do after each backward solve
 (``trainer.after_backward``: statistics to ``writer``, non-convergence policy) and whether to
 certify it (``trainer.certify_backward``), so a deep copy of the core behaves as its own.
@@ -150,12 +153,7 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
                 )
             return None, None, y, None, None
 
-    closed_form = make_closed_form_ift(b_solver, b_solver_kwargs)
-
     def produce(trainer, func, z_pred, writer=None, **kwargs):
-        closed = closed_form(trainer, z_pred, writer)
-        if closed is not None:
-            return closed
         # backward() usually runs after the autocast region closed: remember it now.
         return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer, _autocast_state(z_pred))]
 
@@ -191,12 +189,7 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
             # unused product, to z_in: the price of sharing the graph with the adjoint solve).
             return y, None, None, None, None, None
 
-    closed_form = make_closed_form_ift(b_solver, b_solver_kwargs)
-
     def produce(trainer, func, z_pred, writer=None, **kwargs):
-        closed = closed_form(trainer, z_pred, writer)
-        if closed is not None:
-            return closed
         z_in = z_pred.detach().requires_grad_()
         f_out = func(z_in)
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
@@ -212,8 +205,9 @@ def _graph_vjp(f_out: Tensor, z_in: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda y: autograd.grad(f_out, z_in, y, retain_graph=True)[0]
 
 
-def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
-    """Implicit differentiation in closed form, for a solve that only iterated one pcDEQ layer.
+def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Callable):
+    """Implicit differentiation in closed form, for a solve that only iterated one pcDEQ layer;
+    the ``recorded`` producer (:func:`make_ift`, :func:`make_hook_ift`) everywhere else.
 
     When ``f = lambda z: layer(z, x)`` (the solve's layer calls form one
     :class:`~torchdeq_pcdeq.layers.LayerChain`), the returned state is the solver's last step
@@ -230,8 +224,8 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
     and linearizes at ``z_in``, one iteration earlier. Both are within the solve's tolerance of
     the fixed point; the recorded one is about one contraction factor closer.
 
-    Returns ``closed_form(trainer, z_pred, writer)``: the gradient producer's result, or ``None``
-    where the closed form does not apply (the caller then records ``f``).
+    The closed form applies where the core that calls the producer (``trainer``, a
+    :class:`~torchdeq_pcdeq.core.PcDEQCore`) hands over its solve's last step.
     """
 
     class _ClosedFormImplicitGrad(autograd.Function):
@@ -260,23 +254,19 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict):
                     grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
             return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 6
 
-    def closed_form(trainer, z_pred, writer):
-        take = getattr(trainer, "take_last_step", None)
-        step = take(z_pred) if take is not None else None
-        if step is None or not torch.is_grad_enabled():
-            return None
-        weight = step.layer.weight
-        if not (weight.requires_grad or step.x.requires_grad):
-            return None
-        if len({weight.dtype, step.x.dtype, z_pred.dtype}) != 1:
-            return None
-        autocast = _autocast_state(z_pred)
-        if any(enabled for _, enabled, _ in autocast):
-            return None  # the solve computed in autocast's dtypes: record f instead
-        return [
-            _ClosedFormImplicitGrad.apply(
-                weight, step.x, step.z_in, z_pred, step.layer, trainer, writer, autocast
-            )
-        ]
+    def produce(trainer, func, z_pred, writer=None, **kwargs):
+        step = trainer.take_last_step(z_pred)
+        if step is not None and torch.is_grad_enabled():
+            weight = step.layer.weight
+            autocast = _autocast_state(z_pred)
+            if (
+                (weight.requires_grad or step.x.requires_grad)
+                and len({weight.dtype, step.x.dtype, z_pred.dtype}) == 1
+                # under autocast the solve computed in autocast's dtypes: record f instead
+                and not any(enabled for _, enabled, _ in autocast)
+            ):
+                args = (weight, step.x, step.z_in, z_pred, step.layer, trainer, writer, autocast)
+                return [_ClosedFormImplicitGrad.apply(*args)]
+        return recorded(trainer, func, z_pred, writer=writer, **kwargs)
 
-    return closed_form
+    return produce

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torchdeq.core import DEQSliced
 
-from .backward import make_hook_ift, make_ift
+from .backward import make_closed_form_ift, make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
 from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
@@ -106,7 +106,8 @@ class PcDEQCore(DEQSliced):
         b_solver_kwargs = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
         if self.gradient in ("ift", "hook_ift"):
             make = make_ift if self.gradient == "ift" else make_hook_ift
-            self.produce_grad[-1] = make(self.b_solver, b_solver_kwargs)
+            recorded = make(self.b_solver, b_solver_kwargs)
+            self.produce_grad[-1] = make_closed_form_ift(self.b_solver, b_solver_kwargs, recorded)
         _check_iteration_budgets(self)
 
     # The solve's length and its checks depend on the data (a host sync per convergence check),

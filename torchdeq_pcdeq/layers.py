@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_lib
 from torch.nn.utils import parametrize
 
 from .activations import Activation, get_activation
@@ -151,6 +152,7 @@ class LayerChain:
         self.calls = 0
         self.broken = False
         self._layer = self._x = self._last = None
+        self._x_version = 0
         self._versions: tuple[int, ...] = ()
 
     def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor) -> None:
@@ -630,8 +632,6 @@ class PcDEQConv2d(PcDEQLayer):
 
 def _has_hooks(module: nn.Module) -> bool:
     """Module hooks on ``module`` or global ones (``torch.nn.modules.module``)."""
-    from torch.nn.modules import module as module_lib
-
     return any(
         (
             module._forward_hooks,
