@@ -165,5 +165,7 @@ def _plain_iteration(func, z):
         steps += 1
         if ((z - z_previous).norm() / (z.norm() + 1e-5)).item() < TOL:  # a host sync per iteration
             break
-    per_sample = (z - z_previous).flatten(1).norm(dim=1) / (z.flatten(1).norm(dim=1) + 1e-9)
+    dims = tuple(range(1, z.dim()))  # not flatten(1): it would copy a channels-last state
+    norm = torch.linalg.vector_norm
+    per_sample = norm(z - z_previous, dim=dims) / (norm(z, dim=dims) + 1e-9)
     return z, steps, per_sample

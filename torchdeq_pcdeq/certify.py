@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 from .layers import PcDEQLayer
+from .reductions import sample_dims
 
 __all__ = ["rate_bound", "upper_bound", "min_injection"]
 
@@ -89,7 +90,7 @@ def _collatz_wielandt(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     positive = z > 0
     ratio = torch.where(positive, tangent / torch.where(positive, z, 1.0), 0.0)
     ratio = torch.where(~positive & (tangent != 0), math.inf, ratio)
-    return ratio.flatten(1).amax(dim=1)
+    return ratio.amax(dim=sample_dims(ratio))
 
 
 def upper_bound(seen: dict) -> float:
@@ -117,7 +118,7 @@ def upper_bound(seen: dict) -> float:
 
 def min_injection(seen: dict, like: Tensor) -> Tensor:
     """Per-sample smallest injection over the pcDEQ layers in ``seen`` (NaN without any)."""
-    minima = [x.detach().flatten(1).amin(dim=1) for _, x in seen.values() if x.shape[0] == like.shape[0]]
+    minima = [x.detach().amin(dim=sample_dims(x)) for _, x in seen.values() if x.shape[0] == like.shape[0]]
     if not minima:
         return torch.full(like.shape[:1], math.nan, dtype=like.dtype, device=like.device)
     return functools.reduce(torch.fmin, minima).to(like.dtype)

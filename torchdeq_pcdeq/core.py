@@ -50,6 +50,7 @@ from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
 from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
+from .reductions import extremes
 
 __all__ = ["PcDEQCore", "COMPILE_REASON"]
 
@@ -233,9 +234,9 @@ class PcDEQCore(DEQSliced):
             info["converged"] = info[f"{stop_mode}_lowest"] <= tol
         if self.nonconvergence == "ignore":
             return
-        failed = int((~info["converged"]).sum())
-        if not failed:
+        if bool(info["converged"].all()):  # the common case: one reduction, one sync
             return
+        failed = int((~info["converged"]).sum())
         best = info[f"{stop_mode}_lowest"].max().item()
         iters = int(info["nstep"].max().item())
         prefix = "f" if which == "forward" else "b"
@@ -295,7 +296,7 @@ def _check_initial_state(z_init) -> bool:
             f"batch dimension first, got {z_init.dtype} of shape {tuple(z_init.shape)}."
         )
     with torch.no_grad():
-        low, high = torch.stack(torch.aminmax(z_init)).tolist()  # NaN and Inf show in the extremes
+        low, high = torch.stack(extremes(z_init)).tolist()  # NaN and Inf show in the extremes
     if not (math.isfinite(low) and math.isfinite(high)):
         raise InvalidInputError(
             "The initial state holds NaN or Inf; expected finite values. Start from torch.zeros_like(x)."

@@ -42,6 +42,7 @@ from .constraints import (
     reference_init_,
 )
 from .errors import InvalidInputError, NegativeWeightError, check_choice
+from .reductions import extremes
 
 __all__ = [
     "PcDEQLayer",
@@ -480,7 +481,7 @@ class PcDEQLayer(nn.Module):
             return
         with torch.no_grad():
             # One reduction and one host sync: NaN propagates to both extremes and fails both tests.
-            low, high = torch.stack(torch.aminmax(x)).tolist()
+            low, high = torch.stack(extremes(x)).tolist()
             if not ((low > 0 if strict else low >= 0) and high < math.inf):
                 _require_finite(x, f"{type(self).__name__} injection")
                 count = int(((x <= 0) if strict else (x < 0)).sum())

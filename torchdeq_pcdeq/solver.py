@@ -59,6 +59,7 @@ from .errors import (
     PcDEQWarning,
     check_choice,
 )
+from .reductions import extremes, sample_dims
 
 __all__ = ["pcdeq_fixed_point", "GUARD_MODES", "STOP_MODES", "resolution_floor"]
 
@@ -297,7 +298,7 @@ class _Monitor:
             _warn_floor(arithmetic, stop_mode, tol, self.floor)
         self.rel_limit = max(tol, self.floor)
         self.rate_floor: float | None = None
-        self.dims = tuple(range(1, x0.dim()))
+        self.dims = sample_dims(x0)
         self.steps: list[int] = []
         self.abs: list[Tensor] = []
         self.rel: list[Tensor] = []
@@ -436,15 +437,15 @@ class _Guard:
     def plain(self, k: int, diff: Tensor, fz: Tensor):
         if self.mode == "off":
             return None
-        low, high = torch.aminmax(fz)
+        low, high = extremes(fz)
         scalars = [low, high, diff.amin()]
         if self.from_zero is None:
-            scalars.append(self.x0.detach().abs().amax())
+            scalars.extend(extremes(self.x0.detach()))
 
         def report(values: list[float]) -> None:
             low, high, drop = values[:3]
             if self.from_zero is None:
-                self.from_zero = values[3] == 0
+                self.from_zero = values[3] == values[4] == 0
             if low < 0:
                 self._fail(NotPositiveMonotoneError, _negative_message(k, fz))
             elif self.from_zero and drop < -self.slack * high:
