@@ -3,6 +3,11 @@
 * ``steps``: median time of a training step (forward, backward, optimizer step) of pcDEQ
   (``pcdeq``), TorchDEQ's standard DEQ (``torchdeq_anderson``, ``torchdeq_fixed_point``) and the
   reference's way (``reference``), on the same architecture, batch and data, interleaved.
+* ``floor``: the same step with each equilibrium layer replaced by its injection (``z* := x``):
+  the stem, the injection, the head, the loss, their backward and the optimizer, which every
+  kind pays alike. What a kind adds to it is the cost of its equilibrium layer, so the floor also
+  bounds the speed-up any implementation of the layer can reach: with a free equilibrium layer,
+  a step would still take ``floor / reference`` of the reference's.
 * ``work``: what one training step of each kind computes, counted at PyTorch's dispatcher: all
   tensor operations, and the passes of the models' heavy operators (a convolution or a matrix
   product, forward or one gradient output of its backward; see :class:`WorkCounter`). Time
@@ -29,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.baselines import KINDS, build
@@ -38,15 +44,16 @@ from benchmarks.solver_overhead import hardware_line, timed
 from torchdeq_pcdeq.models import build_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+FLOOR = "floor"  # the step without equilibrium layers (see the module docstring)
 
 
 def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, kinds=KINDS) -> dict:
     data = load("mnist_subset")
     images, labels = data.train_x[:batch].to(device), data.train_y[:batch].to(device)
     setups = {}
-    for kind in kinds:
+    for kind in [*kinds, FLOOR]:
         torch.manual_seed(0)
-        model = build(kind, model_name, "mnist").to(device)
+        model = (floor_model if kind == FLOOR else build)(kind, model_name, "mnist").to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1.5e-2)
         setups[kind] = (model, opt)
 
@@ -74,6 +81,37 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
         kind: {"ms": 1e3 * statistics.median(t), "iterations": counts[kind], **work[kind]}
         for kind, t in times.items()
     }
+
+
+def floor_model(kind: str, architecture: str, dataset: str) -> nn.Module:
+    """The pcDEQ model of ``architecture`` with each equilibrium layer replaced by its injection."""
+    model = build("pcdeq", architecture, dataset)
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = _InjectionOnly(layer)
+        model.cores[i] = _OneCall()
+    return model
+
+
+class _InjectionOnly(nn.Module):
+    """Keeps a pcDEQ layer's injection; its "fixed point" is the injection itself."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer  # its weight gets no gradient, so the optimizer skips it
+
+    def inject(self, u):
+        return self.layer.inject(u)
+
+    def forward(self, z, x):
+        return x
+
+
+class _OneCall(nn.Module):
+    """A core that calls ``f`` once, tracked: no solve, no implicit backward."""
+
+    def forward(self, func, z_init, backward_writer=None, **kwargs):
+        z = func(z_init)
+        return [z], {"nstep": torch.zeros(z.shape[0]), "converged": torch.ones(z.shape[0], dtype=torch.bool)}
 
 
 class WorkCounter(TorchDispatchMode):
@@ -194,6 +232,24 @@ def _memory_measurement(device, budget: int, batch: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def floor_lines(steps: dict, target: float = 0.75) -> list[str]:
+    """What the floor says of a step ``target`` times the reference's, per model."""
+    lines = []
+    for name, rows in steps.items():
+        if "reference" not in rows or "pcdeq" not in rows:
+            continue
+        base, floor, ours = rows["reference"]["ms"], rows[FLOOR]["ms"], rows["pcdeq"]["ms"]
+        needed = target * base - floor  # what the equilibrium layer may cost in such a step
+        lines.append(
+            f"{name}: the floor (no equilibrium layer) takes {floor:.1f} ms, {floor / base:.2f}x the "
+            f"reference's step, so no implementation of the layer gets below that. A step at "
+            f"{target}x the reference's leaves the layer {needed:.1f} ms, "
+            f"{needed / (base - floor):.2f}x of the reference's {base - floor:.1f} ms; pcdeq's takes "
+            f"{ours - floor:.1f} ms ({(ours - floor) / (base - floor):.2f}x)."
+        )
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,17 +284,19 @@ def main(argv=None):
         f"Hardware: {hardware}",
         "",
         "| model | kind | forward iterations | operations / step | heavy passes / step | training step ms "
-        "| relative to reference |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| relative to reference | above the floor, relative to reference's |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rows in steps.items():
-        base = rows.get("reference", {}).get("ms")
+        base, floor = rows.get("reference", {}).get("ms"), rows[FLOOR]["ms"]
         for kind, row in rows.items():
             ratio = f"{row['ms'] / base:.2f}x" if base else "-"
+            above = f"{(row['ms'] - floor) / (base - floor):.2f}x" if base and kind != FLOOR else "-"
             lines.append(
                 f"| {name} | {kind} | {row['iterations']:.1f} | {row['ops']} | {row['passes']} "
-                f"| {row['ms']:.1f} | {ratio} |"
+                f"| {row['ms']:.1f} | {ratio} | {above} |"
             )
+    lines += ["", *floor_lines(steps)]
     measured = (
         "exact tensor bytes" if device.type == "cuda" else f"{len(memory[0]['peaks_mb'])} fresh processes"
     )

@@ -57,7 +57,12 @@ def test_the_smoke_suite_runs_every_benchmark(tmp_path):
     assert 0.5 < micro["memory_ratio"] < 2.0
     assert [len(row["peaks_mb"]) for row in micro["memory"]] == [1, 1]  # --memory-processes 1
     assert all(row["peak_mb"] <= row["peak_mb_max"] for row in micro["memory"])
-    assert {"pcdeq", "reference"} <= set(micro["steps"]["linear"])
+    linear = micro["steps"]["linear"]
+    assert {"pcdeq", "reference", "floor"} <= set(linear)
+    # the floor is the step without the equilibrium layer: no solve, fewer passes and operations
+    assert linear["floor"]["iterations"] == 0
+    assert linear["floor"]["passes"] < linear["pcdeq"]["passes"]
+    assert linear["floor"]["ops"] < min(linear["reference"]["ops"], linear["pcdeq"]["ops"])
     for name in ("train_curves.png", "train_residuals.png", "train_enclosure.png", "certificates_cpu.md"):
         assert (smoke / name).stat().st_size > 0, name
     (long_run,) = json.loads((smoke / "long_run_cpu.json").read_text())
