@@ -53,7 +53,8 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
     setups = {}
     for kind in [*kinds, FLOOR]:
         torch.manual_seed(0)
-        model = (floor_model if kind == FLOOR else build)(kind, model_name, "mnist").to(device)
+        model = floor_model(model_name, "mnist") if kind == FLOOR else build(kind, model_name, "mnist")
+        model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1.5e-2)
         setups[kind] = (model, opt)
 
@@ -83,7 +84,7 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
     }
 
 
-def floor_model(kind: str, architecture: str, dataset: str) -> nn.Module:
+def floor_model(architecture: str, dataset: str) -> nn.Module:
     """The pcDEQ model of ``architecture`` with each equilibrium layer replaced by its injection."""
     model = build("pcdeq", architecture, dataset)
     for i, layer in enumerate(model.layers):

@@ -6,11 +6,13 @@
 
 Kinds (``benchmarks.baselines``): ``pcdeq`` (this plugin), ``torchdeq_anderson`` and
 ``torchdeq_fixed_point`` (TorchDEQ's standard DEQ, unconstrained), ``reference`` (the reference
-implementation's way). Per epoch: train and test loss and accuracy, mean forward and backward
-iterations (calls of f per solve, whatever each solver's own ``nstep`` means), the fraction of
-solves (samples x equilibrium layers) that reached the tolerance, seconds per epoch and peak
-memory during the epoch's training (CUDA: allocated by tensors; CPU: resident set above the
-epoch's start, see ``benchmarks.memory``). Results go to
+implementation's way). The kinds' epochs alternate (epoch 1 of every kind, then epoch 2, ...),
+each kind with its own data order and RNG, so timing drift hits them alike. Per epoch: train and
+test loss and accuracy, mean forward and backward iterations (calls of f per solve, whatever
+each solver's own ``nstep`` means), the fraction of solves (samples x equilibrium layers) that
+reached the tolerance, seconds per epoch and peak memory during the epoch's training (CUDA:
+allocated by tensors; CPU: resident set above the epoch's start, see ``benchmarks.memory``).
+Results go to
 ``benchmarks/results/train_<model>_<dataset>_<device>.json`` and ``.md``; ``--plots`` adds PNG
 plots next to them.
 """
@@ -83,8 +85,7 @@ def main(argv=None) -> dict:
         if args.channels is None
         else (args.channels[0] if len(args.channels) == 1 else tuple(args.channels))
     )
-    runs, traces, certified = {}, {}, None
-    probe = data.test_x[:16].to(device)  # one small test batch for the per-iteration traces
+    trainings = {}
     for kind in args.kinds:
         torch.manual_seed(args.seed)
         shapes = "cifar10_aug" if args.augment and data.model_dataset == "cifar10" else data.model_dataset
@@ -93,11 +94,20 @@ def main(argv=None) -> dict:
             f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters"
         )
-        runs[kind] = train(model, data, args, device)
-        if args.plots:
-            traces[kind] = residual_trace(model, kind, probe)
+        trainings[kind] = Run(kind, model, data, args, device)
+    # The kinds' epochs alternate: a machine whose speed drifts during the run (shared CPUs,
+    # clocks) then slows every kind alike, and the per-epoch times compare like with like.
+    for epoch in range(1, args.epochs + 1):
+        for run in trainings.values():
+            run.epoch(epoch)
+    runs = {kind: run.history for kind, run in trainings.items()}
+    traces, certified = {}, None
+    probe = data.test_x[:16].to(device)  # one small test batch for the per-iteration traces
+    if args.plots:
+        for kind, run in trainings.items():
+            traces[kind] = residual_trace(run.model, kind, probe)
             if kind == "pcdeq":
-                certified = enclosure_trace(model, probe)
+                certified = enclosure_trace(run.model, probe)
     report = {
         "command": "python -m benchmarks.train "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
@@ -179,55 +189,73 @@ def enclosure_trace(model, images) -> dict:
     }
 
 
-def train(model, data, args, device) -> list[dict]:
-    weight_decay = WEIGHT_DECAY.get(data.model_dataset, 2e-2)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=weight_decay)
-    milestone = args.milestone or max(1, (3 * args.epochs) // 4)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[milestone], gamma=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    history = []
-    for epoch in range(1, args.epochs + 1):
+class Run:
+    """The training of one kind, an epoch at a time: its model, optimizer, data order and RNG.
+
+    Each run keeps its own data order (a generator seeded with ``--seed``) and its own global
+    RNG state, so its results do not depend on the other runs whose epochs alternate with its own.
+    """
+
+    def __init__(self, kind: str, model, data, args, device):
+        self.kind, self.model, self.data, self.args, self.device = kind, model, data, args, device
+        weight_decay = WEIGHT_DECAY.get(data.model_dataset, 2e-2)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=weight_decay)
+        milestone = args.milestone or max(1, (3 * args.epochs) // 4)
+        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=[milestone], gamma=0.1)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.rng = torch.get_rng_state()
+        self.history: list[dict] = []
+
+    def epoch(self, epoch: int) -> dict:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng)
+            row = self._epoch(epoch)
+            self.rng = torch.get_rng_state()
+        self.history.append(row)
+        print(
+            f"  {self.kind} epoch {epoch:3d}: train {100 * row['train_accuracy']:5.2f}% "
+            f"(loss {row['train_loss']:.3f})  test {100 * row['test_accuracy']:5.2f}%  "
+            f"fwd {row['train_forward_iterations']:.1f} bwd {row['train_backward_iterations']:.1f} it  "
+            f"converged {100 * row['train_converged']:.1f}%  {row['seconds']:.1f} s  "
+            f"{row['peak_memory_mb']:.1f} MB"
+        )
+        return row
+
+    def _epoch(self, epoch: int) -> dict:
+        model, data, args, device = self.model, self.data, self.args, self.device
         model.train()
         stats = _Stats()
         memory = PeakMemory(device)
         memory.start()
         start = time.perf_counter()
-        order = torch.randperm(len(data.train_x), generator=gen)
+        order = torch.randperm(len(data.train_x), generator=self.gen)
         batches = range(0, len(order), args.batch_size)
-        for i in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=args.quiet or None):
+        desc = f"{self.kind} epoch {epoch}"
+        for i in tqdm(batches, desc=desc, leave=False, disable=args.quiet or None):
             idx = order[i : i + args.batch_size]
             images, labels = data.train_x[idx], data.train_y[idx]
             if args.augment:
-                images = augment(images, gen)
+                images = augment(images, self.gen)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 logits, infos = model(images, backward_writer=stats.backward)
                 loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opt.step()
             model.after_step()
             stats.batch(loss, logits, labels, infos)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        schedule.step()
-        test = evaluate(model, data, args, device)
-        row = {
+        self.schedule.step()
+        return {
             "epoch": epoch,
             **stats.summary("train"),
-            **test,
+            **evaluate(model, data, args, device),
             "seconds": seconds,
             "peak_memory_mb": memory.peak_mb(),
         }
-        history.append(row)
-        print(
-            f"  epoch {epoch:3d}: train {100 * row['train_accuracy']:5.2f}% (loss {row['train_loss']:.3f})  "
-            f"test {100 * row['test_accuracy']:5.2f}%  fwd {row['train_forward_iterations']:.1f} "
-            f"bwd {row['train_backward_iterations']:.1f} it  converged {100 * row['train_converged']:.1f}%  "
-            f"{seconds:.1f} s  {row['peak_memory_mb']:.1f} MB"
-        )
-    return history
 
 
 @torch.no_grad()

@@ -115,3 +115,19 @@ def test_the_suite_runs_on_after_a_failed_benchmark_and_exits_nonzero(monkeypatc
 def _head() -> str:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def test_a_kind_trains_the_same_alone_and_with_its_epochs_alternating_with_others(tmp_path, capsys):
+    """Each kind keeps its own data order and RNG: the others' epochs in between change nothing."""
+    from benchmarks import train
+
+    common = ["--model", "linear", "--dataset", "digits", "--epochs", "2", "--train-subset", "128"]
+    common += ["--test-subset", "64", "--quiet", "--augment"]  # augmentation draws from the order's generator
+    alone = train.main([*common, "--kinds", "pcdeq", "--out", str(tmp_path / "alone")])
+    mixed = train.main([*common, "--kinds", "reference", "pcdeq", "--out", str(tmp_path / "mixed")])
+    timing = {"seconds", "peak_memory_mb", "test_backward_iterations"}  # the last is NaN: no backward in test
+    strip = lambda history: [{k: v for k, v in row.items() if k not in timing} for row in history]  # noqa: E731
+    assert strip(alone["runs"]["pcdeq"]) == strip(mixed["runs"]["pcdeq"])
+    assert len(mixed["runs"]["reference"]) == 2
+    out = capsys.readouterr().out
+    assert out.index("pcdeq epoch   1") < out.index("reference epoch   2")  # alternating
