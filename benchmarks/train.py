@@ -192,8 +192,9 @@ def enclosure_trace(model, images) -> dict:
 class Run:
     """The training of one kind, an epoch at a time: its model, optimizer, data order and RNG.
 
-    Each run keeps its own data order (a generator seeded with ``--seed``) and its own global
-    RNG state, so its results do not depend on the other runs whose epochs alternate with its own.
+    Each run keeps its own data order (a generator seeded with ``--seed``) and its own state of
+    the global RNGs (the CPU's and, on CUDA, the device's), so its results do not depend on the
+    other runs whose epochs alternate with its own.
     """
 
     def __init__(self, kind: str, model, data, args, device):
@@ -203,14 +204,21 @@ class Run:
         milestone = args.milestone or max(1, (3 * args.epochs) // 4)
         self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=[milestone], gamma=0.1)
         self.gen = torch.Generator().manual_seed(args.seed)
-        self.rng = torch.get_rng_state()
+        self.rng = self._rng_state()
         self.history: list[dict] = []
 
+    def _rng_state(self) -> tuple:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
     def epoch(self, epoch: int) -> dict:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.rng)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            cpu, cuda = self.rng
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
             row = self._epoch(epoch)
-            self.rng = torch.get_rng_state()
+            self.rng = self._rng_state()
         self.history.append(row)
         print(
             f"  {self.kind} epoch {epoch:3d}: train {100 * row['train_accuracy']:5.2f}% "

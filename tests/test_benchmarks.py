@@ -117,17 +117,34 @@ def _head() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def test_a_kind_trains_the_same_alone_and_with_its_epochs_alternating_with_others(tmp_path, capsys):
+def test_a_kind_trains_the_same_alone_and_with_its_epochs_alternating_with_others(
+    tmp_path, capsys, monkeypatch
+):
     """Each kind keeps its own data order and RNG: the others' epochs in between change nothing."""
     from benchmarks import train
 
+    draws: dict[str, list[float]] = {}
+    build = train.build
+
+    def drawing_build(kind, *args, **kwargs):  # each optimizer step also draws from the global RNG
+        model = build(kind, *args, **kwargs)
+        after_step = model.after_step
+        model.after_step = lambda: (draws.setdefault(kind, []).append(torch.rand(1).item()), after_step())
+        return model
+
+    monkeypatch.setattr(train, "build", drawing_build)
     common = ["--model", "linear", "--dataset", "digits", "--epochs", "2", "--train-subset", "128"]
     common += ["--test-subset", "64", "--quiet", "--augment"]  # augmentation draws from the order's generator
     alone = train.main([*common, "--kinds", "pcdeq", "--out", str(tmp_path / "alone")])
-    mixed = train.main([*common, "--kinds", "reference", "pcdeq", "--out", str(tmp_path / "mixed")])
+    draws_alone = draws.pop("pcdeq")
+    capsys.readouterr()  # only the second run's output is read below
+    # reference is built last: without its own RNG state, pcdeq would draw from reference's
+    mixed = train.main([*common, "--kinds", "pcdeq", "reference", "--out", str(tmp_path / "mixed")])
+    assert len(draws_alone) == 4 and draws_alone[:2] != draws_alone[2:]  # 2 epochs of 2 batches, one stream
+    assert draws["pcdeq"] == draws_alone
     timing = {"seconds", "peak_memory_mb", "test_backward_iterations"}  # the last is NaN: no backward in test
     strip = lambda history: [{k: v for k, v in row.items() if k not in timing} for row in history]  # noqa: E731
     assert strip(alone["runs"]["pcdeq"]) == strip(mixed["runs"]["pcdeq"])
     assert len(mixed["runs"]["reference"]) == 2
     out = capsys.readouterr().out
-    assert out.index("pcdeq epoch   1") < out.index("reference epoch   2")  # alternating
+    assert out.index("reference epoch   1") < out.index("pcdeq epoch   2")  # alternating

@@ -7,7 +7,7 @@ import torch
 import torchdeq
 
 import torchdeq_pcdeq  # noqa: F401  (registers the pcdeq core)
-from torchdeq_pcdeq import PcDEQConv2d
+from torchdeq_pcdeq import InvalidInputError, PcDEQConv2d
 from torchdeq_pcdeq.reductions import extremes, sample_dims, storage_order
 
 LAYOUTS = {
@@ -45,6 +45,17 @@ def test_sample_dims_reduce_each_sample():
     t = LAYOUTS["channels_last"](torch.randn(3, 4, 5, 6))
     assert sample_dims(t) == (1, 2, 3)
     torch.testing.assert_close(t.amin(dim=sample_dims(t)), t.reshape(3, -1).amin(dim=1), rtol=0, atol=0)
+    with pytest.raises(InvalidInputError, match=r"shape \(3,\)"):
+        sample_dims(torch.randn(3))  # dim=() would reduce over the whole batch
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: torch.ones(3, 1).expand(3, 4), lambda: torch.randn(6).as_strided((3, 4), (1, 1))]
+)
+def test_extremes_of_expanded_or_overlapping_tensors_are_right(make):
+    t = make()
+    assert storage_order(t) is t  # no dense order: aminmax makes its own copy
+    assert [v.item() for v in extremes(t)] == [t.min().item(), t.max().item()]
 
 
 def _state_copies(run, shape) -> list[str]:

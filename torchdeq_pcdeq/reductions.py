@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import InvalidInputError
+
 __all__ = ["extremes", "sample_dims", "storage_order"]
 
 
@@ -41,5 +43,15 @@ def extremes(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sample_dims(t: Tensor) -> tuple[int, ...]:
-    """The dimensions of one sample (all but the first): reduce over them for per-sample values."""
+    """The dimensions of one sample (all but the first): reduce over them for per-sample values.
+
+    Raises:
+        InvalidInputError: ``t`` has no dimension besides the batch; reducing over ``()``
+            would reduce over everything.
+    """
+    if t.dim() < 2:
+        raise InvalidInputError(
+            f"Per-sample values need a tensor of shape (batch, ...) with at least 2 dimensions, got "
+            f"shape {tuple(t.shape)}. Add a feature dimension with t.unsqueeze(1)."
+        )
     return tuple(range(1, t.dim()))
