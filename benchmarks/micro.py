@@ -244,15 +244,13 @@ def floor_lines(steps: dict, target: float = 0.75) -> list[str]:
             continue
         base, floor, ours = rows["reference"]["ms"], rows[FLOOR]["ms"], rows["pcdeq"]["ms"]
         needed = target * base - floor  # what the equilibrium layer may cost in such a step
+        said = f"{name}: the floor (no equilibrium layer) takes {floor:.1f} ms, {floor / base:.2f}x"
+        said += " the reference's step"
         if base <= floor or needed <= 0:
-            lines.append(
-                f"{name}: the floor (no equilibrium layer) takes {floor:.1f} ms, {floor / base:.2f}x the "
-                f"reference's step: no step can be {target}x the reference's."
-            )
+            lines.append(f"{said}: no step can be {target}x the reference's.")
             continue
         lines.append(
-            f"{name}: the floor (no equilibrium layer) takes {floor:.1f} ms, {floor / base:.2f}x the "
-            f"reference's step, so no implementation of the layer gets below that. A step at "
+            f"{said}, so no implementation of the layer gets below that. A step at "
             f"{target}x the reference's leaves the layer {needed:.1f} ms, "
             f"{needed / (base - floor):.2f}x of the reference's {base - floor:.1f} ms; pcdeq's takes "
             f"{ours - floor:.1f} ms ({(ours - floor) / (base - floor):.2f}x)."

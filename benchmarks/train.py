@@ -12,9 +12,8 @@ test loss and accuracy, mean forward and backward iterations (calls of f per sol
 each solver's own ``nstep`` means), the fraction of solves (samples x equilibrium layers) that
 reached the tolerance, seconds per epoch and peak memory during the epoch's training (CUDA:
 allocated by tensors; CPU: resident set above the epoch's start, see ``benchmarks.memory``).
-Results go to
-``benchmarks/results/train_<model>_<dataset>_<device>.json`` and ``.md``; ``--plots`` adds PNG
-plots next to them.
+Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json`` and ``.md``;
+``--plots`` adds PNG plots next to them.
 """
 
 from __future__ import annotations
