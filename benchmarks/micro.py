@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -44,19 +45,31 @@ from benchmarks.baselines import KINDS, build
 from benchmarks.data import load
 from benchmarks.memory import PeakMemory
 from benchmarks.solver_overhead import hardware_line, timed
+from torchdeq_pcdeq import conv_kernels
 from torchdeq_pcdeq.models import build_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FLOOR = "floor"  # the step without equilibrium layers (see the module docstring)
+PYTORCH_CONV = "pcdeq, conv_algorithm=pytorch"  # what pcdeq's kernel choice is worth
 
 
 def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, kinds=KINDS) -> dict:
     data = load("mnist_subset")
     images, labels = data.train_x[:batch].to(device), data.train_y[:batch].to(device)
     setups = {}
-    for kind in [*kinds, FLOOR]:
+    variants = [*kinds, FLOOR]
+    if "pcdeq" in kinds and model_name != "linear":
+        variants.insert(kinds.index("pcdeq") + 1, PYTORCH_CONV)
+    for kind in variants:
         torch.manual_seed(0)
-        model = floor_model(model_name, "mnist") if kind == FLOOR else build(kind, model_name, "mnist")
+        if kind == FLOOR:
+            model = floor_model(model_name, "mnist")
+        elif kind == PYTORCH_CONV:
+            model = build("pcdeq", model_name, "mnist")
+            for layer in model.layers:
+                layer.conv_algorithm = "pytorch"
+        else:
+            model = build(kind, model_name, "mnist")
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1.5e-2)
         setups[kind] = (model, opt)
@@ -121,8 +134,9 @@ class _OneCall(nn.Module):
 class WorkCounter(TorchDispatchMode):
     """Counts the tensor operations of a block, and the passes of its heavy operators.
 
-    A pass is one convolution or matrix-matrix product (``mm``, ``addmm``: the models' layers):
-    a forward call, or one gradient output (input or weight) of a convolution's backward. The
+    A pass is one convolution (PyTorch's or NNPACK's) or matrix-matrix product (``mm``,
+    ``addmm``: the models' layers): a forward call, or one gradient output (input or weight) of
+    a convolution's backward. The
     batched products of Anderson acceleration (``bmm``, on its small history) are operations,
     not passes.
 
@@ -134,7 +148,13 @@ class WorkCounter(TorchDispatchMode):
         {'ops': 2, 'passes': 1}
     """
 
-    _PRODUCTS = frozenset((torch.ops.aten.mm.default, torch.ops.aten.addmm.default))
+    _PRODUCTS = frozenset(
+        (
+            torch.ops.aten.mm.default,
+            torch.ops.aten.addmm.default,
+            torch.ops.aten._nnpack_spatial_convolution.default,  # pcDEQ's untracked products
+        )
+    )
 
     def __init__(self):
         super().__init__()
@@ -258,6 +278,17 @@ def floor_lines(steps: dict, target: float = 0.75) -> list[str]:
     return lines
 
 
+def kernel_lines() -> list[str]:
+    """What ``conv_algorithm="auto"`` chose for the pcDEQ convolutions timed in this process."""
+    return [
+        f"pcdeq's convolution on a {'x'.join(map(str, key[0]))} "
+        f"{'NCHW' if key[2] else 'channels-last'} state ({key[3]} threads): "
+        f"{choice.algorithm} chosen; NNPACK {choice.nnpack_ms:.1f} ms, PyTorch's dispatch "
+        f"{choice.pytorch_ms:.1f} ms ({choice.nnpack_ms / choice.pytorch_ms:.2f}x) per product."
+        for key, choice in conv_kernels.choices().items()
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,13 +331,13 @@ def main(argv=None):
         for kind, row in rows.items():
             ratio = f"{row['ms'] / base:.2f}x" if base else "-"
             above = "-"
-            if base and base > floor and kind in ("pcdeq", "reference"):
+            if base and base > floor and kind in ("pcdeq", PYTORCH_CONV, "reference"):
                 above = f"{(row['ms'] - floor) / (base - floor):.2f}x"
             lines.append(
                 f"| {name} | {kind} | {row['iterations']:.1f} | {row['ops']} | {row['passes']} "
                 f"| {row['ms']:.1f} | {ratio} | {above} |"
             )
-    lines += ["", *floor_lines(steps)]
+    lines += ["", *floor_lines(steps), *kernel_lines()]
     measured = (
         "exact tensor bytes" if device.type == "cuda" else f"{len(memory[0]['peaks_mb'])} fresh processes"
     )
@@ -339,6 +370,10 @@ def main(argv=None):
         "memory_ratio_most": ratio_max,
         "bf16": args.bf16,
     }
+    result["conv_choices"] = [
+        {"state": list(key[0]), "nchw": key[2], "threads": key[3], **dataclasses.asdict(choice)}
+        for key, choice in conv_kernels.choices().items()
+    ]
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return result

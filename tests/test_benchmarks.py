@@ -70,6 +70,17 @@ def test_the_smoke_suite_runs_every_benchmark(tmp_path):
     assert "suite done" in result.stdout
 
 
+def test_the_micro_benchmark_times_pcdeq_with_both_convolution_kernels():
+    from benchmarks import micro
+
+    steps = micro.step_times("single_conv", torch.device("cpu"), 1, 2, False, kinds=("pcdeq", "reference"))
+    assert list(steps) == ["pcdeq", micro.PYTORCH_CONV, "reference", "floor"]
+    ours, pytorch = steps["pcdeq"], steps[micro.PYTORCH_CONV]
+    # The kernel changes how a convolution is computed, not how many the step computes.
+    assert ours["iterations"] == pytorch["iterations"] > 0
+    assert ours["passes"] == pytorch["passes"] > steps["floor"]["passes"]
+
+
 @pytest.mark.cuda
 def test_the_gpu_suite_smoke_runs_on_cuda():
     result = subprocess.run(

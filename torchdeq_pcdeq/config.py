@@ -30,6 +30,7 @@ from torchdeq.utils import add_deq_args
 from torchdeq.utils.config import DEQConfig
 
 from .constraints import NONNEGATIVITY_MODES
+from .conv_kernels import CONV_ALGORITHMS
 from .errors import InvalidInputError, PcDEQWarning, UnknownNameError, check_choice
 from .solver import GUARD_MODES
 
@@ -180,6 +181,13 @@ PCDEQ_OPTIONS: dict[str, Option] = {
         1e-6,
         "positive floor added to pcDEQ-1 injections by pcDEQ layers built with args=...",
         kind="positive_float",
+    ),
+    "pcdeq_conv_algorithm": Option(
+        "auto",
+        "kernel of the untracked convolutions of PcDEQConv2d layers built with args=...: 'auto' "
+        "(NNPACK where it applies and, timed once per shape, is faster), 'pytorch' (F.conv2d "
+        "always; bitwise reproducible) or 'nnpack'",
+        CONV_ALGORITHMS,
     ),
 }
 

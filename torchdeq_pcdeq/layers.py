@@ -41,6 +41,7 @@ from .constraints import (
     is_nonnegative_by_construction,
     reference_init_,
 )
+from .conv_kernels import check_algorithm, same_conv2d, same_conv2d_transposed
 from .errors import InvalidInputError, NegativeWeightError, check_choice
 from .reductions import extremes
 
@@ -574,6 +575,11 @@ class PcDEQConv2d(PcDEQLayer):
         kernel_size: odd kernel size (default 3).
         nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
         injection_floor: positive floor of pcDEQ-1 injections (default ``1e-6``).
+        conv_algorithm: the kernel of the untracked products (solver iterations, adjoint
+            products ``W^T y``): ``"auto"`` (default: NNPACK where it applies and, timed once
+            per shape, is faster than PyTorch's dispatch), ``"pytorch"`` (always ``F.conv2d``;
+            bitwise reproducible across processes) or ``"nnpack"`` (wherever it applies); see
+            :mod:`torchdeq_pcdeq.conv_kernels`. ``None`` reads ``pcdeq_conv_algorithm``.
         args: config read for the options left at ``None`` (see :class:`PcDEQLinear`).
 
     Example:
@@ -591,11 +597,14 @@ class PcDEQConv2d(PcDEQLayer):
         *,
         nonnegativity: str | None = None,
         injection_floor: float | None = None,
+        conv_algorithm: str | None = None,
         args=None,
         device=None,
         dtype=None,
     ):
         _require_positive_int(channels, "channels")
+        if conv_algorithm is None:
+            conv_algorithm = _option(args, "pcdeq_conv_algorithm", "auto")
         _require_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise InvalidInputError(
@@ -606,17 +615,22 @@ class PcDEQConv2d(PcDEQLayer):
         operator = nn.Conv2d(
             channels, channels, kernel_size, padding=self.padding, bias=False, device=device, dtype=dtype
         )
+        self.conv_algorithm = check_algorithm(conv_algorithm)
         super().__init__(operator, activation, nonnegativity, injection_floor, args)
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
-        return F.conv2d(z, weight, padding=self.padding)
+        return same_conv2d(z, weight, self.padding, self.conv_algorithm)
 
     def operator_vjp(self, v, z, weight, *, state=True, weight_grad=False):
-        # The kernel autograd runs for F.conv2d's backward: one pass per requested output.
-        stride, padding, dilation = [1, 1], [self.padding] * 2, [1, 1]
-        grad_state, grad_weight, _ = torch.ops.aten.convolution_backward(
-            v, z, weight, None, stride, padding, dilation, False, [0, 0], 1, [state, weight_grad, False]
-        )
+        grad_state = grad_weight = None
+        if state:
+            grad_state = same_conv2d_transposed(v, z, weight, self.padding, self.conv_algorithm)
+        if weight_grad:
+            # The kernel autograd runs for F.conv2d's weight gradient.
+            padding = [self.padding] * 2
+            _, grad_weight, _ = torch.ops.aten.convolution_backward(
+                v, z, weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1, [False, True, False]
+            )
         return grad_state, grad_weight
 
     def check_state(self, z: Tensor) -> None:
@@ -628,7 +642,8 @@ class PcDEQConv2d(PcDEQLayer):
             )
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, kernel_size={self.kernel_size}, " + super().extra_repr()
+        algorithm = "" if self.conv_algorithm == "auto" else f"conv_algorithm={self.conv_algorithm!r}, "
+        return f"{self.channels}, kernel_size={self.kernel_size}, {algorithm}" + super().extra_repr()
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -1,0 +1,215 @@
+"""The kernel of a pcDEQ convolution's untracked products (torchdeq_pcdeq.conv_kernels)."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+import torchdeq
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchdeq_pcdeq import InvalidInputError, PcDEQConv2d, UnknownNameError, add_pcdeq_args, conv_kernels
+from torchdeq_pcdeq.conv_kernels import Choice, same_conv2d, same_conv2d_transposed
+
+pytestmark = pytest.mark.skipif(not conv_kernels.nnpack_available(), reason="PyTorch built without NNPACK")
+
+NNPACK = torch.ops.aten._nnpack_spatial_convolution.default
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _instance(batch=17, channels=6, size=7, kernel=3, seed=0, channels_last=False):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.rand(batch, channels, size, size, generator=gen)
+    w = torch.rand(channels, channels, kernel, kernel, generator=gen) / (channels * kernel)
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    return z, w
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 17])
+def test_nnpack_products_match_the_float64_convolution(kernel, channels_last, batch):
+    z, w = _instance(batch=batch, kernel=kernel, channels_last=channels_last)
+    pad = kernel // 2
+    exact = F.conv2d(z.double(), w.double(), padding=pad)
+    with OpCounter() as counter:
+        out = same_conv2d(z, w, pad, "nnpack")
+    assert counter.ops[NNPACK] == 1
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+
+    v = torch.rand_like(z)
+    exact_t = F.conv_transpose2d(v.double(), w.double(), padding=pad)
+    for algorithm in ("nnpack", "pytorch"):
+        torch.testing.assert_close(
+            same_conv2d_transposed(v, z, w, pad, algorithm).double(), exact_t, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_the_transposed_product_is_the_adjoint_for_non_square_kernels():
+    gen = torch.Generator().manual_seed(1)
+    z, v = torch.rand(16, 3, 6, 6, generator=gen), torch.rand(16, 5, 6, 6, generator=gen)
+    w = torch.rand(5, 3, 3, 3, generator=gen)
+    lhs = (v.double() * F.conv2d(z.double(), w.double(), padding=1)).sum()
+    for algorithm in ("nnpack", "pytorch"):
+        rhs = (same_conv2d_transposed(v, z, w, 1, algorithm).double() * z.double()).sum()
+        torch.testing.assert_close(rhs, lhs, rtol=1e-5, atol=0)
+
+
+def _kernel_used(run) -> str:
+    with OpCounter() as counter:
+        run()
+    return "nnpack" if counter.ops[NNPACK] else "pytorch"
+
+
+def test_nnpack_is_used_only_where_it_computes_what_conv2d_would():
+    z, w = _instance()
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "pytorch")) == "pytorch"
+    # float64: NNPACK computes in float32 only.
+    assert _kernel_used(lambda: same_conv2d(z.double(), w.double(), 1, "nnpack")) == "pytorch"
+    # A gradient to record: the tracked application goes through F.conv2d and autograd.
+    tracked = z.clone().requires_grad_()
+    assert _kernel_used(lambda: same_conv2d(tracked, w, 1, "nnpack")) == "pytorch"
+    with torch.no_grad():
+        assert _kernel_used(lambda: same_conv2d(tracked, w, 1, "nnpack")) == "nnpack"
+    # CPU autocast computes the convolution in bfloat16.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "pytorch"
+    # Forward-mode AD (the rate bound's Jacobian-vector product): NNPACK has no tangent rule.
+    with torch.no_grad(), forward_ad.dual_level():
+        dual = forward_ad.make_dual(z, torch.ones_like(z))
+        out = same_conv2d(dual, w, 1, "nnpack")
+        tangent = forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, F.conv2d(torch.ones_like(z), w, padding=1))
+    # torch.func transforms: no batching rule.
+    per_sample = torch.func.vmap(lambda s: same_conv2d(s, w, 1, "nnpack"))(z.unsqueeze(1))
+    torch.testing.assert_close(per_sample.squeeze(1), F.conv2d(z, w, padding=1))
+
+
+def test_auto_times_once_per_shape_and_keeps_nnpack_only_when_clearly_faster():
+    z, w = _instance(batch=19, channels=5)  # a shape no other test uses
+    key = (tuple(z.shape), tuple(w.shape), True, torch.get_num_threads())
+    assert key not in conv_kernels.choices()
+    with OpCounter() as first:
+        out = same_conv2d(z, w, 1, "auto")
+    choice = conv_kernels.choices()[key]
+    assert isinstance(choice, Choice) and choice.pytorch_ms > 0 and choice.nnpack_ms > 0
+    assert (choice.algorithm == "nnpack") == (choice.nnpack_ms < 0.9 * choice.pytorch_ms)
+    # A warm-up and three timed runs of each candidate, then the product itself.
+    assert first.ops[NNPACK] == 4 + (choice.algorithm == "nnpack")
+    with OpCounter() as second:
+        again = same_conv2d(z, w, 1, "auto")
+    assert second.ops[NNPACK] == (choice.algorithm == "nnpack")
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    # The transposed product follows the same choice: same shapes, same cost.
+    assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "auto")) == choice.algorithm
+
+
+@pytest.mark.parametrize(
+    "nnpack_ticks, expected",
+    [
+        (5.0, Choice("pytorch", 1e3, 5e3)),
+        (0.95, Choice("pytorch", 1e3, 950.0)),
+        (0.5, Choice("nnpack", 1e3, 500.0)),
+    ],
+    ids=["slower", "5% faster: not enough", "twice as fast"],
+)
+def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
+    """A fake clock: PyTorch's kernel takes one second a run, NNPACK ``nnpack_ticks``."""
+    z, w = _instance(batch=3, channels=2, size=4)
+    clock = {"now": 0.0}
+
+    def advancing(run, ticks):
+        def timed(*args, **kwargs):
+            clock["now"] += ticks
+            return run(*args, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(conv_kernels.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(conv_kernels, "_nnpack", advancing(conv_kernels._nnpack, nnpack_ticks))
+    monkeypatch.setattr(conv_kernels.F, "conv2d", advancing(F.conv2d, 1.0))
+    choice = conv_kernels._time_both(z, w)
+    assert choice.algorithm == expected.algorithm
+    assert choice.pytorch_ms == pytest.approx(expected.pytorch_ms)
+    assert choice.nnpack_ms == pytest.approx(expected.nnpack_ms)
+
+
+def test_layer_option_from_argument_config_and_errors(monkeypatch):
+    assert PcDEQConv2d(4).conv_algorithm == "auto"
+    assert PcDEQConv2d(4, args={"pcdeq_conv_algorithm": "pytorch"}).conv_algorithm == "pytorch"
+    parsed = add_pcdeq_args(argparse.ArgumentParser()).parse_args(["--pcdeq_conv_algorithm", "nnpack"])
+    assert PcDEQConv2d(4, args=parsed).conv_algorithm == "nnpack"
+    assert "conv_algorithm='pytorch'" in repr(PcDEQConv2d(4, conv_algorithm="pytorch"))
+    with pytest.raises(UnknownNameError, match="winograd"):
+        PcDEQConv2d(4, conv_algorithm="winograd")
+    monkeypatch.setattr(conv_kernels, "nnpack_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="no NNPACK"):
+        PcDEQConv2d(4, conv_algorithm="nnpack")
+    z, w = _instance()
+    assert PcDEQConv2d(4, conv_algorithm="auto").conv_algorithm == "auto"  # auto: falls back quietly
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "auto")) == "pytorch"
+
+
+def _train_step(algorithm: str, channels_last: bool):
+    torch.manual_seed(0)
+    f = PcDEQConv2d(6, conv_algorithm=algorithm)
+    with torch.no_grad():
+        f.operator.parametrizations.weight.original1.mul_(40.0)  # a Jacobian that matters
+    deq = torchdeq.get_deq(core="pcdeq")
+    u = torch.randn(17, 6, 7, 7, generator=torch.Generator().manual_seed(1))
+    x = f.inject(u)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with OpCounter() as counter:
+        z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+        (z_out[-1] * torch.linspace(0, 1, 7)).sum().backward()
+    grads = [p.grad.clone() for p in f.parameters()]
+    return z_out[-1].detach(), grads, info, counter.ops
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_training_step_with_nnpack_matches_pytorchs_kernel(channels_last):
+    z_nn, grads_nn, info, ops = _train_step("nnpack", channels_last)
+    z_pt, grads_pt, _, ops_pt = _train_step("pytorch", channels_last)
+    assert info["converged"].all() and int(info["nstep"].max()) > 3
+    torch.testing.assert_close(z_nn, z_pt, rtol=1e-5, atol=1e-6)
+    for g_nn, g_pt in zip(grads_nn, grads_pt):
+        torch.testing.assert_close(g_nn, g_pt, rtol=1e-4, atol=1e-7)
+    # Every W z of the solve (the first, W 0, is skipped) and every W^T y of the backward
+    # runs on NNPACK; the weight gradient stays on convolution_backward, without input gradient.
+    assert ops[NNPACK] >= int(info["nstep"].max()) - 1 + 2
+    assert ops_pt[NNPACK] == 0
+    masks = _convolution_backward_masks(lambda: _train_step("nnpack", channels_last))
+    assert masks == [[False, True, False]]
+
+
+def _convolution_backward_masks(run):
+    masks = []
+
+    class Masks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    with Masks():
+        run()
+    return masks

@@ -1,0 +1,185 @@
+"""The kernel behind a pcDEQ convolution's untracked products: PyTorch's dispatch or NNPACK.
+
+A solve applies one convolution ``W`` many times without recording a graph: the forward
+iterations, and the adjoint products ``W^T y`` of the implicit gradient (``W^T`` of a stride-1
+"same" convolution is the convolution with the kernel's channels swapped and its taps flipped).
+On CPU, PyTorch sends ``F.conv2d`` to oneDNN whenever oneDNN is built in. NNPACK, also built
+into PyTorch's CPU wheels, computes 3x3 convolutions with Winograd and FFT transforms and so
+with fewer multiplications. Which of the two is faster depends on the CPU, the shapes and the
+thread count: on the 2-core AVX2 machine of ``benchmarks/results``, NNPACK took 0.56x oneDNN's
+time for the MNIST single-conv layer (batch 64, 82 channels, 28x28) and 1.65x for 48 channels
+of 7x7. So, with ``conv_algorithm="auto"`` (the default), the first untracked product of each
+shape times both kernels (a warm-up and three interleaved runs each, a few passes in all,
+once per process) and keeps NNPACK only when it is at least 10% faster, as
+``torch.backends.cudnn.benchmark`` does for cuDNN's algorithms.
+
+NNPACK is used only where it computes what ``F.conv2d`` would: CPU, float32 state and weight,
+no CPU autocast, kernels up to 15x15, no gradient to record, no forward-mode AD or
+``torch.func`` transform, not under ``torch.compile``. Anything else, and every tracked
+application, goes through ``F.conv2d`` and autograd as usual. The two kernels round
+differently (both within a few float32 ulps of the float64 result, relative error about
+``1e-6``), so runs that choose differently agree to rounding, not bit for bit: pass
+``conv_algorithm="pytorch"`` for bitwise reproducibility across processes and machines.
+
+Example:
+    >>> import torch
+    >>> from torchdeq_pcdeq.conv_kernels import same_conv2d
+    >>> z, w = torch.rand(16, 8, 6, 6), torch.rand(8, 8, 3, 3)
+    >>> out = same_conv2d(z, w, padding=1, algorithm="nnpack")
+    >>> torch.allclose(out, torch.nn.functional.conv2d(z, w, padding=1), rtol=1e-5, atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InvalidInputError, check_choice
+
+__all__ = ["CONV_ALGORITHMS", "Choice", "same_conv2d", "same_conv2d_transposed", "choices", "check_algorithm"]
+
+CONV_ALGORITHMS = ("auto", "pytorch", "nnpack")
+_NNPACK_MAX_KERNEL = 15  # NNPACK takes kernels up to 16x16; pcDEQ kernels are odd
+_MARGIN = 0.9  # NNPACK must beat PyTorch's dispatch by 10%: near-ties keep the standard path
+_TRIALS = 3
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel ``auto`` chose for one shape, and the best time of each, in milliseconds."""
+
+    algorithm: str
+    pytorch_ms: float
+    nnpack_ms: float
+
+
+_CHOICES: dict[tuple, Choice] = {}
+
+
+@functools.cache
+def nnpack_available() -> bool:
+    """Whether this PyTorch build has NNPACK (the call also initialises it, which it needs)."""
+    return bool(torch._nnpack_available())
+
+
+def check_algorithm(algorithm: str) -> str:
+    """Return ``algorithm`` if it is one of :data:`CONV_ALGORITHMS` usable here; raise otherwise."""
+    check_choice("conv_algorithm", algorithm, CONV_ALGORITHMS)
+    if algorithm == "nnpack" and not nnpack_available():
+        raise InvalidInputError(
+            "conv_algorithm='nnpack' was asked for, but this PyTorch build has no NNPACK "
+            "(torch._nnpack_available() is False). Use 'auto' (NNPACK where available and "
+            "faster) or 'pytorch'."
+        )
+    return algorithm
+
+
+def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto") -> Tensor:
+    """``F.conv2d(z, weight, padding=padding)`` (stride 1), by the kernel ``algorithm`` selects.
+
+    Args:
+        z: ``(batch, C, H, W)`` input.
+        weight: ``(C_out, C, k, k)`` kernel, ``k`` odd, ``padding = k // 2``.
+        padding: zero padding on each side.
+        algorithm: ``"auto"``, ``"pytorch"`` or ``"nnpack"`` (see the module docstring); NNPACK
+            only where it applies, PyTorch's dispatch elsewhere.
+    """
+    if _use_nnpack(z, weight, algorithm):
+        return _nnpack(z, weight, padding)
+    return F.conv2d(z, weight, padding=padding)
+
+
+def same_conv2d_transposed(
+    v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
+) -> Tensor:
+    """``W^T v`` for ``W z = F.conv2d(z, weight, padding=padding)``: the gradient of
+    ``<v, W z>`` with respect to ``z``, by the kernel ``algorithm`` selects.
+
+    ``z`` gives the result's shape and layout; its values are not read.
+
+    Example:
+        >>> import torch
+        >>> z, v, w = torch.rand(2, 3, 5, 5), torch.rand(2, 4, 5, 5), torch.rand(4, 3, 3, 3)
+        >>> lhs = (v * torch.nn.functional.conv2d(z, w, padding=1)).sum()
+        >>> rhs = (same_conv2d_transposed(v, z, w, 1) * z).sum()
+        >>> bool(torch.isclose(lhs, rhs))
+        True
+    """
+    if _use_nnpack(v, weight.transpose(0, 1), algorithm):
+        return _nnpack(v, _transposed_kernel(weight), padding)
+    # The kernel autograd runs for F.conv2d's input gradient (oneDNN's is faster than the
+    # transposed convolution F.conv_transpose2d dispatches to: 130 against 100 ms on MNIST).
+    grad, _, _ = torch.ops.aten.convolution_backward(
+        v, z, weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False]
+    )
+    return grad
+
+
+def choices() -> dict[tuple, Choice]:
+    """What ``"auto"`` chose so far in this process, by ``(state shape, kernel shape, layout,
+    threads)``: for reports (the benchmarks print it)."""
+    return dict(_CHOICES)
+
+
+def _use_nnpack(z: Tensor, weight: Tensor, algorithm: str) -> bool:
+    if algorithm == "pytorch" or not _nnpack_applies(z, weight):
+        return False
+    if algorithm == "nnpack":
+        return True
+    key = (tuple(z.shape), tuple(weight.shape), z.is_contiguous(), torch.get_num_threads())
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _time_both(z, weight)
+    return choice.algorithm == "nnpack"
+
+
+def _nnpack_applies(z: Tensor, weight: Tensor) -> bool:
+    return (
+        z.device.type == "cpu"
+        and z.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and z.dim() == 4
+        and weight.shape[-1] <= _NNPACK_MAX_KERNEL
+        and not (torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        # NNPACK has no forward-mode derivative and no torch.func batching rule.
+        and getattr(forward_ad, "_current_level", 0) < 0
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.compiler.is_compiling()
+        and nnpack_available()
+    )
+
+
+def _nnpack(z: Tensor, weight: Tensor, padding: int) -> Tensor:
+    # NNPACK reads NCHW: a channels-last state is converted (and the timing counts that copy).
+    return torch._nnpack_spatial_convolution(z.contiguous(), weight.contiguous(), None, [padding] * 2, [1, 1])
+
+
+def _transposed_kernel(weight: Tensor) -> Tensor:
+    return weight.transpose(0, 1).flip(2, 3).contiguous()
+
+
+def _time_both(z: Tensor, weight: Tensor) -> Choice:
+    padding = weight.shape[-1] // 2
+    candidates = {
+        "pytorch": lambda: F.conv2d(z, weight, padding=padding),
+        "nnpack": lambda: _nnpack(z, weight, padding),
+    }
+    best = {name: float("inf") for name in candidates}
+    with torch.no_grad():
+        for run in candidates.values():
+            run()  # the first call of each allocates its workspace
+        for _ in range(_TRIALS):
+            for name, run in candidates.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    faster = best["nnpack"] < _MARGIN * best["pytorch"]
+    return Choice("nnpack" if faster else "pytorch", 1e3 * best["pytorch"], 1e3 * best["nnpack"])
