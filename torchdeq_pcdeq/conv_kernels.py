@@ -11,7 +11,9 @@ time for the MNIST single-conv layer (batch 64, 82 channels, 28x28) and 1.65x fo
 of 7x7. So, with ``conv_algorithm="auto"`` (the default), the first untracked product of each
 shape times both kernels (a warm-up and three interleaved runs each, a few passes in all,
 once per process) and keeps NNPACK only when it is at least 10% faster, as
-``torch.backends.cudnn.benchmark`` does for cuDNN's algorithms.
+``torch.backends.cudnn.benchmark`` does for cuDNN's algorithms. Like it, ``"auto"`` suits
+states of a few shapes (a training batch, the last smaller one, an evaluation batch); where the
+shape changes at every call, pin ``"nnpack"`` or ``"pytorch"``.
 
 NNPACK is used only where it computes what ``F.conv2d`` would: CPU, float32 state and weight,
 no CPU autocast, kernels up to 15x15, no gradient to record, no forward-mode AD or
