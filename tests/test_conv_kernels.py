@@ -153,11 +153,12 @@ def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
 
 
 def test_layer_option_from_argument_config_and_errors(monkeypatch):
-    assert PcDEQConv2d(4).conv_algorithm == "auto"
+    assert PcDEQConv2d(4).conv_algorithm == "pytorch"  # NNPACK is opt-in: see the sign test
     assert PcDEQConv2d(4, args={"pcdeq_conv_algorithm": "pytorch"}).conv_algorithm == "pytorch"
     parsed = add_pcdeq_args(argparse.ArgumentParser()).parse_args(["--pcdeq_conv_algorithm", "nnpack"])
     assert PcDEQConv2d(4, args=parsed).conv_algorithm == "nnpack"
-    assert "conv_algorithm='pytorch'" in repr(PcDEQConv2d(4, conv_algorithm="pytorch"))
+    assert "conv_algorithm='auto'" in repr(PcDEQConv2d(4, conv_algorithm="auto"))
+    assert "conv_algorithm" not in repr(PcDEQConv2d(4))
     with pytest.raises(UnknownNameError, match="winograd"):
         PcDEQConv2d(4, conv_algorithm="winograd")
     monkeypatch.setattr(conv_kernels, "nnpack_available", lambda: False)
@@ -172,8 +173,9 @@ def _train_step(algorithm: str, channels_last: bool):
     torch.manual_seed(0)
     f = PcDEQConv2d(6, conv_algorithm=algorithm)
     with torch.no_grad():
-        f.operator.parametrizations.weight.original1.mul_(40.0)  # a Jacobian that matters
-    deq = torchdeq.get_deq(core="pcdeq")
+        f.operator.parametrizations.weight.original0.mul_(40.0)  # the norm g: a Jacobian that matters
+    # NNPACK is for solves that do not rely on the guard (module docstring).
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard="off")
     u = torch.randn(17, 6, 7, 7, generator=torch.Generator().manual_seed(1))
     x = f.inject(u)
     if channels_last:
@@ -213,3 +215,36 @@ def _convolution_backward_masks(run):
     with Masks():
         run()
     return masks
+
+
+def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_it_is_opt_in():
+    """Why the default is PyTorch's kernel: Winograd transforms subtract."""
+    torch.manual_seed(0)
+    z = torch.full((16, 8, 8, 8), 1e-6)
+    z[:, :, 3, 3] = 6.0
+    w = torch.rand(8, 8, 3, 3)
+    exact = F.conv2d(z.double(), w.double(), padding=1)
+    assert exact.min() > 0
+    assert same_conv2d(z, w, 1, "pytorch").min() >= 0
+    assert same_conv2d(z, w, 1, "nnpack").min() < 0
+    assert PcDEQConv2d(4).conv_algorithm == "pytorch"
+    assert torchdeq_pcdeq_config_default() == "pytorch"
+
+
+def torchdeq_pcdeq_config_default():
+    from torchdeq_pcdeq.config import PCDEQ_OPTIONS
+
+    return PCDEQ_OPTIONS["pcdeq_conv_algorithm"].default
+
+
+def test_an_empty_batch_or_a_subclass_goes_to_pytorchs_kernel():
+    z, w = _instance()
+    assert same_conv2d(z[:0], w, 1, "nnpack").shape == (0, 6, 7, 7)
+    assert _kernel_used(lambda: same_conv2d(z[:0], w, 1, "nnpack")) == "pytorch"
+    # Not "same" padding: NNPACK's transposed product would have another shape.
+    assert _kernel_used(lambda: same_conv2d(z, w, 0, "nnpack")) == "pytorch"
+
+    class Tagged(torch.Tensor):
+        pass
+
+    assert type(same_conv2d(z.as_subclass(Tagged), w, 1, "nnpack")) is Tagged

@@ -183,10 +183,11 @@ PCDEQ_OPTIONS: dict[str, Option] = {
         kind="positive_float",
     ),
     "pcdeq_conv_algorithm": Option(
-        "auto",
-        "kernel of the untracked convolutions of PcDEQConv2d layers built with args=...: 'auto' "
-        "(NNPACK where it applies and, timed once per shape, is faster), 'pytorch' (F.conv2d "
-        "always; bitwise reproducible) or 'nnpack'",
+        "pytorch",
+        "kernel of the untracked convolutions of PcDEQConv2d layers built with args=...: "
+        "'pytorch' (F.conv2d), or where neither the guard nor a certificate is relied on, "
+        "'nnpack' or 'auto' (the faster, timed once per shape): NNPACK's Winograd products of "
+        "nonnegative tensors can come out slightly negative",
         CONV_ALGORITHMS,
     ),
 }

@@ -4,24 +4,28 @@ A solve applies one convolution ``W`` many times without recording a graph: the 
 iterations, and the adjoint products ``W^T y`` of the implicit gradient (``W^T`` of a stride-1
 "same" convolution is the convolution with the kernel's channels swapped and its taps flipped).
 On CPU, PyTorch sends ``F.conv2d`` to oneDNN whenever oneDNN is built in. NNPACK, also built
-into PyTorch's CPU wheels, computes 3x3 convolutions with Winograd and FFT transforms and so
-with fewer multiplications. Which of the two is faster depends on the CPU, the shapes and the
-thread count: on the 2-core AVX2 machine of ``benchmarks/results``, NNPACK took 0.56x oneDNN's
-time for the MNIST single-conv layer (batch 64, 82 channels, 28x28) and 1.65x for 48 channels
-of 7x7. So, with ``conv_algorithm="auto"`` (the default), the first untracked product of each
-shape times both kernels (a warm-up and three interleaved runs each, a few passes in all,
-once per process) and keeps NNPACK only when it is at least 10% faster, as
-``torch.backends.cudnn.benchmark`` does for cuDNN's algorithms. Like it, ``"auto"`` suits
-states of a few shapes (a training batch, the last smaller one, an evaluation batch); where the
-shape changes at every call, pin ``"nnpack"`` or ``"pytorch"``.
+into PyTorch's CPU wheels, computes 3x3 convolutions with Winograd transforms and so with fewer
+multiplications: on the 2-core AVX2 machine of ``benchmarks/results`` it took 0.56x oneDNN's
+time for the MNIST single-conv layer (batch 64, 82 channels, 28x28), and 1.65x for 48 channels
+of 7x7.
 
-NNPACK is used only where it computes what ``F.conv2d`` would: CPU, float32 state and weight,
-no CPU autocast, kernels up to 15x15, no gradient to record, no forward-mode AD or
-``torch.func`` transform, not under ``torch.compile``. Anything else, and every tracked
-application, goes through ``F.conv2d`` and autograd as usual. The two kernels round
-differently (both within a few float32 ulps of the float64 result, relative error about
-``1e-6``), so runs that choose differently agree to rounding, not bit for bit: pass
-``conv_algorithm="pytorch"`` for bitwise reproducibility across processes and machines.
+**The default is PyTorch's kernel** (``conv_algorithm="pytorch"``), because Winograd is not
+sign-preserving: its transforms subtract, so a product of a nonnegative kernel and a
+nonnegative state can come out negative, and its rounding error reaches tens of ulps of the
+largest entry where a direct convolution stays within a few (measured: a spike of 6 on a
+background of 1e-6, 3x3 kernel, gives entries down to -1.6e-4 where the exact minimum is
++1.1e-5, 65 ulps of the maximum against 7 for ``F.conv2d``). pcDEQ's guard then reports a
+violation of positivity that is only rounding (``NotPositiveMonotoneError``), and the
+certificates' rounding margins (16 ulps) no longer cover the error. ``"nnpack"`` (wherever it
+applies) and ``"auto"`` (the faster of the two, timed once per shape: a warm-up and three
+interleaved runs each, NNPACK kept only when at least 10% faster, like
+``torch.backends.cudnn.benchmark``) are for speed where neither the guard nor a certificate is
+relied on: use them with ``pcdeq_guard="off"``, no enclosure and no rate bound.
+
+NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU, plain float32
+tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
+no CPU autocast, no forward-mode AD or ``torch.func`` transform, not under ``torch.compile``.
+Anything else, and every tracked application, goes through ``F.conv2d`` and autograd as usual.
 
 Example:
     >>> import torch
@@ -83,7 +87,7 @@ def check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
-def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto") -> Tensor:
+def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "pytorch") -> Tensor:
     """``F.conv2d(z, weight, padding=padding)`` (stride 1), by the kernel ``algorithm`` selects.
 
     Args:
@@ -93,13 +97,13 @@ def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
         algorithm: ``"auto"``, ``"pytorch"`` or ``"nnpack"`` (see the module docstring); NNPACK
             only where it applies, PyTorch's dispatch elsewhere.
     """
-    if _use_nnpack(z, weight, algorithm):
+    if _use_nnpack(z, weight, padding, algorithm):
         return _nnpack(z, weight, padding)
     return F.conv2d(z, weight, padding=padding)
 
 
 def same_conv2d_transposed(
-    v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
+    v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str = "pytorch"
 ) -> Tensor:
     """``W^T v`` for ``W z = F.conv2d(z, weight, padding=padding)``: the gradient of
     ``<v, W z>`` with respect to ``z``, by the kernel ``algorithm`` selects.
@@ -114,7 +118,7 @@ def same_conv2d_transposed(
         >>> bool(torch.isclose(lhs, rhs))
         True
     """
-    if _use_nnpack(v, weight.transpose(0, 1), algorithm):
+    if _use_nnpack(v, weight.transpose(0, 1), padding, algorithm):
         return _nnpack(v, _transposed_kernel(weight), padding)
     # The kernel autograd runs for F.conv2d's input gradient (oneDNN's is faster than the
     # transposed convolution F.conv_transpose2d dispatches to: 130 against 100 ms on MNIST).
@@ -130,8 +134,8 @@ def choices() -> dict[tuple, Choice]:
     return dict(_CHOICES)
 
 
-def _use_nnpack(z: Tensor, weight: Tensor, algorithm: str) -> bool:
-    if algorithm == "pytorch" or not _nnpack_applies(z, weight):
+def _use_nnpack(z: Tensor, weight: Tensor, padding: int, algorithm: str) -> bool:
+    if algorithm == "pytorch" or not _nnpack_applies(z, weight, padding):
         return False
     if algorithm == "nnpack":
         return True
@@ -142,13 +146,18 @@ def _use_nnpack(z: Tensor, weight: Tensor, algorithm: str) -> bool:
     return choice.algorithm == "nnpack"
 
 
-def _nnpack_applies(z: Tensor, weight: Tensor) -> bool:
+def _nnpack_applies(z: Tensor, weight: Tensor, padding: int) -> bool:
     return (
-        z.device.type == "cpu"
+        type(z) is Tensor  # not a subclass (fake, functional or user tensors)
+        and type(weight) in (Tensor, torch.nn.Parameter)
+        and z.device.type == "cpu"
         and z.dtype == torch.float32
         and weight.dtype == torch.float32
         and z.dim() == 4
-        and weight.shape[-1] <= _NNPACK_MAX_KERNEL
+        and z.numel() > 0
+        and weight.shape[-1] == weight.shape[-2] <= _NNPACK_MAX_KERNEL
+        and weight.shape[-1] % 2 == 1
+        and padding == weight.shape[-1] // 2
         and not (torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         # NNPACK has no forward-mode derivative and no torch.func batching rule.
@@ -160,6 +169,8 @@ def _nnpack_applies(z: Tensor, weight: Tensor) -> bool:
 
 
 def _nnpack(z: Tensor, weight: Tensor, padding: int) -> Tensor:
+    # Only reached after nnpack_available(), whose torch._nnpack_available() initialises NNPACK:
+    # without it the first call fails ("NNPACK SpatialConvolution_updateOutput failed").
     # NNPACK reads NCHW: a channels-last state is converted (and the timing counts that copy).
     return torch._nnpack_spatial_convolution(z.contiguous(), weight.contiguous(), None, [padding] * 2, [1, 1])
 

@@ -576,10 +576,11 @@ class PcDEQConv2d(PcDEQLayer):
         nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
         injection_floor: positive floor of pcDEQ-1 injections (default ``1e-6``).
         conv_algorithm: the kernel of the untracked products (solver iterations, adjoint
-            products ``W^T y``): ``"auto"`` (default: NNPACK where it applies and, timed once
-            per shape, is faster than PyTorch's dispatch), ``"pytorch"`` (always ``F.conv2d``;
-            bitwise reproducible across processes) or ``"nnpack"`` (wherever it applies); see
-            :mod:`torchdeq_pcdeq.conv_kernels`. ``None`` reads ``pcdeq_conv_algorithm``.
+            products ``W^T y``): ``"pytorch"`` (default, ``F.conv2d``), or for speed where
+            neither the guard nor a certificate is relied on, ``"nnpack"`` or ``"auto"`` (the
+            faster, timed once per shape): NNPACK's Winograd products of nonnegative tensors
+            can come out slightly negative (see :mod:`torchdeq_pcdeq.conv_kernels`). ``None``
+            reads ``pcdeq_conv_algorithm``.
         args: config read for the options left at ``None`` (see :class:`PcDEQLinear`).
 
     Example:
@@ -604,7 +605,7 @@ class PcDEQConv2d(PcDEQLayer):
     ):
         _require_positive_int(channels, "channels")
         if conv_algorithm is None:
-            conv_algorithm = _option(args, "pcdeq_conv_algorithm", "auto")
+            conv_algorithm = _option(args, "pcdeq_conv_algorithm", "pytorch")
         _require_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise InvalidInputError(
@@ -619,12 +620,12 @@ class PcDEQConv2d(PcDEQLayer):
         super().__init__(operator, activation, nonnegativity, injection_floor, args)
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
-        return same_conv2d(z, weight, self.padding, self.conv_algorithm)
+        return same_conv2d(z, weight, self.padding, self._conv_algorithm())
 
     def operator_vjp(self, v, z, weight, *, state=True, weight_grad=False):
         grad_state = grad_weight = None
         if state:
-            grad_state = same_conv2d_transposed(v, z, weight, self.padding, self.conv_algorithm)
+            grad_state = same_conv2d_transposed(v, z, weight, self.padding, self._conv_algorithm())
         if weight_grad:
             # The kernel autograd runs for F.conv2d's weight gradient.
             padding = [self.padding] * 2
@@ -632,6 +633,10 @@ class PcDEQConv2d(PcDEQLayer):
                 v, z, weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1, [False, True, False]
             )
         return grad_state, grad_weight
+
+    def _conv_algorithm(self) -> str:
+        # Layers pickled before the option existed computed with PyTorch's kernel.
+        return self.__dict__.get("conv_algorithm", "pytorch")
 
     def check_state(self, z: Tensor) -> None:
         if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1] != self.channels:
@@ -642,7 +647,9 @@ class PcDEQConv2d(PcDEQLayer):
             )
 
     def extra_repr(self) -> str:
-        algorithm = "" if self.conv_algorithm == "auto" else f"conv_algorithm={self.conv_algorithm!r}, "
+        algorithm = (
+            "" if self._conv_algorithm() == "pytorch" else f"conv_algorithm={self._conv_algorithm()!r}, "
+        )
         return f"{self.channels}, kernel_size={self.kernel_size}, {algorithm}" + super().extra_repr()
 
 
