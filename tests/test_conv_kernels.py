@@ -103,23 +103,27 @@ def test_nnpack_is_used_only_where_it_computes_what_conv2d_would():
     torch.testing.assert_close(per_sample.squeeze(1), F.conv2d(z, w, padding=1))
 
 
-def test_auto_times_once_per_shape_and_keeps_nnpack_only_when_clearly_faster():
+def test_auto_keeps_w_z_on_pytorch_and_times_the_adjoint_once_per_shape():
     z, w = _instance(batch=19, channels=5)  # a shape no other test uses
+    # W z keeps its sign on PyTorch's kernel, whatever the timing would say.
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "auto")) == "pytorch"
     key = (tuple(z.shape), tuple(w.shape), True, torch.get_num_threads())
     assert key not in conv_kernels.choices()
+    v = torch.randn_like(z)  # a gradient: any sign
     with OpCounter() as first:
-        out = same_conv2d(z, w, 1, "auto")
+        out = same_conv2d_transposed(v, z, w, 1, "auto")
     choice = conv_kernels.choices()[key]
     assert isinstance(choice, Choice) and choice.pytorch_ms > 0 and choice.nnpack_ms > 0
     assert (choice.algorithm == "nnpack") == (choice.nnpack_ms < 0.9 * choice.pytorch_ms)
     # A warm-up and three timed runs of each candidate, then the product itself.
     assert first.ops[NNPACK] == 4 + (choice.algorithm == "nnpack")
+    assert first.ops[torch.ops.aten.convolution_backward.default] == 4 + (choice.algorithm == "pytorch")
     with OpCounter() as second:
-        again = same_conv2d(z, w, 1, "auto")
+        again = same_conv2d_transposed(v, z, w, 1, "auto")
     assert second.ops[NNPACK] == (choice.algorithm == "nnpack")
     torch.testing.assert_close(again, out, rtol=0, atol=0)
-    # The transposed product follows the same choice: same shapes, same cost.
-    assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "auto")) == choice.algorithm
+    exact = F.conv_transpose2d(v.double(), w.double(), padding=1)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -145,19 +149,19 @@ def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
 
     monkeypatch.setattr(conv_kernels.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(conv_kernels, "_nnpack", advancing(conv_kernels._nnpack, nnpack_ticks))
-    monkeypatch.setattr(conv_kernels.F, "conv2d", advancing(F.conv2d, 1.0))
-    choice = conv_kernels._time_both(z, w)
+    monkeypatch.setattr(conv_kernels, "_pytorch_transposed", advancing(conv_kernels._pytorch_transposed, 1.0))
+    choice = conv_kernels._time_both(z, z, w, 1)
     assert choice.algorithm == expected.algorithm
     assert choice.pytorch_ms == pytest.approx(expected.pytorch_ms)
     assert choice.nnpack_ms == pytest.approx(expected.nnpack_ms)
 
 
 def test_layer_option_from_argument_config_and_errors(monkeypatch):
-    assert PcDEQConv2d(4).conv_algorithm == "pytorch"  # NNPACK is opt-in: see the sign test
+    assert PcDEQConv2d(4).conv_algorithm == "auto"
     assert PcDEQConv2d(4, args={"pcdeq_conv_algorithm": "pytorch"}).conv_algorithm == "pytorch"
     parsed = add_pcdeq_args(argparse.ArgumentParser()).parse_args(["--pcdeq_conv_algorithm", "nnpack"])
     assert PcDEQConv2d(4, args=parsed).conv_algorithm == "nnpack"
-    assert "conv_algorithm='auto'" in repr(PcDEQConv2d(4, conv_algorithm="auto"))
+    assert "conv_algorithm='nnpack'" in repr(PcDEQConv2d(4, conv_algorithm="nnpack"))
     assert "conv_algorithm" not in repr(PcDEQConv2d(4))
     with pytest.raises(UnknownNameError, match="winograd"):
         PcDEQConv2d(4, conv_algorithm="winograd")
@@ -166,7 +170,7 @@ def test_layer_option_from_argument_config_and_errors(monkeypatch):
         PcDEQConv2d(4, conv_algorithm="nnpack")
     z, w = _instance()
     assert PcDEQConv2d(4, conv_algorithm="auto").conv_algorithm == "auto"  # auto: falls back quietly
-    assert _kernel_used(lambda: same_conv2d(z, w, 1, "auto")) == "pytorch"
+    assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "auto")) == "pytorch"
 
 
 def _train_step(algorithm: str, channels_last: bool):
@@ -174,8 +178,10 @@ def _train_step(algorithm: str, channels_last: bool):
     f = PcDEQConv2d(6, conv_algorithm=algorithm)
     with torch.no_grad():
         f.operator.parametrizations.weight.original0.mul_(40.0)  # the norm g: a Jacobian that matters
-    # NNPACK is for solves that do not rely on the guard (module docstring).
-    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard="off")
+    # NNPACK's W z is for solves that do not rely on the guard (module docstring); "auto"
+    # keeps W z on PyTorch's kernel and runs with the default guard.
+    guard = "off" if algorithm == "nnpack" else "raise"
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard=guard)
     u = torch.randn(17, 6, 7, 7, generator=torch.Generator().manual_seed(1))
     x = f.inject(u)
     if channels_last:
@@ -203,6 +209,20 @@ def test_a_training_step_with_nnpack_matches_pytorchs_kernel(channels_last):
     assert masks == [[False, True, False]]
 
 
+def test_auto_runs_the_adjoint_on_nnpack_and_the_guarded_solve_on_pytorch(monkeypatch):
+    monkeypatch.setattr(conv_kernels, "_CHOICES", {})
+    monkeypatch.setattr(conv_kernels, "_time_both", lambda *args: Choice("nnpack", 2.0, 1.0))
+    z_auto, grads_auto, info, ops = _train_step("auto", channels_last=True)
+    z_pt, grads_pt, _, _ = _train_step("pytorch", channels_last=True)
+    torch.testing.assert_close(z_auto, z_pt, rtol=0, atol=0)  # the forward is PyTorch's
+    for g_auto, g_pt in zip(grads_auto, grads_pt):
+        torch.testing.assert_close(g_auto, g_pt, rtol=1e-4, atol=1e-7)
+    adjoint_products = ops[NNPACK]
+    assert adjoint_products >= 2
+    # The forward's convolutions are all PyTorch's (every W z but the skipped first one).
+    assert ops[torch.ops.aten.convolution.default] == int(info["nstep"].max()) - 1
+
+
 def _convolution_backward_masks(run):
     masks = []
 
@@ -217,7 +237,7 @@ def _convolution_backward_masks(run):
     return masks
 
 
-def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_it_is_opt_in():
+def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_w_z_stays_on_pytorch():
     """Why the default is PyTorch's kernel: Winograd transforms subtract."""
     torch.manual_seed(0)
     z = torch.full((16, 8, 8, 8), 1e-6)
@@ -227,8 +247,9 @@ def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_it_is_opt_in(
     assert exact.min() > 0
     assert same_conv2d(z, w, 1, "pytorch").min() >= 0
     assert same_conv2d(z, w, 1, "nnpack").min() < 0
-    assert PcDEQConv2d(4).conv_algorithm == "pytorch"
-    assert torchdeq_pcdeq_config_default() == "pytorch"
+    # So "auto", the default, keeps W z on PyTorch's kernel.
+    assert PcDEQConv2d(4).conv_algorithm == torchdeq_pcdeq_config_default() == "auto"
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "auto")) == "pytorch"
 
 
 def torchdeq_pcdeq_config_default():

@@ -183,11 +183,12 @@ PCDEQ_OPTIONS: dict[str, Option] = {
         kind="positive_float",
     ),
     "pcdeq_conv_algorithm": Option(
-        "pytorch",
-        "kernel of the untracked convolutions of PcDEQConv2d layers built with args=...: "
-        "'pytorch' (F.conv2d), or where neither the guard nor a certificate is relied on, "
-        "'nnpack' or 'auto' (the faster, timed once per shape): NNPACK's Winograd products of "
-        "nonnegative tensors can come out slightly negative",
+        "auto",
+        "kernel of the untracked convolutions of PcDEQConv2d layers built with args=...: 'auto' "
+        "(solver products on F.conv2d, adjoint products on the faster of F.conv2d's kernel and "
+        "NNPACK, timed once per shape), 'pytorch' (F.conv2d everywhere) or 'nnpack' (both on "
+        "NNPACK, whose products of nonnegative tensors can come out slightly negative: only "
+        "with pcdeq_guard='off' and no certificates)",
         CONV_ALGORITHMS,
     ),
 }

@@ -9,18 +9,25 @@ multiplications: on the 2-core AVX2 machine of ``benchmarks/results`` it took 0.
 time for the MNIST single-conv layer (batch 64, 82 channels, 28x28), and 1.65x for 48 channels
 of 7x7.
 
-**The default is PyTorch's kernel** (``conv_algorithm="pytorch"``), because Winograd is not
-sign-preserving: its transforms subtract, so a product of a nonnegative kernel and a
-nonnegative state can come out negative, and its rounding error reaches tens of ulps of the
-largest entry where a direct convolution stays within a few (measured: a spike of 6 on a
+Winograd is not sign-preserving: its transforms subtract, so a product of a nonnegative kernel
+and a nonnegative state can come out negative, and its rounding error reaches tens of ulps of
+the largest entry where a direct convolution stays within a few (measured: a spike of 6 on a
 background of 1e-6, 3x3 kernel, gives entries down to -1.6e-4 where the exact minimum is
-+1.1e-5, 65 ulps of the maximum against 7 for ``F.conv2d``). pcDEQ's guard then reports a
-violation of positivity that is only rounding (``NotPositiveMonotoneError``), and the
-certificates' rounding margins (16 ulps) no longer cover the error. ``"nnpack"`` (wherever it
-applies) and ``"auto"`` (the faster of the two, timed once per shape: a warm-up and three
-interleaved runs each, NNPACK kept only when at least 10% faster, like
-``torch.backends.cudnn.benchmark``) are for speed where neither the guard nor a certificate is
-relied on: use them with ``pcdeq_guard="off"``, no enclosure and no rate bound.
++1.1e-5, 65 ulps of the maximum against 7 for ``F.conv2d``). The solver's products ``W z``
+must keep their sign: pcDEQ's guard would report the rounding as a broken precondition
+(``NotPositiveMonotoneError``), and the certificates' rounding margins (16 ulps) would not cover
+it. The adjoint products ``W^T y`` have no sign to keep (``y`` is a gradient), and the closed-form
+gradient that makes them is an uncertified plain iteration to a relative tolerance (1e-4) far
+above NNPACK's error. Hence the three choices:
+
+* ``"auto"`` (default): ``W z`` on PyTorch's kernel; ``W^T y`` on the faster of PyTorch's
+  kernel (the input gradient of ``F.conv2d``) and NNPACK, timed at the first product of each
+  shape (a warm-up and three interleaved runs each, once per process), NNPACK kept only when at
+  least 10% faster, as ``torch.backends.cudnn.benchmark`` does for cuDNN. Like it, ``"auto"``
+  suits states of a few shapes (a training batch, the last smaller one, an evaluation batch).
+* ``"pytorch"``: PyTorch's kernels everywhere; bitwise reproducible across processes.
+* ``"nnpack"``: NNPACK for both wherever it applies: the fastest, for solves that rely on
+  neither the guard (``pcdeq_guard="off"``) nor a certificate.
 
 NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU, plain float32
 tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
@@ -87,23 +94,24 @@ def check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
-def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "pytorch") -> Tensor:
+def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto") -> Tensor:
     """``F.conv2d(z, weight, padding=padding)`` (stride 1), by the kernel ``algorithm`` selects.
 
     Args:
         z: ``(batch, C, H, W)`` input.
         weight: ``(C_out, C, k, k)`` kernel, ``k`` odd, ``padding = k // 2``.
         padding: zero padding on each side.
-        algorithm: ``"auto"``, ``"pytorch"`` or ``"nnpack"`` (see the module docstring); NNPACK
-            only where it applies, PyTorch's dispatch elsewhere.
+        algorithm: ``"nnpack"`` uses NNPACK where it applies; ``"auto"`` and ``"pytorch"``
+            use PyTorch's kernel (see the module docstring).
     """
-    if _use_nnpack(z, weight, padding, algorithm):
+    # "auto" keeps W z on PyTorch's kernel, which keeps its sign (module docstring).
+    if algorithm == "nnpack" and _nnpack_applies(z, weight, padding):
         return _nnpack(z, weight, padding)
     return F.conv2d(z, weight, padding=padding)
 
 
 def same_conv2d_transposed(
-    v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str = "pytorch"
+    v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
 ) -> Tensor:
     """``W^T v`` for ``W z = F.conv2d(z, weight, padding=padding)``: the gradient of
     ``<v, W z>`` with respect to ``z``, by the kernel ``algorithm`` selects.
@@ -118,10 +126,14 @@ def same_conv2d_transposed(
         >>> bool(torch.isclose(lhs, rhs))
         True
     """
-    if _use_nnpack(v, weight.transpose(0, 1), padding, algorithm):
+    if _use_nnpack(v, z, weight, padding, algorithm):
         return _nnpack(v, _transposed_kernel(weight), padding)
+    return _pytorch_transposed(v, z, weight, padding)
+
+
+def _pytorch_transposed(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tensor:
     # The kernel autograd runs for F.conv2d's input gradient (oneDNN's is faster than the
-    # transposed convolution F.conv_transpose2d dispatches to: 130 against 100 ms on MNIST).
+    # transposed convolution F.conv_transpose2d dispatches to: 100 against 130 ms on MNIST).
     grad, _, _ = torch.ops.aten.convolution_backward(
         v, z, weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False]
     )
@@ -129,20 +141,21 @@ def same_conv2d_transposed(
 
 
 def choices() -> dict[tuple, Choice]:
-    """What ``"auto"`` chose so far in this process, by ``(state shape, kernel shape, layout,
-    threads)``: for reports (the benchmarks print it)."""
+    """What ``"auto"`` chose for the adjoint products so far in this process, by ``(state
+    shape, kernel shape, NCHW layout, threads)``: for reports (the benchmarks print it)."""
     return dict(_CHOICES)
 
 
-def _use_nnpack(z: Tensor, weight: Tensor, padding: int, algorithm: str) -> bool:
-    if algorithm == "pytorch" or not _nnpack_applies(z, weight, padding):
+def _use_nnpack(v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str) -> bool:
+    """Whether ``W^T v`` runs on NNPACK."""
+    if algorithm == "pytorch" or not _nnpack_applies(v, weight.transpose(0, 1), padding):
         return False
     if algorithm == "nnpack":
         return True
-    key = (tuple(z.shape), tuple(weight.shape), z.is_contiguous(), torch.get_num_threads())
+    key = (tuple(v.shape), tuple(weight.shape), v.is_contiguous(), torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _time_both(z, weight)
+        choice = _CHOICES[key] = _time_both(v, z, weight, padding)
     return choice.algorithm == "nnpack"
 
 
@@ -179,11 +192,11 @@ def _transposed_kernel(weight: Tensor) -> Tensor:
     return weight.transpose(0, 1).flip(2, 3).contiguous()
 
 
-def _time_both(z: Tensor, weight: Tensor) -> Choice:
-    padding = weight.shape[-1] // 2
+def _time_both(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Choice:
+    """Time ``W^T v`` by both kernels; NNPACK's time includes transposing the kernel."""
     candidates = {
-        "pytorch": lambda: F.conv2d(z, weight, padding=padding),
-        "nnpack": lambda: _nnpack(z, weight, padding),
+        "pytorch": lambda: _pytorch_transposed(v, z, weight, padding),
+        "nnpack": lambda: _nnpack(v, _transposed_kernel(weight), padding),
     }
     best = {name: float("inf") for name in candidates}
     with torch.no_grad():

@@ -575,11 +575,12 @@ class PcDEQConv2d(PcDEQLayer):
         kernel_size: odd kernel size (default 3).
         nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
         injection_floor: positive floor of pcDEQ-1 injections (default ``1e-6``).
-        conv_algorithm: the kernel of the untracked products (solver iterations, adjoint
-            products ``W^T y``): ``"pytorch"`` (default, ``F.conv2d``), or for speed where
-            neither the guard nor a certificate is relied on, ``"nnpack"`` or ``"auto"`` (the
-            faster, timed once per shape): NNPACK's Winograd products of nonnegative tensors
-            can come out slightly negative (see :mod:`torchdeq_pcdeq.conv_kernels`). ``None``
+        conv_algorithm: the kernel of the untracked products: ``"auto"`` (default: the
+            solver's ``W z`` on ``F.conv2d``, the adjoint products ``W^T y`` on the faster of
+            PyTorch's kernel and NNPACK, timed once per shape), ``"pytorch"`` (PyTorch's
+            kernels everywhere; bitwise reproducible) or ``"nnpack"`` (both on NNPACK, whose
+            products of nonnegative tensors can come out slightly negative: only with the
+            guard off and no certificates); see :mod:`torchdeq_pcdeq.conv_kernels`. ``None``
             reads ``pcdeq_conv_algorithm``.
         args: config read for the options left at ``None`` (see :class:`PcDEQLinear`).
 
@@ -605,7 +606,7 @@ class PcDEQConv2d(PcDEQLayer):
     ):
         _require_positive_int(channels, "channels")
         if conv_algorithm is None:
-            conv_algorithm = _option(args, "pcdeq_conv_algorithm", "pytorch")
+            conv_algorithm = _option(args, "pcdeq_conv_algorithm", "auto")
         _require_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise InvalidInputError(
@@ -647,9 +648,7 @@ class PcDEQConv2d(PcDEQLayer):
             )
 
     def extra_repr(self) -> str:
-        algorithm = (
-            "" if self._conv_algorithm() == "pytorch" else f"conv_algorithm={self._conv_algorithm()!r}, "
-        )
+        algorithm = "" if self._conv_algorithm() == "auto" else f"conv_algorithm={self._conv_algorithm()!r}, "
         return f"{self.channels}, kernel_size={self.kernel_size}, {algorithm}" + super().extra_repr()
 
 

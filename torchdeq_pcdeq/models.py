@@ -111,9 +111,8 @@ class PcDEQClassifier(nn.Module):
             x = layer.inject(stem(h))
             if self.channels_last:
                 # oneDNN's convolutions run 10% (forward) to 30% (backward) faster on CPU in
-                # channels-last layout. Where the layer's untracked products run on NNPACK
-                # (conv_kernels), which reads NCHW, the iterates after the first are NCHW;
-                # a whole-NCHW model measured no faster (1363 against 1311 ms per MNIST step).
+                # channels-last layout. With conv_algorithm="nnpack" the iterates after the
+                # first are NCHW (NNPACK reads NCHW); a whole-NCHW model measured no faster.
                 x = x.contiguous(memory_format=torch.channels_last)
             z_out, info = core(
                 lambda z, layer=layer, x=x: layer(z, x), torch.zeros_like(x), backward_writer=backward_writer
@@ -121,8 +120,8 @@ class PcDEQClassifier(nn.Module):
             infos.append(info)
             z_star = z_out[-1]
             if self.channels_last:
-                # Back from NNPACK's NCHW: an untracked max-pool reads NCHW 4x slower (97 against
-                # 21 ms on the MNIST state; with autograd both take the same).
+                # Back from NNPACK's NCHW, if the solve used it: an untracked max-pool reads NCHW
+                # 4x slower (97 against 21 ms on the MNIST state; with autograd both the same).
                 z_star = z_star.contiguous(memory_format=torch.channels_last)
             h = post(z_star)
         return self.head(h), infos
