@@ -137,9 +137,8 @@ class WorkCounter(TorchDispatchMode):
 
     A pass is one convolution (PyTorch's or NNPACK's) or matrix-matrix product (``mm``,
     ``addmm``: the models' layers): a forward call, or one gradient output (input or weight) of
-    a convolution's backward. The
-    batched products of Anderson acceleration (``bmm``, on its small history) are operations,
-    not passes.
+    a convolution's backward. The batched products of Anderson acceleration (``bmm``, on its
+    small history) are operations, not passes.
 
     Example:
         >>> a = torch.ones(2, 2)
@@ -370,11 +369,11 @@ def main(argv=None):
         "memory_ratio": ratio,
         "memory_ratio_most": ratio_max,
         "bf16": args.bf16,
+        "conv_choices": [
+            {"state": list(key[0]), "nchw": key[2], "threads": key[3], **dataclasses.asdict(choice)}
+            for key, choice in conv_kernels.choices().items()
+        ],
     }
-    result["conv_choices"] = [
-        {"state": list(key[0]), "nchw": key[2], "threads": key[3], **dataclasses.asdict(choice)}
-        for key, choice in conv_kernels.choices().items()
-    ]
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return result

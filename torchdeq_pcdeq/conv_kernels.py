@@ -56,7 +56,15 @@ from torch import Tensor
 
 from .errors import InvalidInputError, check_choice
 
-__all__ = ["CONV_ALGORITHMS", "Choice", "same_conv2d", "same_conv2d_transposed", "choices", "check_algorithm"]
+__all__ = [
+    "CONV_ALGORITHMS",
+    "Choice",
+    "same_conv2d",
+    "same_conv2d_transposed",
+    "weight_gradient",
+    "choices",
+    "check_algorithm",
+]
 
 CONV_ALGORITHMS = ("auto", "pytorch", "nnpack")
 _NNPACK_MAX_KERNEL = 15  # NNPACK takes kernels up to 16x16; pcDEQ kernels are odd
@@ -131,13 +139,25 @@ def same_conv2d_transposed(
     return _pytorch_transposed(v, z, weight, padding)
 
 
+def weight_gradient(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tensor:
+    """``d<v, W z>/dW`` for ``W z = F.conv2d(z, weight, padding=padding)``: PyTorch's kernel
+    always (it is one product per backward, and it reads ``z``, whose sign it does not touch)."""
+    return _convolution_backward(v, z, weight, padding, state=False)
+
+
 def _pytorch_transposed(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tensor:
     # The kernel autograd runs for F.conv2d's input gradient (oneDNN's is faster than the
     # transposed convolution F.conv_transpose2d dispatches to: 100 against 130 ms on MNIST).
-    grad, _, _ = torch.ops.aten.convolution_backward(
-        v, z, weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False]
+    return _convolution_backward(v, z, weight, padding, state=True)
+
+
+def _convolution_backward(v: Tensor, z: Tensor, weight: Tensor, padding: int, state: bool) -> Tensor:
+    """One gradient output of ``F.conv2d``'s backward: the input's (``state``) or the weight's."""
+    mask = [state, not state, False]
+    grads = torch.ops.aten.convolution_backward(
+        v, z, weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1, mask
     )
-    return grad
+    return grads[0] if state else grads[1]
 
 
 def choices() -> dict[tuple, Choice]:

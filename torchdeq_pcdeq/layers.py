@@ -41,7 +41,7 @@ from .constraints import (
     is_nonnegative_by_construction,
     reference_init_,
 )
-from .conv_kernels import check_algorithm, same_conv2d, same_conv2d_transposed
+from .conv_kernels import check_algorithm, same_conv2d, same_conv2d_transposed, weight_gradient
 from .errors import InvalidInputError, NegativeWeightError, check_choice
 from .reductions import extremes
 
@@ -628,11 +628,7 @@ class PcDEQConv2d(PcDEQLayer):
         if state:
             grad_state = same_conv2d_transposed(v, z, weight, self.padding, self._conv_algorithm())
         if weight_grad:
-            # The kernel autograd runs for F.conv2d's weight gradient.
-            padding = [self.padding] * 2
-            _, grad_weight, _ = torch.ops.aten.convolution_backward(
-                v, z, weight, None, [1, 1], padding, [1, 1], False, [0, 0], 1, [False, True, False]
-            )
+            grad_weight = weight_gradient(v, z, weight, self.padding)
         return grad_state, grad_weight
 
     def _conv_algorithm(self) -> str:
@@ -648,7 +644,8 @@ class PcDEQConv2d(PcDEQLayer):
             )
 
     def extra_repr(self) -> str:
-        algorithm = "" if self._conv_algorithm() == "auto" else f"conv_algorithm={self._conv_algorithm()!r}, "
+        chosen = self._conv_algorithm()
+        algorithm = "" if chosen == "auto" else f"conv_algorithm={chosen!r}, "
         return f"{self.channels}, kernel_size={self.kernel_size}, {algorithm}" + super().extra_repr()
 
 
