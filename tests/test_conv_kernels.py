@@ -150,7 +150,7 @@ def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
     monkeypatch.setattr(conv_kernels.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(conv_kernels, "_nnpack", advancing(conv_kernels._nnpack, nnpack_ticks))
     monkeypatch.setattr(conv_kernels, "_pytorch_transposed", advancing(conv_kernels._pytorch_transposed, 1.0))
-    choice = conv_kernels._time_both(z, z, w, 1)
+    choice = conv_kernels._time_both(z, w, 1)
     assert choice.algorithm == expected.algorithm
     assert choice.pytorch_ms == pytest.approx(expected.pytorch_ms)
     assert choice.nnpack_ms == pytest.approx(expected.nnpack_ms)
@@ -221,6 +221,49 @@ def test_auto_runs_the_adjoint_on_nnpack_and_the_guarded_solve_on_pytorch(monkey
     assert adjoint_products >= 2
     # The forward's convolutions are all PyTorch's (every W z but the skipped first one).
     assert ops[torch.ops.aten.convolution.default] == int(info["nstep"].max()) - 1
+
+
+def test_the_adjoint_iterates_in_nnpacks_layout_with_three_conversions_per_backward(monkeypatch):
+    """NNPACK reads and writes NCHW: the closed-form gradient holds its iterates in NCHW, so a
+    channels-last state costs three conversions per backward (slope and incoming gradient in,
+    the result out), however many products, and no elementwise operation mixes layouts."""
+    z, w = _instance(channels_last=True)
+    monkeypatch.setattr(conv_kernels, "_CHOICES", {})
+    monkeypatch.setattr(conv_kernels, "_time_both", lambda *args: Choice("nnpack", 2.0, 1.0))
+    assert conv_kernels.transposed_layout(z, w, 1, "auto") is torch.contiguous_format
+    assert conv_kernels.transposed_layout(z, w, 1, "nnpack") is torch.contiguous_format
+    assert conv_kernels.transposed_layout(z, w, 1, "pytorch") is None
+    assert conv_kernels.transposed_layout(z.double(), w.double(), 1, "nnpack") is None
+    assert PcDEQConv2d(6, conv_algorithm="pytorch").adjoint_layout(z, w) is None
+
+    state = (17, 6, 7, 7)
+    layouts = []
+
+    class Layouts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func not in (NNPACK, torch.ops.aten.convolution_backward.default):
+                dense = [a for a in (*args, out) if isinstance(a, torch.Tensor) and a.shape == state]
+                layouts.append((func, {_layout(t) for t in dense} - {None}))
+            return out
+
+    torch.manual_seed(0)
+    f = PcDEQConv2d(6)
+    x = f.inject(torch.randn(*state)).contiguous(memory_format=torch.channels_last).requires_grad_()
+    deq = torchdeq.get_deq(core="pcdeq")
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+    weights = torch.rand(state).contiguous(memory_format=torch.channels_last)
+    with Layouts():
+        (z_out[-1] * weights).sum().backward()
+    conversions = [func for func, seen in layouts if len(seen) > 1]
+    assert len(conversions) == 3 and all(func is torch.ops.aten.clone.default for func in conversions)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def _layout(t: torch.Tensor) -> str | None:
+    if t.is_contiguous():
+        return "NCHW"
+    return "channels-last" if t.is_contiguous(memory_format=torch.channels_last) else None
 
 
 def _convolution_backward_masks(run):

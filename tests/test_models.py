@@ -102,3 +102,35 @@ def test_training_a_model_keeps_the_live_tensors_flat(architecture, nonnegativit
         sizes.append(live_bytes())
     # warm-up allocates for good (optimizer state, gradients' buffers, caches); then flat
     assert sizes[-3] == sizes[-2] == sizes[-1], sizes
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shape"), [("single_conv", (4, 1, 28, 28)), ("multi_conv", (4, 3, 32, 32))]
+)
+def test_conv_models_compute_in_channels_last_without_converting_a_state(architecture, shape):
+    """The images are made channels-last before the stem (a one-channel batch needs a real copy:
+    its strides fit both layouts, and a convolution reads them as NCHW), so every injection
+    reaches its solve in channels-last and no state-sized tensor changes layout."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    dataset = "mnist" if shape[1] == 1 else "cifar10"
+    model = build_model(architecture, dataset, channels=8 if architecture == "single_conv" else (4, 8, 8))
+    conversions, injections = [], []
+
+    copies = (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # images and states, not the head's pooled 3x3 or 1x1 features
+            if func in copies and args[0].dim() == 4 and args[0].shape[-1] > 3:
+                conversions.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda module, inputs: injections.append(inputs[1]))
+    with Copies():
+        model(torch.rand(shape))
+    assert conversions == [shape]  # the images, and nothing else
+    assert injections and all(
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in injections
+    )

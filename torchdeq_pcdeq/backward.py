@@ -47,9 +47,9 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
 
     With ``trainer.certify_backward``, the solve runs in the ``z_in``-weighted l1 norm, in which
     the adjoint map contracts by the rate bound ``q`` computed at ``z_in``, and stops on the
-    certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``.
+    certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``. The iterates keep
+    ``grad``'s memory layout, which the caller chooses.
     """
-    grad = _same_layout(grad, z_in)
 
     def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
         step = vjp(y) + grad
@@ -117,6 +117,11 @@ def _autocast_as_in_forward(state: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
+def _in_layout(t: Tensor, layout: torch.memory_format | None, like: Tensor) -> Tensor:
+    """``t`` in ``layout``, or in ``like``'s layout for ``None``."""
+    return _same_layout(t, like) if layout is None else t.contiguous(memory_format=layout)
+
+
 def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
     """``grad`` in ``like``'s memory layout: mixed layouts make every product convert."""
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
@@ -149,7 +154,14 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
                     f_out = ctx.func(z_in)
                 vjp = _graph_vjp(f_out, z_in)
                 y = _solve_adjoint(
-                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
+                    ctx.trainer,
+                    b_solver,
+                    b_solver_kwargs,
+                    ctx.func,
+                    z_in,
+                    vjp,
+                    _same_layout(grad, z_in),
+                    ctx.writer,
                 )
             return None, None, y, None, None
 
@@ -183,7 +195,14 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
             with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
                 vjp = _graph_vjp(f_out, z_in)
                 y = _solve_adjoint(
-                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
+                    ctx.trainer,
+                    b_solver,
+                    b_solver_kwargs,
+                    ctx.func,
+                    z_in,
+                    vjp,
+                    _same_layout(grad, z_in),
+                    ctx.writer,
                 )
             # y flows on through f_out's graph to the parameters and the injection (and, one
             # unused product, to z_in: the price of sharing the graph with the adjoint solve).
@@ -240,15 +259,20 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Ca
             _refuse_second_order()
             weight, z_in, z_out = ctx.saved_tensors
             layer = ctx.layer
-            slope = layer.activation.slope(z_out)
+            # The adjoint iterates live in the layout the layer's products are fastest in (NCHW
+            # for NNPACK's); converting the two fixed operands once keeps every elementwise
+            # operation between products in one layout.
+            layout = layer.adjoint_layout(z_in, weight)
+            slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
 
             def vjp(y: Tensor) -> Tensor:
                 return layer.operator_vjp(slope * y, z_in, weight)[0]
 
             with _autocast_as_in_forward(ctx.autocast):
                 trainer, writer = ctx.trainer, ctx.writer
+                grad = _in_layout(grad, layout, z_in)
                 y = _solve_adjoint(trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, writer)
-                v = slope * y
+                v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
                 grad_weight = None
                 if ctx.needs_input_grad[0]:
                     grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]

@@ -21,10 +21,11 @@ gradient that makes them is an uncertified plain iteration to a relative toleran
 above NNPACK's error. Hence the three choices:
 
 * ``"auto"`` (default): ``W z`` on PyTorch's kernel; ``W^T y`` on the faster of PyTorch's
-  kernel (the input gradient of ``F.conv2d``) and NNPACK, timed at the first product of each
-  shape (a warm-up and three interleaved runs each, once per process), NNPACK kept only when at
-  least 10% faster, as ``torch.backends.cudnn.benchmark`` does for cuDNN. Like it, ``"auto"``
-  suits states of a few shapes (a training batch, the last smaller one, an evaluation batch).
+  kernel (the input gradient of ``F.conv2d``, in the state's layout) and NNPACK (in NCHW, its
+  layout), timed at the first product of each state shape and layout (a warm-up and three
+  interleaved runs each, once per process), NNPACK kept only when at least 10% faster, as
+  ``torch.backends.cudnn.benchmark`` does for cuDNN. Like it, ``"auto"`` suits states of a few
+  shapes (a training batch, the last smaller one, an evaluation batch).
 * ``"pytorch"``: PyTorch's kernels everywhere; bitwise reproducible across processes.
 * ``"nnpack"``: NNPACK for both wherever it applies: the fastest, for solves that rely on
   neither the guard (``pcdeq_guard="off"``) nor a certificate.
@@ -33,6 +34,11 @@ NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU,
 tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
 no CPU autocast, no forward-mode AD or ``torch.func`` transform, not under ``torch.compile``.
 Anything else, and every tracked application, goes through ``F.conv2d`` and autograd as usual.
+
+NNPACK reads and writes NCHW. An iteration of adjoint products in a channels-last layout would
+convert every input and mix layouts in every elementwise operation between products (16 ms of
+copies and mixed-layout arithmetic per product on the MNIST state, against 4 ms in one layout):
+:func:`transposed_layout` tells the closed-form gradient to iterate in NCHW instead.
 
 Example:
     >>> import torch
@@ -61,6 +67,7 @@ __all__ = [
     "Choice",
     "same_conv2d",
     "same_conv2d_transposed",
+    "transposed_layout",
     "weight_gradient",
     "choices",
     "check_algorithm",
@@ -134,9 +141,21 @@ def same_conv2d_transposed(
         >>> bool(torch.isclose(lhs, rhs))
         True
     """
-    if _use_nnpack(v, z, weight, padding, algorithm):
+    if _nnpack_applies(v, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm):
         return _nnpack(v, _transposed_kernel(weight), padding)
     return _pytorch_transposed(v, z, weight, padding)
+
+
+def transposed_layout(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"):
+    """The memory format in which to hold ``v`` for :func:`same_conv2d_transposed` with states
+    like ``z``: ``torch.contiguous_format`` (NCHW) where the product runs on NNPACK, which reads
+    and writes NCHW, else ``None`` (``z``'s own layout, which PyTorch's kernel keeps).
+
+    For an iteration of products (the adjoint solve): hold its iterates in this layout.
+    """
+    if _nnpack_applies(z, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm):
+        return torch.contiguous_format
+    return None
 
 
 def weight_gradient(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tensor:
@@ -162,20 +181,19 @@ def _convolution_backward(v: Tensor, z: Tensor, weight: Tensor, padding: int, st
 
 def choices() -> dict[tuple, Choice]:
     """What ``"auto"`` chose for the adjoint products so far in this process, by ``(state
-    shape, kernel shape, NCHW layout, threads)``: for reports (the benchmarks print it)."""
+    shape, kernel shape, whether the state is NCHW, threads)``: for reports (the benchmarks
+    print it)."""
     return dict(_CHOICES)
 
 
-def _use_nnpack(v: Tensor, z: Tensor, weight: Tensor, padding: int, algorithm: str) -> bool:
-    """Whether ``W^T v`` runs on NNPACK."""
-    if algorithm == "pytorch" or not _nnpack_applies(v, weight.transpose(0, 1), padding):
-        return False
-    if algorithm == "nnpack":
-        return True
-    key = (tuple(v.shape), tuple(weight.shape), v.is_contiguous(), torch.get_num_threads())
+def _nnpack_chosen(z: Tensor, weight: Tensor, padding: int, algorithm: str) -> bool:
+    """Whether ``W^T v`` runs on NNPACK for states like ``z``, where NNPACK applies."""
+    if algorithm != "auto":
+        return algorithm == "nnpack"
+    key = (tuple(z.shape), tuple(weight.shape), z.is_contiguous(), torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _time_both(v, z, weight, padding)
+        choice = _CHOICES[key] = _time_both(z, weight, padding)
     return choice.algorithm == "nnpack"
 
 
@@ -204,7 +222,7 @@ def _nnpack_applies(z: Tensor, weight: Tensor, padding: int) -> bool:
 def _nnpack(z: Tensor, weight: Tensor, padding: int) -> Tensor:
     # Only reached after nnpack_available(), whose torch._nnpack_available() initialises NNPACK:
     # without it the first call fails ("NNPACK SpatialConvolution_updateOutput failed").
-    # NNPACK reads NCHW: a channels-last state is converted (and the timing counts that copy).
+    # NNPACK reads NCHW: a channels-last input is converted (see transposed_layout).
     return torch._nnpack_spatial_convolution(z.contiguous(), weight.contiguous(), None, [padding] * 2, [1, 1])
 
 
@@ -212,11 +230,15 @@ def _transposed_kernel(weight: Tensor) -> Tensor:
     return weight.transpose(0, 1).flip(2, 3).contiguous()
 
 
-def _time_both(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Choice:
-    """Time ``W^T v`` by both kernels; NNPACK's time includes transposing the kernel."""
+def _time_both(z: Tensor, weight: Tensor, padding: int) -> Choice:
+    """Time ``W^T v`` for states like ``z`` by both kernels, each with ``v`` in the layout it
+    would iterate in (:func:`transposed_layout`); NNPACK's time includes transposing the kernel."""
+    shape = (z.shape[0], weight.shape[0], *z.shape[2:])  # W z's
+    v_nchw = torch.rand(shape, dtype=z.dtype, device=z.device)
+    v = v_nchw if z.is_contiguous() else v_nchw.contiguous(memory_format=torch.channels_last)
     candidates = {
         "pytorch": lambda: _pytorch_transposed(v, z, weight, padding),
-        "nnpack": lambda: _nnpack(v, _transposed_kernel(weight), padding),
+        "nnpack": lambda: _nnpack(v_nchw, _transposed_kernel(weight), padding),
     }
     best = {name: float("inf") for name in candidates}
     with torch.no_grad():

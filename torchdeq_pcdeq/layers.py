@@ -41,7 +41,13 @@ from .constraints import (
     is_nonnegative_by_construction,
     reference_init_,
 )
-from .conv_kernels import check_algorithm, same_conv2d, same_conv2d_transposed, weight_gradient
+from .conv_kernels import (
+    check_algorithm,
+    same_conv2d,
+    same_conv2d_transposed,
+    transposed_layout,
+    weight_gradient,
+)
 from .errors import InvalidInputError, NegativeWeightError, check_choice
 from .reductions import extremes
 
@@ -332,6 +338,11 @@ class PcDEQLayer(nn.Module):
         gradient (no recorded application of ``f``; see :meth:`has_closed_form_gradient`).
         """
         raise NotImplementedError
+
+    def adjoint_layout(self, z: Tensor, weight: Tensor) -> torch.memory_format | None:
+        """The memory format in which :meth:`operator_vjp` pulls back states like ``z`` fastest,
+        or ``None`` for ``z``'s own: the closed-form gradient holds its adjoint iterates in it."""
+        return None
 
     def has_closed_form_gradient(self) -> bool:
         """Whether a solve of ``lambda z: self(z, x)`` may be differentiated in closed form.
@@ -630,6 +641,9 @@ class PcDEQConv2d(PcDEQLayer):
         if weight_grad:
             grad_weight = weight_gradient(v, z, weight, self.padding)
         return grad_state, grad_weight
+
+    def adjoint_layout(self, z: Tensor, weight: Tensor) -> torch.memory_format | None:
+        return transposed_layout(z, weight, self.padding, self._conv_algorithm())
 
     def _conv_algorithm(self) -> str:
         # Layers pickled before the option existed computed with PyTorch's kernel.

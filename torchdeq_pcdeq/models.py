@@ -107,6 +107,11 @@ class PcDEQClassifier(nn.Module):
 
     def forward(self, images: Tensor, backward_writer=None) -> tuple[Tensor, list[dict]]:
         h, infos = images, []
+        if self.channels_last:
+            # The stem then computes in channels-last and hands the injection over without a
+            # copy. (contiguous() would keep a one-channel batch as it is: its strides fit both
+            # layouts, and the convolution reads them as NCHW.)
+            h = images.clone(memory_format=torch.channels_last)
         for stem, layer, post, core in zip(self.stems, self.layers, self.posts, self.cores):
             x = layer.inject(stem(h))
             if self.channels_last:
