@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import Counter
 
 import pytest
@@ -150,7 +151,9 @@ def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
     monkeypatch.setattr(conv_kernels.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(conv_kernels, "_nnpack", advancing(conv_kernels._nnpack, nnpack_ticks))
     monkeypatch.setattr(conv_kernels, "_pytorch_transposed", advancing(conv_kernels._pytorch_transposed, 1.0))
+    rng = torch.get_rng_state()
     choice = conv_kernels._time_both(z, w, 1)
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's random stream is untouched
     assert choice.algorithm == expected.algorithm
     assert choice.pytorch_ms == pytest.approx(expected.pytorch_ms)
     assert choice.nnpack_ms == pytest.approx(expected.nnpack_ms)
@@ -223,10 +226,15 @@ def test_auto_runs_the_adjoint_on_nnpack_and_the_guarded_solve_on_pytorch(monkey
     assert ops[torch.ops.aten.convolution.default] == int(info["nstep"].max()) - 1
 
 
-def test_the_adjoint_iterates_in_nnpacks_layout_with_three_conversions_per_backward(monkeypatch):
+@pytest.mark.parametrize("backward_under_autocast", [False, True])
+def test_the_adjoint_iterates_in_nnpacks_layout_with_three_conversions_per_backward(
+    monkeypatch, backward_under_autocast
+):
     """NNPACK reads and writes NCHW: the closed-form gradient holds its iterates in NCHW, so a
     channels-last state costs three conversions per backward (slope and incoming gradient in,
-    the result out), however many products, and no elementwise operation mixes layouts."""
+    the result out), however many products, and no elementwise operation mixes layouts. The
+    gradients are PyTorch's kernel's, to the adjoint solve's rounding. A backward() inside an
+    autocast region computes as the forward did (here: without autocast), layout included."""
     z, w = _instance(channels_last=True)
     monkeypatch.setattr(conv_kernels, "_CHOICES", {})
     monkeypatch.setattr(conv_kernels, "_time_both", lambda *args: Choice("nnpack", 2.0, 1.0))
@@ -236,28 +244,47 @@ def test_the_adjoint_iterates_in_nnpacks_layout_with_three_conversions_per_backw
     assert conv_kernels.transposed_layout(z.double(), w.double(), 1, "nnpack") is None
     assert PcDEQConv2d(6, conv_algorithm="pytorch").adjoint_layout(z, w) is None
 
+    class OwnProducts(PcDEQConv2d):
+        def operator_vjp(self, v, z, weight, *, state=True, weight_grad=False):
+            return super().operator_vjp(v, z, weight, state=state, weight_grad=weight_grad)
+
+    assert OwnProducts(6, conv_algorithm="nnpack").adjoint_layout(z, w) is None  # theirs to say
+
     state = (17, 6, 7, 7)
     layouts = []
 
     class Layouts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func not in (NNPACK, torch.ops.aten.convolution_backward.default):
-                dense = [a for a in (*args, out) if isinstance(a, torch.Tensor) and a.shape == state]
-                layouts.append((func, {_layout(t) for t in dense} - {None}))
+            dense = [a for a in (*args, out) if isinstance(a, torch.Tensor) and a.shape == state]
+            layouts.append((func, {_layout(t) for t in dense} - {None}))
             return out
 
-    torch.manual_seed(0)
-    f = PcDEQConv2d(6)
-    x = f.inject(torch.randn(*state)).contiguous(memory_format=torch.channels_last).requires_grad_()
-    deq = torchdeq.get_deq(core="pcdeq")
-    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
-    weights = torch.rand(state).contiguous(memory_format=torch.channels_last)
-    with Layouts():
-        (z_out[-1] * weights).sum().backward()
-    conversions = [func for func, seen in layouts if len(seen) > 1]
+    def step(algorithm: str, record: bool):
+        torch.manual_seed(0)
+        f = PcDEQConv2d(6, conv_algorithm=algorithm)
+        with torch.no_grad():
+            f.operator.parametrizations.weight.original0.mul_(40.0)  # a Jacobian that matters
+        u = torch.randn(*state)
+        x = f.inject(u).contiguous(memory_format=torch.channels_last).requires_grad_()
+        z_out, _ = torchdeq.get_deq(core="pcdeq")(lambda z: f(z, x), torch.zeros_like(x))
+        weights = torch.rand(state).contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_under_autocast)
+        with Layouts() if record else contextlib.nullcontext(), autocast:
+            (z_out[-1] * weights).sum().backward()
+        return x.grad, [p.grad for p in f.parameters()]
+
+    x_grad, grads = step("auto", record=True)
+    conversions = [func for func, seen in layouts if len(seen) > 1 and func is not NNPACK]
     assert len(conversions) == 3 and all(func is torch.ops.aten.clone.default for func in conversions)
-    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    products = [seen for func, seen in layouts if func is NNPACK]
+    assert len(products) >= 2 and all(seen == {"NCHW"} for seen in products)
+    assert x_grad.is_contiguous(memory_format=torch.channels_last)
+    x_grad_pt, grads_pt = step("pytorch", record=False)
+    # Both stop their adjoint solves at a relative 1e-4 (of each sample's norm), from iterates
+    # that differ by rounding: entries agree to that tolerance of the largest.
+    for g, g_pt in zip([x_grad, *grads], [x_grad_pt, *grads_pt]):
+        torch.testing.assert_close(g, g_pt, rtol=1e-3, atol=1e-4 * float(g_pt.abs().max()))
 
 
 def _layout(t: torch.Tensor) -> str | None:

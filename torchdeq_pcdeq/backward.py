@@ -259,17 +259,17 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Ca
             _refuse_second_order()
             weight, z_in, z_out = ctx.saved_tensors
             layer = ctx.layer
-            # The adjoint iterates live in the layout the layer's products are fastest in (NCHW
-            # for NNPACK's); converting the two fixed operands once keeps every elementwise
-            # operation between products in one layout.
-            layout = layer.adjoint_layout(z_in, weight)
-            slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
 
             def vjp(y: Tensor) -> Tensor:
                 return layer.operator_vjp(slope * y, z_in, weight)[0]
 
-            with _autocast_as_in_forward(ctx.autocast):
+            with _autocast_as_in_forward(ctx.autocast):  # the products' kernels depend on it
                 trainer, writer = ctx.trainer, ctx.writer
+                # The adjoint iterates live in the layout the layer's products are fastest in
+                # (NCHW for NNPACK's); converting the two fixed operands once keeps every
+                # elementwise operation between products in one layout.
+                layout = layer.adjoint_layout(z_in, weight)
+                slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
                 grad = _in_layout(grad, layout, z_in)
                 y = _solve_adjoint(trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, writer)
                 v = _same_layout(slope * y, z_in)  # the state's layout, for what follows

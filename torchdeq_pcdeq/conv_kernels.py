@@ -22,7 +22,7 @@ above NNPACK's error. Hence the three choices:
 
 * ``"auto"`` (default): ``W z`` on PyTorch's kernel; ``W^T y`` on the faster of PyTorch's
   kernel (the input gradient of ``F.conv2d``, in the state's layout) and NNPACK (in NCHW, its
-  layout), timed at the first product of each state shape and layout (a warm-up and three
+  layout), timed at the first use for each state shape and layout (a warm-up and three
   interleaved runs each, once per process), NNPACK kept only when at least 10% faster, as
   ``torch.backends.cudnn.benchmark`` does for cuDNN. Like it, ``"auto"`` suits states of a few
   shapes (a training batch, the last smaller one, an evaluation batch).
@@ -131,7 +131,9 @@ def same_conv2d_transposed(
     """``W^T v`` for ``W z = F.conv2d(z, weight, padding=padding)``: the gradient of
     ``<v, W z>`` with respect to ``z``, by the kernel ``algorithm`` selects.
 
-    ``z`` gives the result's shape and layout; its values are not read.
+    ``z`` gives the result's shape, and its layout on PyTorch's kernel (NNPACK returns NCHW);
+    its values are not read. Hold ``v`` in :func:`transposed_layout`'s format: NNPACK converts
+    any other input on every call, and ``"auto"`` timed it without that copy.
 
     Example:
         >>> import torch
@@ -141,7 +143,7 @@ def same_conv2d_transposed(
         >>> bool(torch.isclose(lhs, rhs))
         True
     """
-    if _nnpack_applies(v, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm):
+    if _nnpack_applies(v, weight, padding) and transposed_layout(z, weight, padding, algorithm) is not None:
         return _nnpack(v, _transposed_kernel(weight), padding)
     return _pytorch_transposed(v, z, weight, padding)
 
@@ -232,9 +234,12 @@ def _transposed_kernel(weight: Tensor) -> Tensor:
 
 def _time_both(z: Tensor, weight: Tensor, padding: int) -> Choice:
     """Time ``W^T v`` for states like ``z`` by both kernels, each with ``v`` in the layout it
-    would iterate in (:func:`transposed_layout`); NNPACK's time includes transposing the kernel."""
+    would iterate in (:func:`transposed_layout`: NCHW for NNPACK, ``z``'s for PyTorch's kernel,
+    channels-last standing for any other); NNPACK's time includes transposing the kernel."""
     shape = (z.shape[0], weight.shape[0], *z.shape[2:])  # W z's
-    v_nchw = torch.rand(shape, dtype=z.dtype, device=z.device)
+    # A private generator: timing inside the first backward must not advance the user's RNG.
+    generator = torch.Generator(device=z.device).manual_seed(0)
+    v_nchw = torch.rand(shape, generator=generator, dtype=z.dtype, device=z.device)
     v = v_nchw if z.is_contiguous() else v_nchw.contiguous(memory_format=torch.channels_last)
     candidates = {
         "pytorch": lambda: _pytorch_transposed(v, z, weight, padding),

@@ -340,8 +340,9 @@ class PcDEQLayer(nn.Module):
         raise NotImplementedError
 
     def adjoint_layout(self, z: Tensor, weight: Tensor) -> torch.memory_format | None:
-        """The memory format in which :meth:`operator_vjp` pulls back states like ``z`` fastest,
-        or ``None`` for ``z``'s own: the closed-form gradient holds its adjoint iterates in it."""
+        """The memory format in which :meth:`operator_vjp` pulls back states like ``z`` fastest
+        (``torch.contiguous_format``, or ``torch.channels_last`` for 4-D states), or ``None``
+        for ``z``'s own: the closed-form gradient holds its adjoint iterates in it."""
         return None
 
     def has_closed_form_gradient(self) -> bool:
@@ -643,6 +644,8 @@ class PcDEQConv2d(PcDEQLayer):
         return grad_state, grad_weight
 
     def adjoint_layout(self, z: Tensor, weight: Tensor) -> torch.memory_format | None:
+        if type(self).operator_vjp is not PcDEQConv2d.operator_vjp:
+            return None  # a subclass's own products: their layout is theirs to say
         return transposed_layout(z, weight, self.padding, self._conv_algorithm())
 
     def _conv_algorithm(self) -> str:
