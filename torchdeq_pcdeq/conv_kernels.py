@@ -148,12 +148,20 @@ def same_conv2d_transposed(
     return _pytorch_transposed(v, z, weight, padding)
 
 
-def transposed_layout(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"):
+def transposed_layout(
+    z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
+) -> torch.memory_format | None:
     """The memory format in which to hold ``v`` for :func:`same_conv2d_transposed` with states
     like ``z``: ``torch.contiguous_format`` (NCHW) where the product runs on NNPACK, which reads
     and writes NCHW, else ``None`` (``z``'s own layout, which PyTorch's kernel keeps).
 
     For an iteration of products (the adjoint solve): hold its iterates in this layout.
+
+    Example:
+        >>> import torch
+        >>> z, w = torch.rand(16, 8, 6, 6), torch.rand(8, 8, 3, 3)
+        >>> transposed_layout(z, w, 1, "pytorch") is None  # PyTorch's kernel keeps z's layout
+        True
     """
     if _nnpack_applies(z, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm):
         return torch.contiguous_format
