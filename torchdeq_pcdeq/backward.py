@@ -42,14 +42,15 @@ from .errors import InvalidInputError, PcDEQWarning
 __all__ = ["make_ift", "make_hook_ift", "make_closed_form_ift"]
 
 
-def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer) -> Tensor:
+def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer, layout=None) -> Tensor:
     """Solve ``y = J^T y + grad`` with ``J^T y = vjp(y)`` at ``z_in``; report through the trainer.
 
     With ``trainer.certify_backward``, the solve runs in the ``z_in``-weighted l1 norm, in which
     the adjoint map contracts by the rate bound ``q`` computed at ``z_in``, and stops on the
-    certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``. The iterates keep
-    ``grad``'s memory layout, which the caller chooses.
+    certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``. The iterates are held in
+    the memory format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
     """
+    grad = _in_layout(grad, layout, z_in)
 
     def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
         step = vjp(y) + grad
@@ -154,14 +155,7 @@ def make_ift(b_solver: Callable, b_solver_kwargs: dict):
                     f_out = ctx.func(z_in)
                 vjp = _graph_vjp(f_out, z_in)
                 y = _solve_adjoint(
-                    ctx.trainer,
-                    b_solver,
-                    b_solver_kwargs,
-                    ctx.func,
-                    z_in,
-                    vjp,
-                    _same_layout(grad, z_in),
-                    ctx.writer,
+                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
                 )
             return None, None, y, None, None
 
@@ -195,14 +189,7 @@ def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
             with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
                 vjp = _graph_vjp(f_out, z_in)
                 y = _solve_adjoint(
-                    ctx.trainer,
-                    b_solver,
-                    b_solver_kwargs,
-                    ctx.func,
-                    z_in,
-                    vjp,
-                    _same_layout(grad, z_in),
-                    ctx.writer,
+                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
                 )
             # y flows on through f_out's graph to the parameters and the injection (and, one
             # unused product, to z_in: the price of sharing the graph with the adjoint solve).
@@ -270,8 +257,7 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Ca
                 # elementwise operation between products in one layout.
                 layout = layer.adjoint_layout(z_in, weight)
                 slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
-                grad = _in_layout(grad, layout, z_in)
-                y = _solve_adjoint(trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, writer)
+                y = _solve_adjoint(trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, writer, layout)
                 v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
                 grad_weight = None
                 if ctx.needs_input_grad[0]:
