@@ -346,6 +346,69 @@ def test_backward_statistics_reach_the_writer_and_nonconvergence_is_reported():
     assert seen[0]["nstep"].max() == 2
 
 
+def _stopped_short_of_saturation():
+    """relu6 with W = 5.4 and injections [1e-6, 1e-6, 12.6] (Hypothesis found it, in test_fuzz).
+
+    The forward stops at iteration 2: its relative residual (1e-6) is dominated by the saturated
+    entry, while the two others, at 6.4e-6, still grow 5.4x per iteration towards 6. Linearized
+    there, the adjoint grows 5.4x per product and overflows.
+    """
+    f = PcDEQLinear(1, "relu6", dtype=torch.float32)
+    set_weight(f, torch.full((1, 1), 5.432))
+    u = torch.tensor([[[-20.0], [-21.0], [12.6]]], requires_grad=True)
+    return f, u
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_diverging_adjoint_is_reported_and_gets_the_one_step_gradient(path):
+    f, u = _stopped_short_of_saturation()
+    x = f.inject(u)
+    seen = []
+    deq = torchdeq.get_deq(core="pcdeq", b_max_iter=400)
+    z_out, info = deq(layer_map(f, x, path), torch.zeros_like(x), backward_writer=seen.append)
+    assert info["converged"].all() and int(info["trace_steps"][-1]) == 2
+    g = torch.tensor([[[1.0], [2.0], [3.0]]])
+    with pytest.warns(PcDEQWarning, match=r"adjoint iteration diverged .* for 1 of 1 samples"):
+        (z_out[-1] * g).sum().backward()
+    assert seen[0]["diverged"].tolist() == [True] and seen[0]["converged"].tolist() == [False]
+
+    # the one-step gradient at the state the gradient linearizes at: the solve's last input
+    # (closed form, which returns z_2 = f(z_1)), or its output (recorded: f(z_2))
+    with torch.no_grad():
+        z_lin = iterate(f, x, torch.zeros_like(x), 1 if path == "closed_form" else 2)[-1]
+    u2 = u.detach().clone().requires_grad_()
+    expected = torch.autograd.grad((f(z_lin, f.inject(u2)) * g).sum(), [u2, *f.parameters()])
+    torch.testing.assert_close(u.grad, expected[0], rtol=1e-6, atol=0)
+    for p, e in zip(f.parameters(), expected[1:]):
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=0)
+
+
+def test_a_diverging_adjoint_raises_under_the_raise_policy_and_a_tighter_forward_avoids_it():
+    f, u = _stopped_short_of_saturation()
+    x = f.inject(u)
+    deq = torchdeq.get_deq(core="pcdeq", b_max_iter=400, pcdeq_nonconvergence="raise")
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+    with pytest.raises(ConvergenceError, match="Use a smaller f_tol, or pcdeq_enclosure=True"):
+        z_out[-1].sum().backward()
+    # the advice holds: either forward runs until the small entries saturate
+    for option in (dict(f_tol=1e-6), dict(pcdeq_enclosure=True)):
+        seen = []
+        deq = torchdeq.get_deq(core="pcdeq", b_max_iter=400, pcdeq_nonconvergence="raise", **option)
+        z_out, _ = deq(lambda z: f(z, f.inject(u)), torch.zeros_like(x), backward_writer=seen.append)
+        z_out[-1].sum().backward()
+        assert seen[0]["converged"].all(), option
+        assert "diverged" not in seen[0] or not seen[0]["diverged"].any()
+
+
+def test_a_non_finite_loss_gradient_is_not_mistaken_for_a_diverging_adjoint():
+    f, x = dense_instance(dtype=torch.float32)
+    u = torch.randn(x.shape, requires_grad=True)
+    z_out, _ = torchdeq.get_deq(core="pcdeq")(lambda z: f(z, f.inject(u)), torch.zeros_like(x))
+    with pytest.raises(NonFiniteError, match="The loss gradient arriving at the pcdeq core holds NaN or Inf"):
+        (z_out[-1] * torch.tensor(float("nan"))).sum().backward()
+
+
 def test_eval_mode_returns_the_fixed_point_and_optional_spectral_radius():
     f, x = dense_instance(activation="sigmoid", scale=2.0, dtype=torch.float32)
     deq = torchdeq.get_deq(core="pcdeq").eval()

@@ -97,6 +97,8 @@ def test_shape_errors_say_what_was_expected():
         lin(torch.zeros(2, 8), torch.ones(1, 8))
     with pytest.raises(InvalidInputError, match=r"state's shape \(2, 8\), got float"):
         lin(torch.zeros(2, 8), 0.5)
+    with pytest.raises(InvalidInputError, match=r"\(batch, \.\.\., 8\).*got list"):
+        lin([torch.zeros(2, 8)], torch.ones(2, 8))  # e.g. a list of states from a helper
     conv = PcDEQConv2d(4)
     with pytest.raises(InvalidInputError, match=r"\(batch, 4, height, width\), got shape \(2, 3, 5, 5\)"):
         conv(torch.zeros(2, 3, 5, 5), torch.ones(2, 3, 5, 5))

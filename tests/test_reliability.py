@@ -191,6 +191,24 @@ def solve_not_converged():
     return lambda: deq(lambda z: f(z, x), torch.zeros_like(x)), [f]
 
 
+def adjoint_diverged():
+    # the forward stops at iteration 2 while two entries at the injection floor still grow 5.4x
+    # per iteration (test_core.test_a_diverging_adjoint_is_reported_and_gets_the_one_step_gradient)
+    f = PcDEQLinear(1, "relu6", nonnegativity="project")
+    with torch.no_grad():
+        f.operator.weight.fill_(5.432)
+    x = f.inject(torch.tensor([[[-20.0], [-21.0], [12.6]]]))
+    deq = torchdeq.get_deq(core="pcdeq", b_max_iter=400, pcdeq_nonconvergence="raise")
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+    return lambda: z_out[-1].sum().backward(), [f]
+
+
+def nan_loss_gradient():
+    f, x = dense_instance(dtype=torch.float32)
+    z_out, _ = _deq()(lambda z: f(z, x), torch.zeros_like(x))
+    return lambda: (z_out[-1] * float("nan")).sum().backward(), [f]
+
+
 def second_order_gradient():
     f, x = dense_instance(dtype=torch.float32)
     u = torch.randn(x.shape, requires_grad=True)
@@ -228,6 +246,8 @@ CASES = {
     "`f` not positive-monotone": not_positive_monotone,
     "weight made negative by hand, `project` mode": weight_made_negative_by_hand_in_project_mode,
     "solve not converged, `pcdeq_nonconvergence='raise'`": solve_not_converged,
+    "adjoint diverged, `pcdeq_nonconvergence='raise'`": adjoint_diverged,
+    "loss gradient holds NaN": nan_loss_gradient,
     "second-order gradient (`create_graph=True`)": second_order_gradient,
     "tolerance below the dtype's resolution": tolerance_below_dtype_resolution,
 }

@@ -240,6 +240,58 @@ def test_non_finite_iterates_stop_the_solve_whatever_the_guard():
     assert len(calls) < 10
 
 
+def _one_diverging_sample(calls: list):
+    """Sample 0 grows 1e5-fold per iteration (Inf in float32 at the eighth), sample 1 converges to 2."""
+    growth = torch.tensor([[1e5], [0.5]])
+
+    def f(z):
+        calls.append(1)
+        return z * growth + 1
+
+    return f
+
+
+def test_nonfinite_report_flags_diverged_samples_returns_them_at_the_start_and_ends_with_the_others():
+    calls = []
+    x0 = torch.full((2, 3), 0.25)
+    z, _, info = pcdeq_fixed_point(
+        _one_diverging_sample(calls), x0, max_iter=400, tol=1e-6, nonfinite="report"
+    )
+    assert info["diverged"].tolist() == [True, False]
+    assert info["converged"].tolist() == [False, True]
+    assert torch.equal(z[0], x0[0])
+    torch.testing.assert_close(z[1], torch.full((3,), 2.0), rtol=0, atol=4e-6)
+    # it stops when sample 1 converges (about 21 iterations), not at max_iter
+    assert len(calls) == int(info["trace_steps"][-1]) < 40
+    # the trace shows the overflow; the lowest residual is the one reached before it
+    assert info["rel_trace"][0, -1].isnan()
+    assert math.isfinite(info["rel_lowest"][0]) and math.isfinite(info["abs_lowest"][0])
+
+
+def test_nonfinite_report_ends_at_once_when_every_sample_diverged():
+    calls = []
+    f = _one_diverging_sample(calls)
+    z, _, info = pcdeq_fixed_point(lambda z: f(z) * 1e10, torch.ones(2, 3), max_iter=400, nonfinite="report")
+    assert info["diverged"].tolist() == [True, True] and not info["converged"].any()
+    assert torch.equal(z, torch.ones(2, 3)) and len(calls) < 10
+
+
+def test_nonfinite_report_without_divergence_reports_none():
+    f, x = dense_instance()
+    plain = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x))
+    reported = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), nonfinite="report")
+    assert torch.equal(plain[0], reported[0])
+    assert reported[2]["diverged"].tolist() == [False] * x.shape[0]
+    assert set(reported[2]) - set(plain[2]) == {"diverged"}
+
+
+def test_nonfinite_modes_are_validated():
+    with pytest.raises(UnknownNameError, match=r"Unknown nonfinite mode 'ignore'\. Valid: 'raise', 'report'"):
+        pcdeq_fixed_point(lambda z: z, torch.zeros(2, 3), nonfinite="ignore")
+    with pytest.raises(InvalidInputError, match="Use nonfinite='raise' with enclosure=True"):
+        pcdeq_fixed_point(lambda z: z, torch.zeros(2, 3), enclosure=True, upper=1.0, nonfinite="report")
+
+
 def test_empty_and_dtype_changing_states_are_reported():
     with pytest.raises(InvalidInputError, match=r"empty state of shape \(0, 3\)"):
         pcdeq_fixed_point(lambda z: z, torch.zeros(0, 3))

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, autograd
 
 from .certify import rate_bound
-from .errors import InvalidInputError, PcDEQWarning
+from .errors import InvalidInputError, NonFiniteError, PcDEQWarning
 
 __all__ = ["make_ift", "make_hook_ift", "make_closed_form_ift"]
 
@@ -67,8 +67,20 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
             _warn_uncertifiable(worst, z_in.dtype)
     # Starting from grad rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
     y, _, info = b_solver(adjoint, grad, **kwargs)
+    if "diverged" in info:  # such samples were returned at grad (the solver's nonfinite="report")
+        _check_incoming_gradient(grad, info["diverged"])
     trainer.after_backward(info, writer)
     return y
+
+
+def _check_incoming_gradient(grad: Tensor, diverged: Tensor) -> None:
+    """A diverged adjoint is a convergence failure, unless the gradient it started from was not finite."""
+    if bool(diverged.any()) and not bool(torch.isfinite(grad[diverged]).all()):
+        raise NonFiniteError(
+            "The loss gradient arriving at the pcdeq core holds NaN or Inf, so the implicit "
+            "gradient cannot be computed. Check the loss and the layers after the DEQ (a log or a "
+            "division by zero, or a diverged optimizer step)."
+        )
 
 
 _warned_uncertifiable: set[torch.dtype] = set()

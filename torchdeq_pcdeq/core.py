@@ -16,7 +16,8 @@ options) with:
 * checks: the initial state must be one finite, nonnegative tensor; a runtime guard
   (``pcdeq_guard``) watches the iterates for signs that ``f`` is not positive-monotone; a solve
   that ends above its tolerance is flagged in ``info["converged"]`` and, per
-  ``pcdeq_nonconvergence``, warned about or raised;
+  ``pcdeq_nonconvergence``, warned about or raised; so is a backward solve whose adjoint
+  overflows (its samples get the one-step gradient, never NaN);
 * parametrized weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
   instead of once per iteration;
 * from a zero initial state, the first iteration of the pcDEQ layers is ``sigma(x)``: the
@@ -105,6 +106,9 @@ class PcDEQCore(DEQSliced):
         self.owns_f_solver = config["f_solver"] == SOLVER_NAME
         self.certify_backward = self.certify_rate and config["b_solver"] == SOLVER_NAME
         b_solver_kwargs = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
+        if config["b_solver"] == SOLVER_NAME:
+            # The adjoint may diverge where the forward stopped short of z* (_diverged_message).
+            b_solver_kwargs["nonfinite"] = "report"
         if self.gradient in ("ift", "hook_ift"):
             make = make_ift if self.gradient == "ift" else make_hook_ift
             recorded = make(self.b_solver, b_solver_kwargs)
@@ -236,21 +240,45 @@ class PcDEQCore(DEQSliced):
             return
         if bool(info["converged"].all()):  # the common case: one reduction, one sync
             return
-        failed = int((~info["converged"]).sum())
-        best = info[f"{stop_mode}_lowest"].max().item()
-        iters = int(info["nstep"].max().item())
-        prefix = "f" if which == "forward" else "b"
-        message = (
-            f"pcdeq {which} solve: {failed} of {info['converged'].numel()} samples did not reach "
-            f"{stop_mode} tol {tol:g} within {iters} iterations (best {stop_mode} residual reached "
-            f"by the worst sample: {best:.3g}). Try a larger {prefix}_max_iter or a looser "
-            f"{prefix}_tol; slow convergence of pcDEQ-1 layers comes from tiny injections or "
-            "weights grown large (docs/guarantees.md). Set pcdeq_nonconvergence='ignore' to "
-            "silence this."
-        )
+        if "diverged" in info and bool(info["diverged"].any()):
+            message = _diverged_message(info, tol, stop_mode)
+        else:
+            message = _unconverged_message(info, tol, stop_mode, which)
         if self.nonconvergence == "raise":
             raise ConvergenceError(message)
         warnings.warn(message, PcDEQWarning, stacklevel=4)
+
+
+def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str) -> str:
+    failed = int((~info["converged"]).sum())
+    best = info[f"{stop_mode}_lowest"].max().item()
+    iters = int(info["nstep"].max().item())
+    prefix = "f" if which == "forward" else "b"
+    return (
+        f"pcdeq {which} solve: {failed} of {info['converged'].numel()} samples did not reach "
+        f"{stop_mode} tol {tol:g} within {iters} iterations (best {stop_mode} residual reached "
+        f"by the worst sample: {best:.3g}). Try a larger {prefix}_max_iter or a looser "
+        f"{prefix}_tol; slow convergence of pcDEQ-1 layers comes from tiny injections or "
+        "weights grown large (docs/guarantees.md). Set pcdeq_nonconvergence='ignore' to "
+        "silence this."
+    )
+
+
+def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
+    """The backward solve's iterates overflowed for some samples (``info["diverged"]``)."""
+    diverged = info["diverged"]
+    other = int((~info["converged"] & ~diverged).sum())
+    also = f"; {other} more did not reach {stop_mode} tol {tol:g}" if other else ""
+    return (
+        f"pcdeq backward solve: the adjoint iteration diverged (its iterates overflowed to NaN or "
+        f"Inf) for {int(diverged.sum())} of {diverged.numel()} samples{also}. At the fixed point of "
+        "a pcDEQ layer the adjoint contracts, so the state the forward solve returned is likely too "
+        "far from it: the relative 2-norm residual weighs entries by size and misses small entries "
+        "still growing (tiny injections, large weights). Use a smaller f_tol, or "
+        "pcdeq_enclosure=True to stop the forward on a bound of every entry's error. Unless this "
+        "raises, those samples get the one-step (Jacobian-free) gradient instead of the implicit "
+        "one; set pcdeq_nonconvergence='ignore' to silence this."
+    )
 
 
 # The chain of layer calls of the latest solve, handed from the solve to the gradient producer

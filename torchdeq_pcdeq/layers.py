@@ -411,7 +411,7 @@ class PcDEQLayer(nn.Module):
             NegativeWeightError: ``"project"`` mode and the weight has negative entries.
         """
         weight = self.weight
-        if not isinstance(x, Tensor):
+        if not (isinstance(x, Tensor) and isinstance(z, Tensor)):
             self._verify_call(z, x, weight, None)  # raises with the expected shape
         if not torch.compiler.is_compiling():
             # A solve calls f many times with one injection: the checks that need a host sync

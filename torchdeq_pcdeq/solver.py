@@ -61,10 +61,11 @@ from .errors import (
 )
 from .reductions import extremes, sample_dims
 
-__all__ = ["pcdeq_fixed_point", "GUARD_MODES", "STOP_MODES", "resolution_floor"]
+__all__ = ["pcdeq_fixed_point", "GUARD_MODES", "STOP_MODES", "NONFINITE_MODES", "resolution_floor"]
 
 GUARD_MODES = ("raise", "warn", "off")
 STOP_MODES = ("rel", "abs")
+NONFINITE_MODES = ("raise", "report")
 
 # Successive iterates of a converged solve still differ by about an ulp per entry, so relative
 # residuals below this many machine epsilons are unreachable in the arithmetic's dtype.
@@ -109,6 +110,7 @@ def pcdeq_fixed_point(
     weights: Tensor | None = None,
     rate: Tensor | None = None,
     tau: float = 1.0,
+    nonfinite: str = "raise",
     **kwargs,
 ) -> tuple[Tensor, list[Tensor], SolverStat]:
     """Solve ``z = func(z)`` by plain iteration.
@@ -138,6 +140,13 @@ def pcdeq_fixed_point(
         rate: per-sample contraction factor (shape ``(batch,)``); ``>= 1`` gives an infinite
             bound, so the sample cannot be certified.
         tau: accepted for TorchDEQ compatibility; only ``1.0`` (undamped) is supported.
+        nonfinite: what a check that finds NaN or Inf residuals does. ``"raise"`` (default):
+            :class:`NonFiniteError` (iterating a pcDEQ layer from a finite state stays finite
+            unless its weights or data are not). ``"report"``, for maps that may legitimately
+            diverge (the adjoint at a state where ``J`` does not contract): those samples are
+            flagged in ``info["diverged"]``, returned at their initial state ``x0`` and never
+            counted as converged, and the solve goes on until the others converge. Plain
+            solves only.
         **kwargs: unknown options are reported with a warning, not silently dropped.
 
     Returns:
@@ -146,23 +155,34 @@ def pcdeq_fixed_point(
         checked iteration from which the sample stayed within tolerance, or the last iteration
         if it ended above), traces ``abs_trace`` / ``rel_trace`` of shape ``(batch, checks)``,
         ``trace_steps`` ``(checks,)``, ``sradius``, ``converged`` (per-sample bool, at the
-        returned state) and, in the certified modes, ``error_bound`` ``(batch,)``.
+        returned state), in the certified modes ``error_bound`` ``(batch,)`` and with
+        ``nonfinite="report"`` ``diverged`` (per-sample bool).
 
     Raises:
         InvalidInputError: invalid arguments (before any call of ``func``).
+        NonFiniteError: with ``nonfinite="raise"``, an iterate holds NaN or Inf.
         PreconditionError: ``guard="raise"`` and the iterates betray a map that is not a
             pcDEQ map (:class:`NotPositiveMonotoneError`, :class:`NonUniqueFixedPointError`).
     """
     if kwargs:
         warnings.warn(
             f"pcdeq_fixed_point ignores unknown options {sorted(kwargs)}; valid options are "
-            "max_iter, tol, stop_mode, indexing, check_every, guard, enclosure, upper, weights, rate.",
+            "max_iter, tol, stop_mode, indexing, check_every, guard, enclosure, upper, weights, rate, "
+            "nonfinite.",
             PcDEQWarning,
             stacklevel=2,
         )
     _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau)
     _validate_certificates(x0, enclosure, upper, weights, rate)
-    monitor = _Monitor(x0, tol, stop_mode, check_every, certified=enclosure or weights is not None)
+    check_choice("nonfinite mode", nonfinite, NONFINITE_MODES)
+    if enclosure and nonfinite != "raise":
+        raise InvalidInputError(
+            f"nonfinite={nonfinite!r} returns diverged samples at their initial state, which the "
+            "enclosure does not have (it iterates from 0 and from upper, and a pcDEQ map keeps both "
+            "finite). Use nonfinite='raise' with enclosure=True."
+        )
+    certified = enclosure or weights is not None
+    monitor = _Monitor(x0, tol, stop_mode, check_every, certified, report_nonfinite=nonfinite == "report")
     if enclosure:
         return _enclosure_solve(func, x0, max_iter, indexing, monitor, _Guard(guard, x0), upper)
     measure = _residuals if weights is None else functools.partial(_contraction_bound, weights, rate)
@@ -195,6 +215,8 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
                 next_check = min(k + gap, max_iter)
             next_event = min(next_check, pending[0]) if pending else next_check
         z = fz
+    if monitor.diverged is not None:  # rare: such samples restart where they began
+        z = torch.where(monitor.diverged.view(-1, *(1,) * (z.dim() - 1)), x0, z)
     if indexing and not states:
         states.append(z)
     return z, states, monitor.stat(k, z.device)
@@ -286,8 +308,12 @@ class _Monitor:
     check use those few numbers; the per-sample statistics are assembled when the solve ends.
     """
 
-    def __init__(self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool):
+    def __init__(
+        self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool, report_nonfinite=False
+    ):
         self.tol, self.stop_mode, self.check_every, self.certified = tol, stop_mode, check_every, certified
+        self.report_nonfinite = report_nonfinite
+        self.diverged: Tensor | None = None  # per sample, once a check saw non-finite measures
         self.acc, self.tiny = _dtype_constants(x0.dtype)
         arithmetic = arithmetic_dtype(x0)
         self.eps = torch.finfo(arithmetic).eps
@@ -335,10 +361,11 @@ class _Monitor:
         self.abs.append(abs_res)
         self.rel.append(rel_res)
         if self.stop_mode == "rel":
-            worst = rel_res.amax()
+            measure = rel_res
         else:  # measures below the dtype's resolution count as converged whatever tol says
             self.abs_limit.append(torch.clamp_min(scale * self.floor, self.tol))
-            worst = (abs_res / self.abs_limit[-1]).amax()
+            measure = abs_res / self.abs_limit[-1]
+        worst = measure.amax()
         if guard is None:
             worst = worst.item()  # the one host sync of this check
         else:
@@ -346,11 +373,7 @@ class _Monitor:
             worst, *values = torch.stack([worst, *(s.to(self.acc) for s in scalars)]).tolist()
             report(values)
         if worst != worst:  # NaN: some iterate is not finite
-            raise NonFiniteError(
-                f"Iterate {k} of the fixed-point solve holds NaN or Inf: f produced non-finite "
-                "values. Check the weights and the injection for NaN (a diverged optimizer step, "
-                "often from a too large learning rate) and the data for Inf."
-            )
+            worst = self._nonfinite(k, measure)
         # the worst measure over its limit: <= 1 when every sample has converged
         self.worst.append(worst / self.rel_limit if self.stop_mode == "rel" else worst)
         if self.worst[-1] <= 1.0:
@@ -358,6 +381,19 @@ class _Monitor:
         if self.check_every != "auto":
             return False, self.check_every
         return False, self._auto_gap(k)
+
+    def _nonfinite(self, k: int, measure: Tensor) -> float:
+        """Raise, or flag the samples whose measure is NaN and return the worst of the others."""
+        if not self.report_nonfinite:
+            raise NonFiniteError(
+                f"Iterate {k} of the fixed-point solve holds NaN or Inf: f produced non-finite "
+                "values. Check the weights and the injection for NaN (a diverged optimizer step, "
+                "often from a too large learning rate) and the data for Inf."
+            )
+        lost = measure.isnan()
+        self.diverged = lost if self.diverged is None else self.diverged | lost
+        # Samples that diverged cannot come back: the others decide when the solve ends.
+        return measure.masked_fill(self.diverged, -math.inf).amax().item()
 
     def _auto_gap(self, k: int) -> int:
         """Iterations until the worst measure is predicted to reach its limit.
@@ -386,7 +422,8 @@ class _Monitor:
         # One op for both traces; every other entry is a view of it or one reduction over it.
         history = torch.stack(self.abs + self.rel, dim=1).view(-1, 2, n)  # (batch, abs|rel, check)
         abs_trace, rel_trace = history.unbind(1)
-        abs_lowest, rel_lowest = history.amin(dim=2).unbind(1)
+        finite = history if self.diverged is None else history.nan_to_num(nan=math.inf)
+        abs_lowest, rel_lowest = finite.amin(dim=2).unbind(1)
         if self.stop_mode == "rel":
             ok = rel_trace <= self.rel_limit
         else:
@@ -405,6 +442,10 @@ class _Monitor:
         )
         if self.certified:
             entries["error_bound"] = abs_trace[:, -1]
+        if self.report_nonfinite:
+            no_loss = torch.zeros(history.shape[0], dtype=torch.bool, device=device)
+            entries["diverged"] = no_loss if self.diverged is None else self.diverged
+            entries["converged"] = entries["converged"] & ~entries["diverged"]
         # SolverStat's constructor builds a default tensor per key; every key is given here.
         info = SolverStat.__new__(SolverStat)
         dict.__init__(info, entries)
