@@ -389,7 +389,9 @@ def test_a_diverging_adjoint_raises_under_the_raise_policy_and_a_tighter_forward
     x = f.inject(u)
     deq = torchdeq.get_deq(core="pcdeq", b_max_iter=400, pcdeq_nonconvergence="raise")
     z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
-    with pytest.raises(ConvergenceError, match="Use a smaller f_tol, or pcdeq_enclosure=True"):
+    with pytest.raises(
+        ConvergenceError, match=r"Use a smaller f_tol, or \(bounded activations\) pcdeq_enclosure=True"
+    ):
         z_out[-1].sum().backward()
     # the advice holds: either forward runs until the small entries saturate
     for option in (dict(f_tol=1e-6), dict(pcdeq_enclosure=True)):
@@ -399,6 +401,14 @@ def test_a_diverging_adjoint_raises_under_the_raise_policy_and_a_tighter_forward
         z_out[-1].sum().backward()
         assert seen[0]["converged"].all(), option
         assert "diverged" not in seen[0] or not seen[0]["diverged"].any()
+
+
+def test_a_forward_solve_told_to_report_divergence_is_reported_as_a_forward_solve():
+    growth = torch.tensor([[1e5], [0.5]])
+    deq = torchdeq.get_deq(core="pcdeq", f_max_iter=100).eval()
+    with pytest.warns(PcDEQWarning, match="pcdeq forward solve: 1 of 2 samples did not reach"):
+        _, info = deq(lambda z: z * growth + 1, torch.zeros(2, 3), solver_kwargs={"nonfinite": "report"})
+    assert info["diverged"].tolist() == [True, False]
 
 
 def test_a_non_finite_loss_gradient_is_not_mistaken_for_a_diverging_adjoint():

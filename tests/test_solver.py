@@ -285,6 +285,62 @@ def test_nonfinite_report_without_divergence_reports_none():
     assert set(reported[2]) - set(plain[2]) == {"diverged"}
 
 
+def test_nonfinite_report_keeps_infinite_bounds_infinite_and_ignores_a_flagged_sample_later():
+    # certified: sample 0 diverges, sample 1 (q >= 1) has an infinite bound, sample 2 converges
+    growth = torch.tensor([[1e5], [1.5], [0.5]])
+    weights, rate = torch.ones(3, 2), torch.tensor([0.5, 1.5, 0.5])
+    _, _, info = pcdeq_fixed_point(
+        lambda z: z * growth + 1,
+        torch.ones(3, 2),
+        max_iter=60,
+        weights=weights,
+        rate=rate,
+        nonfinite="report",
+    )
+    assert info["diverged"].tolist() == [True, False, False]
+    assert info["converged"].tolist() == [False, False, True]
+    assert info["abs_lowest"][1] == math.inf and info["rel_lowest"][1] == math.inf
+
+    # a sample flagged when its norm overflowed, whose later iterates are small again: it no
+    # longer decides when the solve ends
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        k = len(calls)
+        first = torch.full((1, 3), 1e20 * k if k <= 2 else 1.0 + k % 2)
+        return torch.cat([first, z[1:] / 2 + 1])
+
+    _, _, info = pcdeq_fixed_point(f, torch.zeros(2, 3), max_iter=300, tol=1e-6, nonfinite="report")
+    assert info["diverged"].tolist() == [True, False] and info["converged"].tolist() == [False, True]
+    assert int(info["trace_steps"][-1]) < 40
+
+
+def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():
+    x0 = torch.ones(2, 3)
+    x0[1, 0] = float("nan")
+    with pytest.raises(
+        NonFiniteError, match="initial state of the fixed-point solve holds NaN or Inf in 1 of 2 samples"
+    ):
+        pcdeq_fixed_point(lambda z: z / 2 + 1, x0, nonfinite="report")
+
+
+def test_a_sample_whose_rate_is_not_below_1_does_not_keep_the_others_from_certifying():
+    # q = 0.5 can certify down to 32 eps / (1 - q) = 7.6e-6 relative (its bound stalls at about
+    # 3.8e-6, above tol), sample 1 (q = 1.5) nothing
+    growth = torch.tensor([[0.5], [1.5]])
+    with pytest.warns(PcDEQWarning, match="q = 0.5 is so close to 1"):
+        _, _, info = pcdeq_fixed_point(
+            lambda z: z * growth + 1,
+            torch.zeros(2, 2),
+            max_iter=60,
+            tol=3e-6,
+            weights=torch.ones(2, 2),
+            rate=torch.tensor([0.5, 1.5]),
+        )
+    assert info["converged"].tolist() == [True, False]
+
+
 def test_nonfinite_modes_are_validated():
     with pytest.raises(UnknownNameError, match=r"Unknown nonfinite mode 'ignore'\. Valid: 'raise', 'report'"):
         pcdeq_fixed_point(lambda z: z, torch.zeros(2, 3), nonfinite="ignore")

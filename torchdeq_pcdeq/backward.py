@@ -66,21 +66,18 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
         else:
             _warn_uncertifiable(worst, z_in.dtype)
     # Starting from grad rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
-    y, _, info = b_solver(adjoint, grad, **kwargs)
-    if "diverged" in info:  # such samples were returned at grad (the solver's nonfinite="report")
-        _check_incoming_gradient(grad, info["diverged"])
-    trainer.after_backward(info, writer)
-    return y
-
-
-def _check_incoming_gradient(grad: Tensor, diverged: Tensor) -> None:
-    """A diverged adjoint is a convergence failure, unless the gradient it started from was not finite."""
-    if bool(diverged.any()) and not bool(torch.isfinite(grad[diverged]).all()):
+    try:
+        y, _, info = b_solver(adjoint, grad, **kwargs)
+    except NonFiniteError as error:
+        # The core's adjoint solves report diverging samples (nonfinite="report"); what remains
+        # is a start that was never finite: the loss gradient.
         raise NonFiniteError(
             "The loss gradient arriving at the pcdeq core holds NaN or Inf, so the implicit "
             "gradient cannot be computed. Check the loss and the layers after the DEQ (a log or a "
             "division by zero, or a diverged optimizer step)."
-        )
+        ) from error
+    trainer.after_backward(info, writer)
+    return y
 
 
 _warned_uncertifiable: set[torch.dtype] = set()

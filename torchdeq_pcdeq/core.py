@@ -240,7 +240,7 @@ class PcDEQCore(DEQSliced):
             return
         if bool(info["converged"].all()):  # the common case: one reduction, one sync
             return
-        if "diverged" in info and bool(info["diverged"].any()):
+        if which == "backward" and "diverged" in info and bool(info["diverged"].any()):
             message = _diverged_message(info, tol, stop_mode)
         else:
             message = _unconverged_message(info, tol, stop_mode, which)
@@ -270,14 +270,14 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
     other = int((~info["converged"] & ~diverged).sum())
     also = f"; {other} more did not reach {stop_mode} tol {tol:g}" if other else ""
     return (
-        f"pcdeq backward solve: the adjoint iteration diverged (its iterates overflowed to NaN or "
-        f"Inf) for {int(diverged.sum())} of {diverged.numel()} samples{also}. At the fixed point of "
+        f"pcdeq backward solve: the adjoint iteration diverged (its iterates grew until their norm "
+        f"overflowed) for {int(diverged.sum())} of {diverged.numel()} samples{also}. At the fixed point of "
         "a pcDEQ layer the adjoint contracts, so the state the forward solve returned is likely too "
         "far from it: the relative 2-norm residual weighs entries by size and misses small entries "
-        "still growing (tiny injections, large weights). Use a smaller f_tol, or "
-        "pcdeq_enclosure=True to stop the forward on a bound of every entry's error. Unless this "
-        "raises, those samples get the one-step (Jacobian-free) gradient instead of the implicit "
-        "one; set pcdeq_nonconvergence='ignore' to silence this."
+        "still growing (tiny injections, large weights). Use a smaller f_tol, or (bounded "
+        "activations) pcdeq_enclosure=True to stop the forward on a bound of every entry's "
+        "error. Unless this raises, those samples get the one-step (Jacobian-free) gradient "
+        "instead of the implicit one; set pcdeq_nonconvergence='ignore' to silence this."
     )
 
 

@@ -140,13 +140,15 @@ def pcdeq_fixed_point(
         rate: per-sample contraction factor (shape ``(batch,)``); ``>= 1`` gives an infinite
             bound, so the sample cannot be certified.
         tau: accepted for TorchDEQ compatibility; only ``1.0`` (undamped) is supported.
-        nonfinite: what a check that finds NaN or Inf residuals does. ``"raise"`` (default):
+        nonfinite: what a check does with samples whose measure is NaN (an iterate holding NaN
+            or Inf, or one so large that its norm overflows). ``"raise"`` (default):
             :class:`NonFiniteError` (iterating a pcDEQ layer from a finite state stays finite
             unless its weights or data are not). ``"report"``, for maps that may legitimately
             diverge (the adjoint at a state where ``J`` does not contract): those samples are
-            flagged in ``info["diverged"]``, returned at their initial state ``x0`` and never
-            counted as converged, and the solve goes on until the others converge. Plain
-            solves only.
+            flagged in ``info["diverged"]``, the final state holds their initial state ``x0``
+            (the states at ``indexing`` are left as computed), they never count as converged,
+            and the solve goes on until the others converge. An ``x0`` that is not finite in
+            such a sample is still a :class:`NonFiniteError`. Plain solves only.
         **kwargs: unknown options are reported with a warning, not silently dropped.
 
     Returns:
@@ -160,7 +162,8 @@ def pcdeq_fixed_point(
 
     Raises:
         InvalidInputError: invalid arguments (before any call of ``func``).
-        NonFiniteError: with ``nonfinite="raise"``, an iterate holds NaN or Inf.
+        NonFiniteError: an iterate holds NaN or Inf (with ``nonfinite="report"``: a sample
+            whose ``x0`` does).
         PreconditionError: ``guard="raise"`` and the iterates betray a map that is not a
             pcDEQ map (:class:`NotPositiveMonotoneError`, :class:`NonUniqueFixedPointError`).
     """
@@ -182,7 +185,7 @@ def pcdeq_fixed_point(
             "finite). Use nonfinite='raise' with enclosure=True."
         )
     certified = enclosure or weights is not None
-    monitor = _Monitor(x0, tol, stop_mode, check_every, certified, report_nonfinite=nonfinite == "report")
+    monitor = _Monitor(x0, tol, stop_mode, check_every, certified, nonfinite == "report")
     if enclosure:
         return _enclosure_solve(func, x0, max_iter, indexing, monitor, _Guard(guard, x0), upper)
     measure = _residuals if weights is None else functools.partial(_contraction_bound, weights, rate)
@@ -309,10 +312,10 @@ class _Monitor:
     """
 
     def __init__(
-        self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool, report_nonfinite=False
+        self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool, report_nonfinite: bool
     ):
         self.tol, self.stop_mode, self.check_every, self.certified = tol, stop_mode, check_every, certified
-        self.report_nonfinite = report_nonfinite
+        self.x0 = x0 if report_nonfinite else None  # a diverged sample is reported, a bad start raised
         self.diverged: Tensor | None = None  # per sample, once a check saw non-finite measures
         self.acc, self.tiny = _dtype_constants(x0.dtype)
         arithmetic = arithmetic_dtype(x0)
@@ -339,8 +342,9 @@ class _Monitor:
         """
         if self.rate_floor is not None:
             return
-        worst = rate.max().item()
-        self.rate_floor = 2 * _GUARD_ULPS * self.eps / (1 - worst) if worst < 1 else math.inf
+        # samples with q >= 1 get an infinite bound anyway: the others set the floor
+        worst = torch.where(rate < 1, rate, -math.inf).amax().item()
+        self.rate_floor = 2 * _GUARD_ULPS * self.eps / (1 - worst) if worst > -math.inf else math.inf
         if self.rate_floor > self.rel_limit and math.isfinite(self.rate_floor):
             _warn_certifiable(worst, self.rel_limit, self.rate_floor)
             self.rel_limit = self.rate_floor
@@ -365,6 +369,8 @@ class _Monitor:
         else:  # measures below the dtype's resolution count as converged whatever tol says
             self.abs_limit.append(torch.clamp_min(scale * self.floor, self.tol))
             measure = abs_res / self.abs_limit[-1]
+        if self.diverged is not None:  # rare: samples that diverged no longer decide the stop
+            measure = measure.masked_fill(self.diverged, -math.inf)
         worst = measure.amax()
         if guard is None:
             worst = worst.item()  # the one host sync of this check
@@ -384,13 +390,20 @@ class _Monitor:
 
     def _nonfinite(self, k: int, measure: Tensor) -> float:
         """Raise, or flag the samples whose measure is NaN and return the worst of the others."""
-        if not self.report_nonfinite:
+        if self.x0 is None:
             raise NonFiniteError(
                 f"Iterate {k} of the fixed-point solve holds NaN or Inf: f produced non-finite "
                 "values. Check the weights and the injection for NaN (a diverged optimizer step, "
                 "often from a too large learning rate) and the data for Inf."
             )
         lost = measure.isnan()
+        if not bool(torch.isfinite(self.x0[lost]).all()):
+            raise NonFiniteError(
+                f"The initial state of the fixed-point solve holds NaN or Inf in "
+                f"{int((~torch.isfinite(self.x0)).flatten(1).any(1).sum())} of {self.x0.shape[0]} "
+                "samples: their iterates were never finite, so they did not diverge. Start from a "
+                "finite state."
+            )
         self.diverged = lost if self.diverged is None else self.diverged | lost
         # Samples that diverged cannot come back: the others decide when the solve ends.
         return measure.masked_fill(self.diverged, -math.inf).amax().item()
@@ -422,7 +435,7 @@ class _Monitor:
         # One op for both traces; every other entry is a view of it or one reduction over it.
         history = torch.stack(self.abs + self.rel, dim=1).view(-1, 2, n)  # (batch, abs|rel, check)
         abs_trace, rel_trace = history.unbind(1)
-        finite = history if self.diverged is None else history.nan_to_num(nan=math.inf)
+        finite = history if self.diverged is None else history.nan_to_num(nan=math.inf, posinf=math.inf)
         abs_lowest, rel_lowest = finite.amin(dim=2).unbind(1)
         if self.stop_mode == "rel":
             ok = rel_trace <= self.rel_limit
@@ -442,10 +455,12 @@ class _Monitor:
         )
         if self.certified:
             entries["error_bound"] = abs_trace[:, -1]
-        if self.report_nonfinite:
-            no_loss = torch.zeros(history.shape[0], dtype=torch.bool, device=device)
-            entries["diverged"] = no_loss if self.diverged is None else self.diverged
-            entries["converged"] = entries["converged"] & ~entries["diverged"]
+        if self.x0 is not None:  # nonfinite="report"
+            if self.diverged is None:
+                entries["diverged"] = torch.zeros(history.shape[0], dtype=torch.bool, device=device)
+            else:  # a flagged sample's later measures may be finite (an overflowed norm)
+                entries["diverged"] = self.diverged
+                entries["converged"] = entries["converged"] & ~self.diverged
         # SolverStat's constructor builds a default tensor per key; every key is given here.
         info = SolverStat.__new__(SolverStat)
         dict.__init__(info, entries)
