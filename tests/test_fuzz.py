@@ -1,5 +1,8 @@
 """Property-based: random shapes, activations, mechanisms and weight scales, forward and backward.
 
+The backward runs through every gradient path: closed form or a recorded ``f``, ``ift`` or
+``hook_ift``.
+
 For every drawn instance: the forward solve ends in the positive orthant with finite values;
 its reported residuals are those of a bare loop of the same iterations, and ``converged`` says
 exactly whether the last one is within tolerance; every gradient is finite; after a large
@@ -56,7 +59,13 @@ def instances(draw):
         spec["kernel_size"] = draw(st.sampled_from([1, 3, 5]))
         shape = (batch, spec["channels"], draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     scales = (10 ** draw(st.floats(-3, 3)), 10 ** draw(st.floats(-2, 2)))
-    return spec, shape, scales, draw(st.integers(0, 2**16))
+    # how the gradient is computed: closed form (f is the layer call) or through a recorded f
+    # (the same values behind a copy), with TorchDEQ's ift or hook_ift
+    gradient = (
+        draw(st.sampled_from(["closed_form", "recorded"])),
+        draw(st.sampled_from(["ift", "hook_ift"])),
+    )
+    return spec, shape, scales, draw(st.integers(0, 2**16)), gradient
 
 
 def _build(spec: dict):
@@ -92,10 +101,11 @@ def _iterations_promised(rate: torch.Tensor, start: torch.Tensor, offset: int) -
         (1, 1, 1, 3),
         (1000.0, 10.0),
         0,
+        ("closed_form", "ift"),
     )
 )
 def test_random_instances_report_honestly_and_converge_where_the_theory_promises(instance):
-    spec, shape, (weight_scale, input_scale), seed = instance
+    spec, shape, (weight_scale, input_scale), seed, (path, gradient) = instance
     torch.manual_seed(seed)
     layer = _build(spec)
     with torch.no_grad():
@@ -109,11 +119,13 @@ def test_random_instances_report_honestly_and_converge_where_the_theory_promises
         f_max_iter=BUDGET,
         b_max_iter=BUDGET,
         pcdeq_nonconvergence="ignore",
+        hook_ift=gradient == "hook_ift",
     )
     backward = []
 
     x = layer.inject(u)
-    z_out, info = deq(lambda z: layer(z, x), torch.zeros_like(x), backward_writer=backward.append)
+    func = (lambda z: layer(z, x)) if path == "closed_form" else (lambda z: layer(z, x).clone())
+    z_out, info = deq(func, torch.zeros_like(x), backward_writer=backward.append)
     z = z_out[-1]
     assert torch.isfinite(z).all()
     assert (z >= 0).all() and (layer.variant == 2 or (z > 0).all())
