@@ -316,6 +316,22 @@ def test_nonfinite_report_keeps_infinite_bounds_infinite_and_ignores_a_flagged_s
     assert int(info["trace_steps"][-1]) < 40
 
 
+def test_the_guard_keeps_watching_the_samples_that_did_not_diverge():
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        out = z * torch.tensor([[1e5], [0.5]]) + 1
+        if len(calls) > 3:
+            out[0] = float("nan")  # sample 0 diverges
+        if len(calls) > 12:
+            out[1] = -1.0  # then sample 1 turns negative
+        return out
+
+    with pytest.raises(NotPositiveMonotoneError):
+        pcdeq_fixed_point(f, torch.ones(2, 3), max_iter=100, tol=1e-6, guard="raise", nonfinite="report")
+
+
 def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():
     x0 = torch.ones(2, 3)
     x0[1, 0] = float("nan")

@@ -211,6 +211,9 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
                 z_, fz_ = (z.detach(), fz.detach()) if fz.requires_grad else (z, fz)
                 diff = fz_ - z_
                 abs_res, scale = measure(diff, fz_, monitor)
+                if monitor.diverged is not None:  # rare: the guard watches the samples still finite
+                    lost = monitor.diverged.view(-1, *(1,) * (diff.dim() - 1))
+                    diff, fz_ = diff.masked_fill(lost, 0), fz_.masked_fill(lost, 0)
                 done, gap = monitor.check(k, abs_res, scale, guard.plain(k, diff, fz_))
                 if done:
                     z = fz
