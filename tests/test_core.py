@@ -1,6 +1,7 @@
 import argparse
 import copy
 import dataclasses
+import functools
 import itertools
 
 import pytest
@@ -29,6 +30,7 @@ from torchdeq_pcdeq import (
     PcDEQWarning,
     UnknownNameError,
     add_pcdeq_args,
+    pcdeq_fixed_point,
 )
 
 TIGHT = dict(f_tol=1e-12, b_tol=1e-12, f_max_iter=5000, b_max_iter=5000)
@@ -401,6 +403,24 @@ def test_a_diverging_adjoint_raises_under_the_raise_policy_and_a_tighter_forward
         z_out[-1].sum().backward()
         assert seen[0]["converged"].all(), option
         assert "diverged" not in seen[0] or not seen[0]["diverged"].any()
+
+
+def test_a_backward_solver_that_raises_for_its_own_reasons_keeps_its_message():
+    # a solver registered under another name does not get nonfinite="report": the overflowing
+    # adjoint raises the solver's own error, not one that blames the (finite) loss gradient
+    torchdeq.solver.register_solver(
+        "pcdeq_every_iteration", functools.partial(pcdeq_fixed_point, check_every=1)
+    )
+    try:
+        f, u = _stopped_short_of_saturation()
+        x = f.inject(u)
+        with pytest.warns(PcDEQWarning, match="without a convergence guarantee"):
+            deq = torchdeq.get_deq(core="pcdeq", b_solver="pcdeq_every_iteration", b_max_iter=400)
+        z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+        with pytest.raises(NonFiniteError, match="f produced non-finite values"):
+            z_out[-1].sum().backward()
+    finally:
+        torchdeq.solver._solvers.pop("pcdeq_every_iteration")
 
 
 def test_a_forward_solve_told_to_report_divergence_is_reported_as_a_forward_solve():

@@ -331,6 +331,33 @@ def test_the_guard_keeps_watching_the_samples_that_did_not_diverge():
     with pytest.raises(NotPositiveMonotoneError):
         pcdeq_fixed_point(f, torch.ones(2, 3), max_iter=100, tol=1e-6, guard="raise", nonfinite="report")
 
+    def g(z):  # both at once: the check that first sees the NaN must still see the -1
+        calls.append(1)
+        out = z * torch.tensor([[2.0], [0.5]]) + 1
+        if len(calls) >= 3:
+            out[0], out[1] = float("nan"), -1.0
+        return out
+
+    for budget in (3, 10):
+        calls.clear()
+        with pytest.raises(NotPositiveMonotoneError, match="negative entries"):
+            pcdeq_fixed_point(
+                g, torch.ones(2, 3), max_iter=budget, tol=1e-6, guard="raise", nonfinite="report"
+            )
+
+
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_an_iterate_whose_norm_overflows_is_never_read_as_converged(stop_mode):
+    # 5.43x per iteration: at iteration 26 ||f(z)|| overflows float32 while ||f(z) - z|| does
+    # not, and their ratio read 0, "converged", with an iterate of 1e19
+    f = lambda z: 5.43 * z + 1  # noqa: E731
+    kwargs = dict(max_iter=400, tol=1e-4, stop_mode=stop_mode, check_every=1)
+    z, _, info = pcdeq_fixed_point(f, torch.ones(1, 2), nonfinite="report", **kwargs)
+    assert info["diverged"].tolist() == [True] and info["converged"].tolist() == [False]
+    assert int(info["trace_steps"][-1]) == 26 and torch.equal(z, torch.ones(1, 2))
+    with pytest.raises(NonFiniteError, match=r"Iterate 26 .* values so large that their norm overflows"):
+        pcdeq_fixed_point(f, torch.ones(1, 2), **kwargs)
+
 
 def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():
     x0 = torch.ones(2, 3)

@@ -69,8 +69,10 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
     try:
         y, _, info = b_solver(adjoint, grad, **kwargs)
     except NonFiniteError as error:
-        # The core's adjoint solves report diverging samples (nonfinite="report"); what remains
-        # is a start that was never finite: the loss gradient.
+        # The core's adjoint solves report diverging samples (nonfinite="report"): a start that
+        # was never finite is the loss gradient's fault. Anything else keeps its own message.
+        if bool(torch.isfinite(grad).all()):
+            raise
         raise NonFiniteError(
             "The loss gradient arriving at the pcdeq core holds NaN or Inf, so the implicit "
             "gradient cannot be computed. Check the loss and the layers after the DEQ (a log or a "

@@ -211,10 +211,13 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
                 z_, fz_ = (z.detach(), fz.detach()) if fz.requires_grad else (z, fz)
                 diff = fz_ - z_
                 abs_res, scale = measure(diff, fz_, monitor)
-                if monitor.diverged is not None:  # rare: the guard watches the samples still finite
-                    lost = monitor.diverged.view(-1, *(1,) * (diff.dim() - 1))
-                    diff, fz_ = diff.masked_fill(lost, 0), fz_.masked_fill(lost, 0)
+                flagged = monitor.diverged
+                if flagged is not None and guard.mode != "off":  # rare: the guard watches the others
+                    diff, fz_ = _without(flagged, diff, fz_)
                 done, gap = monitor.check(k, abs_res, scale, guard.plain(k, diff, fz_))
+                if monitor.diverged is not flagged and guard.mode != "off":
+                    # rare: samples diverged at this check, and the guard saw NaN; look again
+                    guard.recheck(k, *_without(monitor.diverged, diff, fz_))
                 if done:
                     z = fz
                     break
@@ -226,6 +229,12 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
     if indexing and not states:
         states.append(z)
     return z, states, monitor.stat(k, z.device)
+
+
+def _without(samples: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` with the entries of ``samples`` (per-sample bool) zeroed."""
+    mask = samples.view(-1, *(1,) * (tensors[0].dim() - 1))
+    return tuple(t.masked_fill(mask, 0) for t in tensors)
 
 
 def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
@@ -363,7 +372,10 @@ class _Monitor:
         ``guard`` is ``None`` or ``(scalars, report)``: device scalars synced with the check,
         then passed to ``report`` on the host.
         """
-        rel_res = abs_res / (scale + self.tiny)
+        # NaN where the state's norm overflowed (a diverging iteration, whose step's norm may
+        # still be finite): the measure must not read as 0, that is, as converged.
+        poison = scale * 0
+        rel_res = torch.addcdiv(poison, abs_res, scale + self.tiny)
         self.steps.append(k)
         self.abs.append(abs_res)
         self.rel.append(rel_res)
@@ -371,7 +383,7 @@ class _Monitor:
             measure = rel_res
         else:  # measures below the dtype's resolution count as converged whatever tol says
             self.abs_limit.append(torch.clamp_min(scale * self.floor, self.tol))
-            measure = abs_res / self.abs_limit[-1]
+            measure = torch.addcdiv(poison, abs_res, self.abs_limit[-1])
         if self.diverged is not None:  # rare: samples that diverged no longer decide the stop
             measure = measure.masked_fill(self.diverged, -math.inf)
         worst = measure.amax()
@@ -395,9 +407,10 @@ class _Monitor:
         """Raise, or flag the samples whose measure is NaN and return the worst of the others."""
         if self.x0 is None:
             raise NonFiniteError(
-                f"Iterate {k} of the fixed-point solve holds NaN or Inf: f produced non-finite "
-                "values. Check the weights and the injection for NaN (a diverged optimizer step, "
-                "often from a too large learning rate) and the data for Inf."
+                f"Iterate {k} of the fixed-point solve holds NaN or Inf (or values so large that "
+                "their norm overflows): f produced non-finite values. Check the weights and the "
+                "injection for NaN (a diverged optimizer step, often from a too large learning "
+                "rate) and the data for Inf."
             )
         lost = measure.isnan()
         if not bool(torch.isfinite(self.x0[lost]).all()):
@@ -511,6 +524,11 @@ class _Guard:
                 self._fail(NotPositiveMonotoneError, _decrease_message(k, diff))
 
         return scalars, report
+
+    def recheck(self, k: int, diff: Tensor, fz: Tensor) -> None:
+        """Check again at once, with its own host sync (the solver's rare paths)."""
+        scalars, report = self.plain(k, diff, fz)
+        report([s.item() for s in scalars])
 
     def enclosure(self, k: int, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, monitor):
         if self.mode == "off":
