@@ -225,15 +225,20 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
             next_event = min(next_check, pending[0]) if pending else next_check
         z = fz
     if monitor.diverged is not None:  # rare: such samples restart where they began
-        z = torch.where(monitor.diverged.view(-1, *(1,) * (z.dim() - 1)), x0, z)
+        z = torch.where(_per_sample(monitor.diverged, z), x0, z)
     if indexing and not states:
         states.append(z)
     return z, states, monitor.stat(k, z.device)
 
 
+def _per_sample(samples: Tensor, like: Tensor) -> Tensor:
+    """The per-sample bool ``samples`` as a mask that broadcasts over ``like``'s entries."""
+    return samples.view(-1, *(1,) * (like.dim() - 1))
+
+
 def _without(samples: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """``tensors`` with the entries of ``samples`` (per-sample bool) zeroed."""
-    mask = samples.view(-1, *(1,) * (tensors[0].dim() - 1))
+    mask = _per_sample(samples, tensors[0])
     return tuple(t.masked_fill(mask, 0) for t in tensors)
 
 
