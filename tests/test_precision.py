@@ -14,7 +14,7 @@ import torch
 import torchdeq
 from torch import nn
 
-from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, rate_bound
+from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, attach_projection, rate_bound
 from torchdeq_pcdeq import backward as backward_module
 from torchdeq_pcdeq.solver import resolution_floor
 
@@ -171,3 +171,96 @@ def test_a_backward_inside_an_autocast_region_computes_as_the_float32_forward_di
     outside = input_gradient(contextlib.nullcontext())
     inside = input_gradient(torch.autocast("cpu", dtype=torch.bfloat16))
     assert torch.equal(inside, outside)
+
+
+class AmplifyingClassifier(nn.Module):
+    """relu6 with row sums 0.97 and small injections: the adjoint grows about 30-fold."""
+
+    def __init__(self, gradient: str, channels: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(20, channels)
+        self.f = PcDEQLinear(channels, "relu6", nonnegativity="project")
+        with torch.no_grad():
+            w = torch.rand(channels, channels)
+            self.f.linear.weight.copy_(w * 0.97 / w.sum(1, keepdim=True))
+        self.deq = torchdeq.get_deq(
+            core="pcdeq", f_max_iter=400, b_max_iter=400, hook_ift=gradient == "hook_ift"
+        )
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, inputs, backward_writer=None):
+        x = self.f.inject(self.encoder(inputs) - 3)
+        z_out, _ = self.deq(lambda z: self.f(z, x), torch.zeros_like(x), backward_writer=backward_writer)
+        return self.head(z_out[-1])
+
+
+def _float16_gradients(model: nn.Module, loss_scale: float, stats: list) -> dict[str, torch.Tensor]:
+    """The parameters' gradients of a float16-autocast step whose loss is scaled by ``loss_scale``."""
+    torch.manual_seed(1)
+    inputs, labels = torch.randn(16, 20), torch.arange(16) % 10
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(inputs, stats.append).float(), labels)
+    (loss * loss_scale).backward()
+    return {name: p.grad / loss_scale for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_float16_loss_scaling_gives_the_implicit_gradient_or_an_overflow_never_a_wrong_one(gradient):
+    """The adjoint is solved for the gradient brought to [1, 2) per sample, then scaled back.
+
+    Unscaled, the adjoint under 2^20 overflowed float16 and read as divergence: every sample got
+    the one-step gradient (65% off) with a warning blaming the forward, and a GradScaler saw
+    nothing to back off from.
+    """
+    model = AmplifyingClassifier(gradient)
+    stats: list = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PcDEQWarning)  # the tolerance raised to float16's floor
+        reference = _float16_gradients(model, 2.0**8, stats)
+        scaled = _float16_gradients(model, 2.0**16, stats)
+        warnings.simplefilter("error", PcDEQWarning)
+        warnings.filterwarnings("ignore", "tol=", PcDEQWarning)
+        overflowing = _float16_gradients(model, 2.0**20, stats)
+    for b_info in stats[1::2]:  # the backward statistics, in the gradient's own units
+        assert bool(b_info["converged"].all()) and not bool(b_info["diverged"].any())
+        assert (b_info["abs_lowest"] > 1e-3).all()  # 2^-24 relative: the scale was undone
+    for name, grad in scaled.items():
+        torch.testing.assert_close(grad, reference[name], rtol=0.02, atol=1e-5)
+    # The implicit gradient at 2^20 exceeds float16's range downstream of the core: it overflows
+    # there, as it would in any float16 layer, and a GradScaler backs off.
+    assert not all(torch.isfinite(grad).all() for grad in overflowing.values())
+
+
+def test_an_overflowed_loss_gradient_under_float16_reaches_gradscaler(monkeypatch):
+    """A GradScaler overflow step passes through the core: no exception, the step is skipped."""
+    monkeypatch.setattr(backward_module, "_warned_overflow", False)
+    model = AmplifyingClassifier("ift")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    attach_projection(optimizer, model)  # the layer's weight is projected to >= 0
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, growth_interval=1)
+    torch.manual_seed(1)
+    inputs, labels = torch.randn(16, 20), torch.arange(16) % 10
+    before = model.encoder.weight.detach().clone()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(inputs).float(), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "tol=", PcDEQWarning)
+        with pytest.warns(PcDEQWarning, match="GradScaler skips the step"):
+            step()
+        assert not torch.isfinite(model.encoder.weight.grad).all()
+        assert torch.equal(model.encoder.weight, before)  # skipped
+        assert scaler.get_scale() == 2.0**29
+        for _ in range(20):  # said once per process; the scale drops until the step fits
+            step()
+    assert scaler.get_scale() < 2.0**24
+    assert torch.isfinite(model.encoder.weight.grad).all()
+    assert not torch.equal(model.encoder.weight, before)

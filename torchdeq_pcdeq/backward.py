@@ -38,6 +38,7 @@ from torch import Tensor, autograd
 
 from .certify import rate_bound
 from .errors import InvalidInputError, NonFiniteError, PcDEQWarning
+from .solver import arithmetic_dtype
 
 __all__ = ["make_ift", "make_hook_ift", "make_closed_form_ift"]
 
@@ -51,12 +52,20 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
     the memory format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
     """
     grad = _in_layout(grad, layout, z_in)
+    half = arithmetic_dtype(z_in) == torch.float16
+    if half and not bool(torch.isfinite(grad).all()):
+        _warn_loss_scale_overflow()
+        return grad  # non-finite on purpose: GradScaler sees it and skips the step
+    kwargs = b_solver_kwargs
+    scale = None
+    if half and trainer.owns_b_solver:
+        scale, kwargs = _range_scale(grad, kwargs)
+        grad = (grad / scale).to(grad.dtype)
 
     def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
         step = vjp(y) + grad
         return step if tau == 1.0 else tau * step + (1 - tau) * y
 
-    kwargs = b_solver_kwargs
     if trainer.certify_backward:
         weights = z_in.detach()
         rate = rate_bound(func, weights)
@@ -78,8 +87,63 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
             "gradient cannot be computed. Check the loss and the layers after the DEQ (a log or a "
             "division by zero, or a diverged optimizer step)."
         ) from error
+    if scale is not None:
+        y = (y * scale).to(y.dtype)
+        _rescale_absolute(info, scale)
     trainer.after_backward(info, writer)
     return y
+
+
+def _range_scale(grad: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
+    """A power of two that brings the adjoint's right-hand side to a maximum in ``[1, 2)``.
+
+    In float16 (autocast or a half model) the adjoint products overflow at 65,504, and loss
+    scaling (``GradScaler``, up to 2^24) puts the loss gradient just below that on purpose; the
+    adjoint then grows by up to ``1 / (1 - q)`` and would overflow, reading as divergence. The
+    equation is linear, so it is solved for ``grad / scale`` and the solution multiplied back:
+    exact in binary floating point. Relative stopping (the default): one power of two per
+    sample, which also lifts samples whose gradient is tiny next to the batch's. Absolute
+    stopping: one for the batch, with the tolerance scaled alike.
+    """
+    magnitude = grad.detach().abs()
+    if kwargs.get("stop_mode", "abs") == "rel":
+        magnitude = magnitude.amax(dim=tuple(range(1, grad.dim())), keepdim=True)
+    else:
+        magnitude = magnitude.amax()
+    # frexp: magnitude = mantissa * 2^exponent with mantissa in [0.5, 1); 0 gives exponent 0
+    exponent = torch.frexp(magnitude.float()).exponent - 1
+    # float32: the powers of two a float16 gradient needs may lie outside float16's range
+    scale = torch.ldexp(torch.ones_like(magnitude, dtype=torch.float32), exponent)
+    if kwargs.get("stop_mode", "abs") != "rel":
+        kwargs = {**kwargs, "tol": kwargs["tol"] / scale.item()}
+    return scale, kwargs
+
+
+def _rescale_absolute(info: dict, scale: Tensor) -> None:
+    """Statistics of the solve for ``grad / scale`` in the units of ``grad``."""
+    per_sample = scale.flatten().to(info["abs_lowest"].dtype)
+    for key in ("abs_lowest", "error_bound"):
+        if key in info:
+            info[key] = info[key] * per_sample
+    info["abs_trace"] = info["abs_trace"] * per_sample[:, None]
+
+
+_warned_overflow = False
+
+
+def _warn_loss_scale_overflow() -> None:
+    global _warned_overflow
+    if _warned_overflow:  # GradScaler overflows by design every so often: say it once
+        return
+    _warned_overflow = True
+    warnings.warn(
+        "The loss gradient arriving at the pcdeq core holds NaN or Inf under float16, as a "
+        "GradScaler step that overflowed does. The adjoint is not solved and the non-finite "
+        "gradient is passed on, so that GradScaler skips the step and lowers its scale (without "
+        "a GradScaler, the optimizer would write NaN into the weights). Said once per process.",
+        PcDEQWarning,
+        stacklevel=2,
+    )
 
 
 _warned_uncertifiable: set[torch.dtype] = set()

@@ -104,9 +104,10 @@ class PcDEQCore(DEQSliced):
         self.sradius_method = config["pcdeq_sradius"]
         self.gradient = config["pcdeq_gradient"]
         self.owns_f_solver = config["f_solver"] == SOLVER_NAME
-        self.certify_backward = self.certify_rate and config["b_solver"] == SOLVER_NAME
+        self.owns_b_solver = config["b_solver"] == SOLVER_NAME
+        self.certify_backward = self.certify_rate and self.owns_b_solver
         b_solver_kwargs = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
-        if config["b_solver"] == SOLVER_NAME:
+        if self.owns_b_solver:
             # The adjoint may diverge where the forward stopped short of z* (_diverged_message).
             b_solver_kwargs["nonfinite"] = "report"
         if self.gradient in ("ift", "hook_ift"):
