@@ -247,7 +247,7 @@ CASES = {
     "weight made negative by hand, `project` mode": weight_made_negative_by_hand_in_project_mode,
     "solve not converged, `pcdeq_nonconvergence='raise'`": solve_not_converged,
     "adjoint diverged, `pcdeq_nonconvergence='raise'`": adjoint_diverged,
-    "loss gradient holds NaN (float32 or bfloat16; in float16 it is passed on, see below)": nan_loss_gradient,
+    "loss gradient holds NaN (but under float16 autocast, see below)": nan_loss_gradient,
     "second-order gradient (`create_graph=True`)": second_order_gradient,
     "tolerance below the dtype's resolution": tolerance_below_dtype_resolution,
 }

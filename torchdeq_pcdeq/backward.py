@@ -50,22 +50,20 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
     the adjoint map contracts by the rate bound ``q`` computed at ``z_in``, and stops on the
     certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``. The iterates are held in
     the memory format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
+
+    In float16 arithmetic (see :func:`_solve_in_range`), a loss gradient holding Inf or NaN
+    under autocast is an overflowed ``GradScaler`` step: it is passed on unsolved.
     """
     grad = _in_layout(grad, layout, z_in)
     half = arithmetic_dtype(z_in) == torch.float16
-    if half and not bool(torch.isfinite(grad).all()):
+    device = z_in.device.type
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+    if half and autocast and not bool(torch.isfinite(grad).all()):
+        # GradScaler needs autocast (it refuses float16 parameters): the non-finite gradient
+        # reaches the parameters, and the scaler skips the step and lowers its scale.
         _warn_loss_scale_overflow()
-        return grad  # non-finite on purpose: GradScaler sees it and skips the step
+        return grad
     kwargs = b_solver_kwargs
-    scale = None
-    if half and trainer.owns_b_solver:
-        scale, kwargs = _range_scale(grad, kwargs)
-        grad = (grad / scale).to(grad.dtype)
-
-    def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
-        step = vjp(y) + grad
-        return step if tau == 1.0 else tau * step + (1 - tau) * y
-
     if trainer.certify_backward:
         weights = z_in.detach()
         rate = rate_bound(func, weights)
@@ -74,58 +72,61 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
             kwargs = {**kwargs, "weights": weights, "rate": rate}
         else:
             _warn_uncertifiable(worst, z_in.dtype)
-    # Starting from grad rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
-    try:
-        y, _, info = b_solver(adjoint, grad, **kwargs)
-    except NonFiniteError as error:
-        # The core's adjoint solves report diverging samples (nonfinite="report"): a start that
-        # was never finite is the loss gradient's fault. Anything else keeps its own message.
-        if bool(torch.isfinite(grad).all()):
-            raise
-        raise NonFiniteError(
-            "The loss gradient arriving at the pcdeq core holds NaN or Inf, so the implicit "
-            "gradient cannot be computed. Check the loss and the layers after the DEQ (a log or a "
-            "division by zero, or a diverged optimizer step)."
-        ) from error
-    if scale is not None:
-        y = (y * scale).to(y.dtype)
-        _rescale_absolute(info, scale)
+
+    def solve(rhs: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
+        def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
+            step = vjp(y) + rhs
+            return step if tau == 1.0 else tau * step + (1 - tau) * y
+
+        # Starting from rhs rather than 0 (TorchDEQ's choice) saves the first product, J^T 0 = 0.
+        try:
+            y, _, info = b_solver(adjoint, rhs, **kwargs)
+        except NonFiniteError as error:
+            # The core's adjoint solves report diverging samples (nonfinite="report"): a start
+            # that was never finite is the loss gradient's fault. Anything else keeps its message.
+            if bool(torch.isfinite(rhs).all()):
+                raise
+            raise NonFiniteError(
+                "The loss gradient arriving at the pcdeq core holds NaN or Inf, so the implicit "
+                "gradient cannot be computed. Check the loss and the layers after the DEQ (a log or "
+                "a division by zero, or a diverged optimizer step)."
+            ) from error
+        return y, info
+
+    y, info = solve(grad, kwargs)
+    if half and "diverged" in info and bool(info["diverged"].any()):
+        y, info = _solve_in_range(solve, grad, kwargs)
     trainer.after_backward(info, writer)
     return y
 
 
-def _range_scale(grad: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
-    """A power of two that brings the adjoint's right-hand side to a maximum in ``[1, 2)``.
+def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
+    """The adjoint solve again, for ``grad`` scaled into float16's range, after an overflow.
 
-    In float16 (autocast or a half model) the adjoint products overflow at 65,504, and loss
-    scaling (``GradScaler``, up to 2^24) puts the loss gradient just below that on purpose; the
-    adjoint then grows by up to ``1 / (1 - q)`` and would overflow, reading as divergence. The
-    equation is linear, so it is solved for ``grad / scale`` and the solution multiplied back:
-    exact in binary floating point. Relative stopping (the default): one power of two per
-    sample, which also lifts samples whose gradient is tiny next to the batch's. Absolute
-    stopping: one for the batch, with the tolerance scaled alike.
+    float16 ends at 65,504, and loss scaling (``GradScaler``) brings gradients close to it on
+    purpose; the adjoint grows by up to ``1 / (1 - q)`` and can overflow, which the solve
+    reports as divergence. The equation is linear: it is solved for ``grad / scale``, a power
+    of two that brings each sample's maximum to ``[1, 2)`` (absolute stopping: the batch's, with
+    the tolerance scaled alike), and the solution multiplied back. Samples that diverge again
+    really diverge. Only after an overflow: the scaled solve rounds entries below ``2^-14`` of
+    the maximum to float16's subnormals, which loss scaling exists to avoid.
     """
+    rel = kwargs.get("stop_mode", "rel") == "rel"
     magnitude = grad.detach().abs()
-    if kwargs.get("stop_mode", "abs") == "rel":
-        magnitude = magnitude.amax(dim=tuple(range(1, grad.dim())), keepdim=True)
-    else:
-        magnitude = magnitude.amax()
+    magnitude = magnitude.amax(dim=tuple(range(1, grad.dim())), keepdim=True) if rel else magnitude.amax()
     # frexp: magnitude = mantissa * 2^exponent with mantissa in [0.5, 1); 0 gives exponent 0
     exponent = torch.frexp(magnitude.float()).exponent - 1
     # float32: the powers of two a float16 gradient needs may lie outside float16's range
     scale = torch.ldexp(torch.ones_like(magnitude, dtype=torch.float32), exponent)
-    if kwargs.get("stop_mode", "abs") != "rel":
+    if not rel:
         kwargs = {**kwargs, "tol": kwargs["tol"] / scale.item()}
-    return scale, kwargs
-
-
-def _rescale_absolute(info: dict, scale: Tensor) -> None:
-    """Statistics of the solve for ``grad / scale`` in the units of ``grad``."""
-    per_sample = scale.flatten().to(info["abs_lowest"].dtype)
+    y, info = solve((grad / scale).to(grad.dtype), kwargs)
+    per_sample = scale.flatten().to(info["abs_lowest"].dtype)  # the statistics in grad's units
     for key in ("abs_lowest", "error_bound"):
         if key in info:
             info[key] = info[key] * per_sample
     info["abs_trace"] = info["abs_trace"] * per_sample[:, None]
+    return (y * scale).to(y.dtype), info
 
 
 _warned_overflow = False
@@ -137,10 +138,11 @@ def _warn_loss_scale_overflow() -> None:
         return
     _warned_overflow = True
     warnings.warn(
-        "The loss gradient arriving at the pcdeq core holds NaN or Inf under float16, as a "
-        "GradScaler step that overflowed does. The adjoint is not solved and the non-finite "
-        "gradient is passed on, so that GradScaler skips the step and lowers its scale (without "
-        "a GradScaler, the optimizer would write NaN into the weights). Said once per process.",
+        "The loss gradient arriving at the pcdeq core holds NaN or Inf under float16 autocast, "
+        "as a GradScaler step that overflowed does. The adjoint is not solved (no backward "
+        "statistics for this step) and the non-finite gradient is passed on, so that GradScaler "
+        "skips the step and lowers its scale; without a GradScaler the optimizer would write NaN "
+        "into the weights. Said once per process: GradScaler's scale shows how often it recurs.",
         PcDEQWarning,
         stacklevel=2,
     )
