@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -227,6 +228,20 @@ def test_explicit_flags_and_dict_keys_win_and_the_dict_is_not_modified():
     deq = torchdeq.get_deq(config)
     assert config == before
     assert (deq.f_stop_mode, deq.b_max_iter, deq.guard) == ("abs", 7, "warn")
+
+
+def test_phantom_gradient_options_unused_under_the_default_ift_are_said():
+    """An existing TorchDEQ script with --grad / --tau switched to --core pcdeq gets IFT."""
+    args = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--grad", "5", "--tau", "0.8"])
+    with pytest.warns(PcDEQWarning, match=r"grad=\[5\] and tau=0.8 configure TorchDEQ's phantom gradient"):
+        assert torchdeq.get_deq(args).gradient == "ift"
+    with pytest.warns(PcDEQWarning, match="PcDEQCore\\(args, ift=False\\)"):
+        torchdeq.get_deq(core="pcdeq", grad=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PcDEQCore(args, ift=False).gradient == "phantom"  # the advice works
+        assert torchdeq.get_deq(core="pcdeq", grad=3, ift=True).gradient == "ift"  # chosen: quiet
+        assert torchdeq.get_deq(core="pcdeq", grad=3, n_states=2).gradient == "ift"  # grad is used
 
 
 def test_warns_for_a_solver_without_guarantee_and_still_reports_convergence():

@@ -283,6 +283,8 @@ def resolve_core_config(args, kwargs: dict) -> dict:
             "Set ift / hook_ift instead (ift=False asks for phantom gradients)."
         )
     config["pcdeq_gradient"] = gradient
+    if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
+        _warn_unused_phantom_options(config)
     for key, option in PCDEQ_OPTIONS.items():
         config[key] = option.convert(key, config.get(key, option.default))
 
@@ -317,6 +319,27 @@ def resolve_core_config(args, kwargs: dict) -> dict:
                 stacklevel=3,
             )
     return config
+
+
+def _warn_unused_phantom_options(config: dict) -> None:
+    """``grad`` / ``tau`` set for a solve whose one returned state gets the default IFT."""
+    if config.get("n_states", 1) != 1 or config.get("indexing"):
+        return  # the intermediate states keep TorchDEQ's phantom gradient, grad and tau included
+    unused = [
+        f"{key}={config[key]!r}"
+        for key, default in (("grad", 1), ("tau", 1.0))
+        if key in config and config[key] not in (default, [default])
+    ]
+    if unused:
+        warnings.warn(
+            f"{' and '.join(unused)} configure TorchDEQ's phantom gradient, which the pcdeq core "
+            "does not use here: it differentiates implicitly by default (ift=True). For phantom "
+            "gradients set ift=False in a dict config, or as PcDEQCore(args, ift=False) with an "
+            "argparse namespace (there --ift cannot say off, and get_deq(args, ift=False) writes "
+            "False, TorchDEQ's default, into the namespace, where it reads as unset).",
+            PcDEQWarning,
+            stacklevel=4,
+        )
 
 
 def _check_positive_int(config: dict, key: str) -> None:
