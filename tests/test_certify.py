@@ -486,9 +486,27 @@ def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkey
     z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x), backward_writer=stats.append)
     with pytest.warns(
         PcDEQWarning,
-        match="cannot be certified: the rate bound q = 1 at the torch.float64 state is not below 1",
+        match="cannot be certified: the rate bound q = 1 in torch.float64 arithmetic is not below 1",
     ):
         z_out[-1].sum().backward()
     (info,) = stats
     assert "error_bound" not in info
     assert bool(info["converged"].all()) and int(info["nstep"].max()) < 500
+
+
+def test_an_uncertifiable_backward_under_autocast_names_autocast_dtype(monkeypatch):
+    """A float32 state solved under bfloat16 autocast: the arithmetic, not the state, is coarse."""
+    import torchdeq_pcdeq.backward as backward
+
+    monkeypatch.setattr(backward, "rate_bound", lambda func, z: torch.ones(z.shape[0]))
+    monkeypatch.setattr(backward, "_warned_uncertifiable", set())
+    f, x = dense_instance(dtype=torch.float32)
+    x.requires_grad_()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, pcdeq_nonconvergence="ignore")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "tol=", PcDEQWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+        assert z_out[-1].dtype == torch.float32
+        with pytest.warns(PcDEQWarning, match=r"q = 1 in torch.bfloat16 arithmetic .* outside autocast"):
+            z_out[-1].sum().backward()

@@ -142,6 +142,15 @@ def test_non_admissible_injection_is_reported_and_rechecked_after_in_place_chang
         sig(torch.zeros(1, 4), -torch.ones(1, 4))
 
 
+def test_a_state_of_another_dtype_is_reported_after_the_injection_was_verified():
+    """The checks run once per injection and kind of state, not once per injection."""
+    lin = PcDEQLinear(4, "tanh")
+    x = lin.inject(torch.randn(2, 4))
+    lin(torch.rand(2, 4), x)  # verified with a float32 state
+    with pytest.raises(InvalidInputError, match=r"state torch\.float64 and injection torch\.float32"):
+        lin(torch.rand(2, 4, dtype=torch.float64), x)  # was a bare RuntimeError from the product
+
+
 def test_project_mode_reports_weights_made_negative_by_hand():
     lin = PcDEQLinear(4, nonnegativity="project")
     x = lin.inject(torch.randn(1, 4))

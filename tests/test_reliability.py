@@ -68,6 +68,18 @@ def nan_or_inf_initial_state():
     return lambda: _deq()(lambda z: f(z, x), z0), [f]
 
 
+def empty_batch():
+    f = PcDEQLinear(4)
+    x = f.inject(torch.zeros(0, 4))
+    return lambda: _deq()(lambda z: f(z, x), torch.zeros_like(x)), [f]
+
+
+def nnpack_under_the_guard():
+    f = PcDEQConv2d(2, conv_algorithm="nnpack")
+    x = f.inject(torch.zeros(1, 2, 4, 4))
+    return lambda: _deq()(lambda z: f(z, x), torch.zeros_like(x)), [f]
+
+
 def negative_injection():
     f = PcDEQLinear(4, "tanh")
     return lambda: _deq()(lambda z: f(z, -torch.ones(2, 4)), torch.zeros(2, 4)), [f]
@@ -226,6 +238,7 @@ def tolerance_below_dtype_resolution(monkeypatch):
 CASES = {
     "NaN or Inf in the injection": nan_or_inf_injection,
     "NaN or Inf in `z_init`": nan_or_inf_initial_state,
+    "empty batch": empty_batch,
     "negative injection, pcDEQ-1 activation": negative_injection,
     "negative `z_init`": negative_initial_state,
     "1-D state": one_dimensional_state,
@@ -233,6 +246,7 @@ CASES = {
     "dtype mismatch": dtype_mismatch,
     "device mismatch": device_mismatch,
     "conv channels mismatch": conv_channels_mismatch,
+    "`conv_algorithm='nnpack'` with the guard on": nnpack_under_the_guard,
     "`f_max_iter` <= 0": max_iter_not_positive,
     "solver `max_iter` <= 0": solver_max_iter_not_positive,
     "tolerance <= 0": tolerance_not_positive,

@@ -71,7 +71,7 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
         if worst < 1:
             kwargs = {**kwargs, "weights": weights, "rate": rate}
         else:
-            _warn_uncertifiable(worst, z_in.dtype)
+            _warn_uncertifiable(worst, arithmetic_dtype(z_in))
 
     def solve(rhs: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
         def adjoint(y: Tensor, tau: float = 1.0) -> Tensor:
@@ -152,15 +152,16 @@ _warned_uncertifiable: set[torch.dtype] = set()
 
 
 def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
+    """``dtype``: the arithmetic's (autocast's when coarser than the state's)."""
     if dtype in _warned_uncertifiable:  # once per dtype: training would repeat it every step
         return
     _warned_uncertifiable.add(dtype)
     warnings.warn(
-        f"The backward solve cannot be certified: the rate bound q = {rate:.6g} at the {dtype} "
-        "state is not below 1 (q approaches 1 when pcDEQ-1 injections are tiny, and a "
-        "low-precision state is only as accurate as its dtype). It is solved with the plain "
-        "residual test instead, and its statistics carry no error_bound. Certify in float32 or "
-        "wider.",
+        f"The backward solve cannot be certified: the rate bound q = {rate:.6g} in {dtype} "
+        "arithmetic is not below 1 (q approaches 1 when pcDEQ-1 injections are tiny, and "
+        "low-precision arithmetic, a low-precision state or autocast, is only as accurate as its "
+        "dtype). It is solved with the plain residual test instead, and its statistics carry no "
+        "error_bound. Certify in float32 or wider, outside autocast.",
         PcDEQWarning,
         stacklevel=2,
     )

@@ -49,7 +49,7 @@ from torchdeq.core import DEQSliced
 from .backward import make_closed_form_ift, make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
-from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
+from .errors import ConvergenceError, InvalidInputError, NotPositiveMonotoneError, PcDEQWarning
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
 
@@ -188,7 +188,12 @@ class PcDEQCore(DEQSliced):
                         enclosure=True, upper=upper if upper is not None else lambda: upper_bound(seen)
                     )
             options.update(solver_kwargs or {})
-            z_star, info = super()._solve_fixed_point(deq_func, z_init, f_max_iter, options, **kwargs)
+            try:
+                z_star, info = super()._solve_fixed_point(deq_func, z_init, f_max_iter, options, **kwargs)
+            except NotPositiveMonotoneError as error:
+                self._check_sign_exact(seen, options, error)
+                raise
+            self._check_sign_exact(seen, options)
             info["min_injection"] = min_injection(seen, z_star)
             if self.certify_rate:
                 # At a state below z* (the enclosure's lower sequence; plain iterates from 0)
@@ -197,6 +202,28 @@ class PcDEQCore(DEQSliced):
         if recorded is not None:
             _LAST_SOLVE.chain = (self, recorded)
         return z_star, info
+
+    def _check_sign_exact(self, seen: dict, options: dict, error: Exception | None = None) -> None:
+        """Refuse layers whose products may round below 0 where the guard or a certificate reads them."""
+        relies = [
+            name
+            for name, on in (
+                ("the guard", options.get("guard", "off") != "off"),
+                ("the enclosure", options.get("enclosure", False)),
+                ("the rate bound", self.certify_rate),
+            )
+            if on
+        ]
+        inexact = [layer for layer, _ in seen.values() if getattr(layer, "conv_algorithm", None) == "nnpack"]
+        if relies and inexact:
+            raise InvalidInputError(
+                f"{type(inexact[0]).__name__}(conv_algorithm='nnpack') computes W z by Winograd "
+                "transforms, which are not sign-preserving: a product of nonnegative tensors can "
+                f"round below 0, beyond the rounding that {' and '.join(relies)} "
+                f"{'allows' if len(relies) == 1 else 'allow'} for. Use "
+                "conv_algorithm='auto' (NNPACK for the adjoint products only), or set "
+                "pcdeq_guard='off' with no certificates."
+            ) from error
 
     def _closed_form_gradient(self) -> bool:
         """Whether a solve now may be differentiated in closed form (then its chain is recorded)."""
@@ -323,6 +350,11 @@ def _check_initial_state(z_init) -> bool:
         raise InvalidInputError(
             f"The pcdeq core expects a floating-point initial state of shape (batch, ...) with the "
             f"batch dimension first, got {z_init.dtype} of shape {tuple(z_init.shape)}."
+        )
+    if z_init.numel() == 0:
+        raise InvalidInputError(
+            f"The pcdeq core got an empty initial state of shape {tuple(z_init.shape)}; expected at "
+            "least one sample with at least one entry. Skip empty batches before the model."
         )
     with torch.no_grad():
         low, high = torch.stack(extremes(z_init)).tolist()  # NaN and Inf show in the extremes

@@ -415,9 +415,10 @@ class PcDEQLayer(nn.Module):
             self._verify_call(z, x, weight, None)  # raises with the expected shape
         if not torch.compiler.is_compiling():
             # A solve calls f many times with one injection: the checks that need a host sync
-            # (and those of dtypes and devices) run once per injection tensor and state shape;
-            # a cheap comparison covers the other calls.
-            key = (0 if x.is_inference() else x._version, z.shape)  # inference tensors: no counter
+            # (and those of dtypes and devices) run once per injection tensor and kind of state
+            # (shape, dtype, device); a cheap comparison covers the other calls. Inference
+            # tensors have no version counter.
+            key = (0 if x.is_inference() else x._version, z.shape, z.dtype, z.device)
             verified = self._verified_call
             if verified is None or verified[0]() is not x or verified[1] != key:
                 self._verify_call(z, x, weight, key)
