@@ -28,7 +28,8 @@ above NNPACK's error. Hence the three choices:
   shapes (a training batch, the last smaller one, an evaluation batch).
 * ``"pytorch"``: PyTorch's kernels everywhere; bitwise reproducible across processes.
 * ``"nnpack"``: NNPACK for both wherever it applies: the fastest, for solves that rely on
-  neither the guard (``pcdeq_guard="off"``) nor a certificate.
+  neither the guard (``pcdeq_guard="off"``) nor a certificate (the pcdeq core refuses it
+  otherwise, with an ``InvalidInputError``).
 
 NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU, plain float32
 tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
