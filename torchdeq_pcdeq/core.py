@@ -205,6 +205,9 @@ class PcDEQCore(DEQSliced):
 
     def _check_sign_exact(self, seen: dict, options: dict, error: Exception | None = None) -> None:
         """Refuse layers whose products may round below 0 where the guard or a certificate reads them."""
+        inexact = [layer for layer, _ in seen.values() if getattr(layer, "conv_algorithm", None) == "nnpack"]
+        if not inexact:
+            return
         relies = [
             name
             for name, on in (
@@ -214,8 +217,7 @@ class PcDEQCore(DEQSliced):
             )
             if on
         ]
-        inexact = [layer for layer, _ in seen.values() if getattr(layer, "conv_algorithm", None) == "nnpack"]
-        if relies and inexact:
+        if relies:
             raise InvalidInputError(
                 f"{type(inexact[0]).__name__}(conv_algorithm='nnpack') computes W z by Winograd "
                 "transforms, which are not sign-preserving: a product of nonnegative tensors can "
