@@ -99,7 +99,12 @@ class StandardLayer(nn.Module):
 
     def inject(self, u):
         torchdeq.reset_norm(self)  # TorchDEQ's contract: once per forward, before the solve
-        return u
+        # Under bfloat16 autocast the stem hands over bfloat16, while the pcDEQ kinds' softplus
+        # injection comes out in float32 (autocast runs softplus in float32). In the weight's
+        # dtype the state is float32 for every kind, and TorchDEQ's Anderson solver (its
+        # least-squares solve has no bfloat16 kernel) and implicit backward (which calls f
+        # again after the autocast region has closed) can run.
+        return u.to(self.operator.weight.dtype)
 
     def forward(self, z, x):
         return torch.tanh(self.operator(z) + x)

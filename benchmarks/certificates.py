@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import statistics
 
@@ -21,6 +20,7 @@ import torch
 import torchdeq
 
 import torchdeq_pcdeq  # noqa: F401  (registers the pcdeq core)
+from benchmarks.cli import available_device, command, positive_int, results_stem, write_results
 from benchmarks.solver_overhead import hardware_line, timed
 from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear
 
@@ -56,12 +56,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--device", type=available_device, default="cpu")
+    parser.add_argument("--repeats", type=positive_int, default=9)
     parser.add_argument("--smoke", action="store_true", help="tiny layers, written under results/smoke/")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument(
+        "--out", default=None, help="results path stem (default results/[smoke/]certificates_<device>)"
+    )
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     rows = []
     for case, layer, u in layers(device, args.smoke):
         x = layer.inject(u)
@@ -94,9 +97,10 @@ def main(argv=None):
                 }
             )
     hardware = hardware_line(device)
+    run_command = command("benchmarks.certificates", argv)
     lines = [
-        f"Certificate cost, median of {args.repeats} "
-        f"(`python -m benchmarks.certificates --device {args.device} --repeats {args.repeats}`)",
+        f"Certificate cost, median of {args.repeats}{', bf16 autocast' if args.bf16 else ''} "
+        f"(`{run_command}`)",
         f"Hardware: {hardware}",
         "",
         "| case | variant | forward iterations | ms | relative to plain |",
@@ -107,10 +111,17 @@ def main(argv=None):
             f"| {r['case']} | {r['variant']} | {r['iterations']:.0f} | {r['ms']:.2f} | {r['ratio']:.2f}x |"
         )
     print("\n".join(lines))
-    out = (RESULTS / "smoke" if args.smoke else RESULTS) / f"certificates_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"hardware": hardware, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out = results_stem(
+        args.out, (RESULTS / "smoke" if args.smoke else RESULTS) / f"certificates_{device.type}"
+    )
+    payload = {
+        "command": run_command,
+        "hardware": hardware,
+        "repeats": args.repeats,
+        "bf16": args.bf16,
+        "rows": rows,
+    }
+    write_results(out, payload, "\n".join(lines))
 
 
 def run(deq, layer, x, training, sradius, bf16=False) -> float:

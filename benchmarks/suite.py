@@ -1,6 +1,6 @@
 """Every benchmark in one command, on CPU or on one GPU.
 
-    python -m benchmarks.suite --device cpu     # the CPU results of README (about 28 minutes)
+    python -m benchmarks.suite --device cpu     # the CPU results of README (37 minutes on 2 cores)
     python -m benchmarks.suite --device cuda    # the GPU suite (under 5 minutes on one H200)
     python -m benchmarks.suite --smoke          # seconds: what CI runs
 
@@ -24,6 +24,7 @@ import traceback
 import torch
 
 from benchmarks import certificates, long_run, micro, solver_overhead, train
+from benchmarks.cli import available_device
 from benchmarks.solver_overhead import hardware_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 [*dev, "--steps", "5", "--nonnegativity", "project", "--out", str(RESULTS / "smoke")],
             ),
         ]
-    cuda = device == "cuda"
+    cuda = torch.device(device).type == "cuda"
     # On GPU the TorchDEQ baselines dominate (Anderson: about 8 s per linear epoch, 20 to 40 s
     # per single-conv epoch on an H200), so fewer epochs keep the suite within 5 minutes.
     runs = [
@@ -174,14 +175,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=available_device, default="cpu")
     parser.add_argument("--smoke", action="store_true", help="a few seconds, to check that everything runs")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast where it applies")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to torch on this machine.")
+    kind = args.device.type
     summary = {
-        "hardware": hardware_line(torch.device(args.device)),
+        "hardware": hardware_line(args.device),
         "driver": _driver(),
         "commit": _commit(),
         "runs": {},
@@ -189,7 +189,7 @@ def main(argv=None):
     folder = RESULTS / "smoke" if args.smoke else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name, module, run_argv in plan(args.device, args.smoke, args.bf16):
+    for name, module, run_argv in plan(str(args.device), args.smoke, args.bf16):
         start = time.perf_counter()
         print(f"== {name}: python -m {module.__name__} {' '.join(run_argv)}", flush=True)
         record = {"argv": run_argv}
@@ -204,7 +204,7 @@ def main(argv=None):
         record["seconds"] = time.perf_counter() - start
         summary["runs"][name] = record
         # written after each run, so that a suite stopped by a time limit keeps what it measured
-        (folder / f"suite_{args.device}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (folder / f"suite_{kind}.json").write_text(json.dumps(summary, indent=2) + "\n")
     total = sum(r["seconds"] for r in summary["runs"].values())
     if failed:
         names = ", ".join(failed)

@@ -19,7 +19,6 @@ Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json`` and `
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import time
@@ -30,6 +29,16 @@ import torchdeq
 from tqdm import tqdm
 
 from benchmarks.baselines import KINDS, TOL, build
+from benchmarks.cli import (
+    available_device,
+    command,
+    nonnegative_int,
+    path_with,
+    positive_float,
+    positive_int,
+    results_stem,
+    write_results,
+)
 from benchmarks.data import DATASETS, augment, load
 from benchmarks.memory import PeakMemory
 from benchmarks.micro import iterations
@@ -46,21 +55,29 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="linear", choices=["linear", "single_conv", "multi_conv"])
     parser.add_argument("--dataset", default="mnist_subset", choices=DATASETS)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--milestone", type=int, default=None, help="epoch of the x0.1 drop (default 3/4)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
-    parser.add_argument("--test-subset", type=int, default=None, help="use only this many test images")
+    parser.add_argument("--epochs", type=positive_int, default=10)
+    parser.add_argument(
+        "--milestone", type=positive_int, default=None, help="epoch of the x0.1 drop (default 3/4)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=5e-4)
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="initialisation and data order (the split is fixed)"
+    )
+    parser.add_argument(
+        "--train-subset", type=positive_int, default=None, help="use only this many training images"
+    )
+    parser.add_argument(
+        "--test-subset", type=positive_int, default=None, help="use only this many test images"
+    )
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="width override")
     parser.add_argument(
         "--activation", default="tanh", help="pcDEQ activation: tanh (pcDEQ-1), sigmoid (pcDEQ-2)"
     )
-    parser.add_argument("--augment", action="store_true", help="RandomCrop(32, 4) + flip (CIFAR-10)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--augment", action="store_true", help="RandomCrop(32, 4) + flip (CIFAR-10 only)")
+    parser.add_argument("--device", type=available_device, default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
     parser.add_argument(
@@ -68,17 +85,18 @@ def parse(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--plots", action="store_true", help="write PNG plots next to the results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.augment and not args.dataset.endswith("cifar10"):
+        parser.error(f"--augment is the CIFAR-10 recipe (32x32 crops, flips); got --dataset {args.dataset}")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    data = load(args.dataset, args.data_dir, args.download, args.seed).subset(
-        args.train_subset, args.test_subset
-    )
+    device = args.device
+    data = load(args.dataset, args.data_dir, args.download).subset(args.train_subset, args.test_subset)
     channels = (
         None
         if args.channels is None
@@ -87,7 +105,7 @@ def main(argv=None) -> dict:
     trainings = {}
     for kind in args.kinds:
         torch.manual_seed(args.seed)
-        shapes = "cifar10_aug" if args.augment and data.model_dataset == "cifar10" else data.model_dataset
+        shapes = "cifar10_aug" if args.augment else data.model_dataset
         model = build(kind, args.model, shapes, channels=channels, activation=args.activation).to(device)
         print(
             f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
@@ -108,8 +126,7 @@ def main(argv=None) -> dict:
             if kind == "pcdeq":
                 certified = enclosure_trace(run.model, probe)
     report = {
-        "command": "python -m benchmarks.train "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": command("benchmarks.train", argv),
         "hardware": hardware_line(device),
         "model": args.model,
         "dataset": data.name,
@@ -119,28 +136,28 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "bf16": args.bf16,
+        "augment": args.augment,
+        "seed": args.seed,
         "runs": runs,
     }
     if certified is not None:
         report["pcdeq_certificate"] = {k: v for k, v in certified.items() if k not in ("bounds", "residuals")}
-    stem = pathlib.Path(args.out) if args.out else RESULTS / f"train_{args.model}_{data.name}_{device.type}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report) + "\n")
+    stem = results_stem(args.out, RESULTS / f"train_{args.model}_{data.name}_{device.type}")
+    write_results(stem, report, markdown(report))
     print(markdown(report))
     if args.plots:
         from benchmarks import plots
 
-        plots.training_curves(report, stem.with_name(stem.name + "_curves.png"))
+        plots.training_curves(report, path_with(stem, "_curves.png"))
         title = f"first equilibrium layer, trained {args.model}, 16 test images"
         plots.residual_traces(
-            {k: v for k, v in traces.items() if v}, stem.with_name(stem.name + "_residuals.png"), title
+            {k: v for k, v in traces.items() if v}, path_with(stem, "_residuals.png"), title
         )
         if certified is not None:
             plots.enclosure_gap(
                 certified["bounds"],
                 certified["residuals"],
-                stem.with_name(stem.name + "_enclosure.png"),
+                path_with(stem, "_enclosure.png"),
                 title,
             )
     return report
@@ -315,7 +332,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"Training: {report['model']} on {report['dataset']}{synthetic}, "
         f"{report['train_size']} train / {report['test_size']} test images, batch {report['batch_size']}, "
-        f"{report['epochs']} epochs{', bf16 autocast' if report['bf16'] else ''}",
+        f"{report['epochs']} epochs, seed {report['seed']}"
+        f"{', bf16 autocast' if report['bf16'] else ''}{', augmented' if report['augment'] else ''}",
         f"Command: `{report['command']}`",
         f"Hardware: {report['hardware']}",
         "",

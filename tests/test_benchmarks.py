@@ -4,12 +4,13 @@ import json
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from benchmarks.data import augment, load
-from torchdeq_pcdeq import InvalidInputError, UnknownNameError
+from torchdeq_pcdeq import InvalidInputError, PcDEQWarning, UnknownNameError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -144,8 +145,9 @@ def test_a_kind_trains_the_same_alone_and_with_its_epochs_alternating_with_other
         return model
 
     monkeypatch.setattr(train, "build", drawing_build)
-    common = ["--model", "linear", "--dataset", "digits", "--epochs", "2", "--train-subset", "128"]
-    common += ["--test-subset", "64", "--quiet", "--augment"]  # augmentation draws from the order's generator
+    common = ["--model", "single_conv", "--dataset", "synthetic-cifar10", "--channels", "4", "--epochs", "2"]
+    common += ["--train-subset", "128", "--test-subset", "64", "--quiet"]
+    common += ["--augment"]  # augmentation draws from the order's generator
     alone = train.main([*common, "--kinds", "pcdeq", "--out", str(tmp_path / "alone")])
     draws_alone = draws.pop("pcdeq")
     capsys.readouterr()  # only the second run's output is read below
@@ -159,3 +161,139 @@ def test_a_kind_trains_the_same_alone_and_with_its_epochs_alternating_with_other
     assert len(mixed["runs"]["reference"]) == 2
     out = capsys.readouterr().out
     assert out.index("reference epoch   1") < out.index("pcdeq epoch   2")  # alternating
+
+
+def _refusal(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2  # argparse's usage error, before any work
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        (["--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+        (["--batch-size", "-4"], "--batch-size: expected an integer >= 1, got -4"),
+        (["--train-subset", "-30"], "--train-subset: expected an integer >= 1, got -30"),
+        (["--milestone", "0"], "--milestone: expected an integer >= 1, got 0"),
+        (["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+        (["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+        (["--lr", "-1"], "--lr: expected a positive finite number, got -1.0"),
+        (["--device", "tpu"], "expected a device such as cpu, cuda or cuda:0, got 'tpu'"),
+        (["--augment"], "--augment is the CIFAR-10 recipe"),
+    ],
+)
+def test_train_refuses_bad_arguments_before_any_work(capsys, tmp_path, argument, message):
+    from benchmarks import train
+
+    out = tmp_path / "run"
+    err = _refusal(capsys, train.main, ["--dataset", "digits", "--out", str(out), *argument])
+    assert message in err
+    assert not list(tmp_path.iterdir())  # nothing written, nothing overwritten
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize(
+    "module", ["train", "micro", "solver_overhead", "certificates", "long_run", "suite", "demo"]
+)
+def test_every_entry_point_refuses_cuda_without_a_gpu(capsys, module):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    for name in ("cuda", "cuda:0"):
+        assert f"{name}: no CUDA GPU is visible to torch" in _refusal(capsys, main, ["--device", name])
+
+
+def test_the_suite_plans_the_gpu_runs_for_any_cuda_device():
+    from benchmarks import suite
+
+    names = lambda device: [name for name, _, _ in suite.plan(device, False, False)]  # noqa: E731
+    assert names("cuda:0") == names("cuda") != names("cpu")
+    assert "train multi conv, CIFAR-10 shapes" in names("cuda:1")
+
+
+def test_results_are_strict_json_written_under_the_stem_as_given(tmp_path):
+    from benchmarks import train
+
+    stem = tmp_path / "run.v2"
+    argv = ["--dataset", "digits", "--kinds", "pcdeq", "--epochs", "1", "--train-subset", "32"]
+    train.main([*argv, "--test-subset", "16", "--quiet", "--plots", "--out", str(stem)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "run.v2.json",
+        "run.v2.md",
+        "run.v2_curves.png",
+        "run.v2_enclosure.png",
+        "run.v2_residuals.png",
+    ]
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    report = json.loads((tmp_path / "run.v2.json").read_text(), parse_constant=refuse)
+    assert report["runs"]["pcdeq"][0]["test_backward_iterations"] is None  # no backward at test time
+    assert report["command"].startswith("python -m benchmarks.train --dataset digits")
+    assert report["seed"] == 0 and report["augment"] is False
+
+
+def test_the_split_is_the_same_whatever_the_run_seed(monkeypatch, tmp_path):
+    from benchmarks import train
+
+    loaded = []
+    monkeypatch.setattr(train, "load", lambda *args: loaded.append(load(*args)) or loaded[-1])
+    for seed in ("0", "1"):
+        argv = ["--dataset", "digits", "--kinds", "pcdeq", "--epochs", "1", "--train-subset", "16"]
+        train.main([*argv, "--test-subset", "8", "--quiet", "--seed", seed, "--out", str(tmp_path / seed)])
+    first, second = loaded
+    assert torch.equal(first.test_x, second.test_x) and torch.equal(first.train_y, second.train_y)
+
+
+def test_corrupt_torchvision_files_are_an_error_naming_the_directory(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / name).write_bytes(bytes(range(256)) * 4)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InvalidInputError, match=f"in {tmp_path} could not be read.*truncated or corrupt"):
+        load("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["torchdeq_anderson", "torchdeq_fixed_point"])
+def test_torchdeq_baselines_train_under_bfloat16_autocast(kind):
+    """Their implicit backward calls f after the autocast region; Anderson needs a float32 state."""
+    import torch.nn.functional as F
+
+    from benchmarks.baselines import build
+
+    torch.manual_seed(0)
+    model = build(kind, "linear", "digits")
+    images, labels = torch.rand(8, 1, 8, 8), torch.arange(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, infos = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters()))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert all(bool(info["nstep"].min() > 0) for info in infos) and bool(loss.isfinite())
+
+
+def test_tables_record_the_command_and_settings_that_made_them(tmp_path, monkeypatch):
+    from benchmarks import certificates, long_run
+    from torchdeq_pcdeq import backward, solver
+
+    # bfloat16 cannot resolve the tolerance nor certify: warnings said once per process, which
+    # this test must neither see nor use up for the tests that check them
+    for registry in ("_warned_floors", "_warned_rates"):
+        monkeypatch.setattr(solver, registry, set())
+    monkeypatch.setattr(backward, "_warned_uncertifiable", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PcDEQWarning)
+        certificates.main(["--smoke", "--repeats", "1", "--bf16", "--out", str(tmp_path / "cert")])
+    first = (tmp_path / "cert.md").read_text().splitlines()[0]
+    assert "bf16 autocast" in first and "--smoke --repeats 1 --bf16 --out" in first
+    assert json.loads((tmp_path / "cert.json").read_text())["bf16"] is True
+    long_run.main(["--steps", "4", "--lr-factor", "2", "--nonnegativity", "project", "--out", str(tmp_path)])
+    table = (tmp_path / "long_run_cpu.md").read_text()
+    assert "lr 0.001 (2x the reference's)" in table and "loss (first / last 2 steps)" in table
+    assert "`python -m benchmarks.long_run --steps 4 --lr-factor 2" in table

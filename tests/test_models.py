@@ -56,6 +56,13 @@ def test_unknown_names_and_missing_defaults():
         build_model("multi_conv", "mnist", channels=12)
 
 
+def test_multi_conv_refuses_images_its_stages_would_shrink_below_its_pool():
+    with pytest.raises(InvalidInputError, match=r"no 'multi_conv' model for 'digits'"):
+        build_model("multi_conv", "digits")
+    with pytest.raises(InvalidInputError, match=r"at least 19x19.*'digits' has 8x8 images"):
+        build_model("multi_conv", "digits", channels=(4, 4, 4))
+
+
 @pytest.mark.parametrize(
     ("architecture", "nonnegativity", "deq"),
     [

@@ -54,7 +54,8 @@ DATASETS = {
     "svhn": _Dataset(3, 32, {"single_conv": 125, "multi_conv": (20, 50, 80)}),
     "cifar10": _Dataset(3, 32, {"single_conv": 125, "multi_conv": (20, 50, 80)}),
     "cifar10_aug": _Dataset(3, 32, {"multi_conv": (100, 120, 140)}),
-    "digits": _Dataset(1, 8, {"linear": 64, "single_conv": 16, "multi_conv": (8, 16, 32)}),
+    # no multi_conv: its two stride-2 stages leave 8x8 images 1x1, below its 4x4 average pool
+    "digits": _Dataset(1, 8, {"linear": 64, "single_conv": 16}),
 }
 
 
@@ -196,6 +197,7 @@ def build_model(
         head = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(width * pooled**2, cfg.num_classes))
     else:
         widths = _triple(width)
+        _check_multi_conv_input(data.image_size, cfg.dataset)
         stages, previous = [], data.in_channels
         for i, c in enumerate(widths):
             conv = nn.Conv2d(previous, c, 3, padding=1) if i == 0 else nn.Conv2d(previous, c, 3, stride=2)
@@ -206,6 +208,17 @@ def build_model(
     return PcDEQClassifier(
         stages, head, {**DEFAULT_DEQ, **cfg.deq}, channels_last=cfg.architecture != "linear"
     )
+
+
+def _check_multi_conv_input(size: int, dataset: str) -> None:
+    final = size
+    for _ in range(2):  # the two stride-2, unpadded 3x3 stems
+        final = (final - 3) // 2 + 1
+    if final < 4:
+        raise InvalidInputError(
+            f"multi_conv needs images of at least 19x19 (its two stride-2 stages end above its 4x4 "
+            f"average pool), but {dataset!r} has {size}x{size} images. Use linear or single_conv."
+        )
 
 
 def _single(width) -> int:

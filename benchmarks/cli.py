@@ -1,0 +1,133 @@
+"""What every benchmark entry point shares: argument types, the command line it records, results files.
+
+* ``positive_int``, ``positive_float``, ``nonnegative_int``, ``available_device``: argparse
+  types that refuse bad values with a message saying what was expected (argparse then prints the
+  usage and exits with 2). ``available_device`` also refuses a CUDA device on a machine where
+  torch sees none, before any work.
+* ``command``: the command line that reproduces a run, recorded in its tables.
+* ``results_stem`` and ``write_results``: ``<stem>.json`` (strict JSON: NaN and infinities
+  become ``null``) and ``<stem>.md`` next to it. The endings are appended, so a stem such as
+  ``run.v2`` keeps its name (``Path.with_suffix`` would replace ``.v2``).
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> _ = parser.add_argument("--epochs", type=positive_int, default=1)
+    >>> parser.parse_args(["--epochs", "3"]).epochs
+    3
+    >>> sanitized({"a": float("nan"), "b": [1.0, float("inf")]})
+    {'a': None, 'b': [1.0, None]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import shlex
+import sys
+
+import torch
+
+__all__ = [
+    "positive_int",
+    "positive_float",
+    "nonnegative_int",
+    "available_device",
+    "command",
+    "sanitized",
+    "results_stem",
+    "path_with",
+    "write_results",
+]
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
+def available_device(text: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``, available on this machine."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a device such as cpu, cuda or cuda:0, got {text!r}"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text}: no CUDA GPU is visible to torch on this machine; use --device cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+            )
+    elif parsed.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu or a CUDA device, got {text!r}")
+    return parsed
+
+
+def command(module: str, argv: list[str] | None) -> str:
+    """``python -m <module> <arguments>``: ``argv`` as given, or the process's own arguments."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return " ".join(["python -m", module, shlex.join(arguments)]).strip()
+
+
+def sanitized(value):
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: sanitized(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sanitized(item) for item in value]
+    return value
+
+
+def results_stem(out: str | None, default: pathlib.Path) -> pathlib.Path:
+    """The stem of ``--out`` (a trailing ``.json`` or ``.md`` dropped), or ``default``."""
+    if out is None:
+        return default
+    stem = pathlib.Path(out)
+    for ending in (".json", ".md"):
+        if stem.name.endswith(ending) and len(stem.name) > len(ending):
+            return stem.with_name(stem.name[: -len(ending)])
+    return stem
+
+
+def path_with(stem: pathlib.Path, ending: str) -> pathlib.Path:
+    """``stem`` with ``ending`` appended to its name (``run.v2`` -> ``run.v2.json``)."""
+    return stem.with_name(stem.name + ending)
+
+
+def write_results(stem: pathlib.Path, payload, markdown: str) -> None:
+    """Write ``<stem>.json`` (strict JSON) and ``<stem>.md``, creating the folder."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    path_with(stem, ".json").write_text(json.dumps(sanitized(payload), indent=2, allow_nan=False) + "\n")
+    path_with(stem, ".md").write_text(markdown.rstrip("\n") + "\n")
