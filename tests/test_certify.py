@@ -277,6 +277,22 @@ def test_a_non_concave_activation_forced_past_the_registry_is_detected():
         )
 
 
+def test_a_gap_stalled_by_rounding_on_a_slow_valid_layer_is_not_called_two_fixed_points():
+    # relu6(0.999 z + 1e-3) has the one fixed point z* = 1, and contracts by 0.999: in float32
+    # both sequences stop moving about ulp / (1 - q) ~ 1e-4 apart, above the tolerance asked.
+    f = PcDEQLinear(1, "relu6", nonnegativity="project")
+    with torch.no_grad():
+        f.linear.weight.fill_(0.999)
+    x = torch.full((1, 1), 1e-3)
+    z, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x), torch.zeros_like(x), max_iter=40_000, tol=5e-6, enclosure=True, upper=6.0,
+        guard="raise",
+    )  # fmt: skip
+    assert info["trace_steps"][-1] == 40_000 and not info["converged"].any()  # said, not raised
+    assert 1e-5 < (info["upper"] - info["lower"]).max() < 1e-3  # stalled apart, by rounding only
+    assert abs(z.item() - 1.0) < info["error_bound"].item() + 1e-3
+
+
 def test_the_guard_through_the_core_uses_the_enclosure():
     square = Activation("square", lambda t: t.square().clamp(max=1.0), 0.0, 1.0, 1)
     f = PcDEQLinear(4, square, nonnegativity="project")

@@ -156,9 +156,10 @@ def pcdeq_fixed_point(
         ``SolverStat`` with per-sample ``abs_lowest``, ``rel_lowest``, ``nstep`` (the first
         checked iteration from which the sample stayed within tolerance, or the last iteration
         if it ended above), traces ``abs_trace`` / ``rel_trace`` of shape ``(batch, checks)``,
-        ``trace_steps`` ``(checks,)``, ``sradius``, ``converged`` (per-sample bool, at the
-        returned state), in the certified modes ``error_bound`` ``(batch,)`` and with
-        ``nonfinite="report"`` ``diverged`` (per-sample bool).
+        ``trace_steps`` ``(checks,)``, ``sradius``, ``converged`` (per-sample bool: the last
+        checked step, the one into the returned state, met the tolerance), in the certified
+        modes ``error_bound`` ``(batch,)`` and with ``nonfinite="report"`` ``diverged``
+        (per-sample bool).
 
     Raises:
         InvalidInputError: invalid arguments (before any call of ``func``).
@@ -261,7 +262,7 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
             low_, high_, low_next_, high_next_ = (t.detach() for t in (low, high, low_next, high_next))
             bound, scale = _enclosure_bound(low_next_, high_next_, monitor)
             done, gap = monitor.check(
-                k, bound, scale, guard.enclosure(k, low_, high_, low_next_, high_next_, monitor)
+                k, bound, scale, guard.enclosure(k, low_, high_, low_next_, high_next_, monitor, func)
             )
             if done:
                 low, high = low_next, high_next
@@ -510,6 +511,7 @@ class _Guard:
         self.slack = _GUARD_ULPS * torch.finfo(arithmetic_dtype(x0)).eps
         self.from_zero: bool | None = None
         self.previous_gap: Tensor | None = None
+        self.rounding_stall = False  # the enclosure's gap stopped shrinking within rounding
 
     def plain(self, k: int, diff: Tensor, fz: Tensor):
         if self.mode == "off":
@@ -535,7 +537,9 @@ class _Guard:
         scalars, report = self.plain(k, diff, fz)
         report([s.item() for s in scalars])
 
-    def enclosure(self, k: int, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, monitor):
+    def enclosure(
+        self, k: int, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, monitor, func
+    ):
         if self.mode == "off":
             return None
         dims = monitor.dims
@@ -546,7 +550,10 @@ class _Guard:
         # is still well above what the tolerance asks.
         previous, self.previous_gap = self.previous_gap, gap
         settled = gap > 8 * monitor.rel_limit * top
-        settled = settled & (gap >= previous) if previous is not None else torch.zeros_like(settled)
+        if previous is None or self.rounding_stall:
+            settled = torch.zeros_like(settled)
+        else:
+            settled = settled & (gap >= previous)
         scalars = [
             low_next.amin(),
             (low_next - low).amin(),
@@ -564,9 +571,32 @@ class _Guard:
             elif rise < -slack or fall > slack or crossing < -slack:
                 self._fail(NotPositiveMonotoneError, _enclosure_message(k, rise, fall, crossing))
             elif stuck_gap > 0:
-                self._fail(NonUniqueFixedPointError, _non_unique_message(k, stuck_gap))
+                stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled)
+                if stuck_gap > 0:
+                    self._fail(NonUniqueFixedPointError, _non_unique_message(k, stuck_gap))
 
         return scalars, report
+
+    def _beyond_rounding(self, func, low: Tensor, gap: Tensor, top: Tensor, settled: Tensor) -> float:
+        """The largest settled gap that rounding cannot explain (0 if none); the rare path.
+
+        Each computed iterate carries a rounding error of a few ulps of ``top``, and near the
+        fixed point a step gains only ``(1 - q)`` of the remaining distance (``q`` bounds the
+        contraction there), so in floating point both sequences stop moving up to about
+        ``ulp / (1 - q)`` away from ``z*``: with ``q`` near 1 (a slow but valid pcDEQ) their gap
+        stalls apart. Two fixed points (a non-concave activation) leave a gap beyond that. ``q``
+        is taken at the lower sequence, below ``z*``, where a concave map's Jacobian dominates
+        the one at ``z*``.
+        """
+        from .certify import rate_bound  # certify imports the layers, which import this module's users
+
+        q = rate_bound(func, low).to(gap.dtype)
+        explained = self.slack * top / (1 - q)
+        beyond = settled & ((q < 1) & (gap > explained) | (q != q))
+        if not bool(beyond.any()):
+            self.rounding_stall = True  # no solution of f = z is closer than rounding allows
+            return 0.0
+        return torch.where(beyond, gap, 0.0).amax().item()
 
     def _fail(self, error: type[Exception], message: str) -> None:
         message += " Set pcdeq_guard='warn' or 'off' to continue anyway, without the guarantees."
