@@ -293,6 +293,43 @@ def test_a_gap_stalled_by_rounding_on_a_slow_valid_layer_is_not_called_two_fixed
     assert abs(z.item() - 1.0) < info["error_bound"].item() + 1e-3
 
 
+def _one_tanh_unit(weight=0.9, injection=0.01):
+    f = PcDEQLinear(1, "tanh", nonnegativity="project", dtype=torch.float64)
+    with torch.no_grad():
+        f.linear.weight.fill_(weight)
+    x = torch.full((1, 1), injection, dtype=torch.float64)
+    z = torch.zeros((), dtype=torch.float64)
+    for _ in range(2000):
+        z = torch.tanh(weight * z + injection)
+    return f, x, (1 - torch.tanh(weight * z + injection) ** 2) * weight  # rho of df/dz at z*
+
+
+def test_the_sradius_bound_under_the_enclosure_is_taken_below_the_fixed_point():
+    f, x, rho = _one_tanh_unit()
+    config = dict(core="pcdeq", pcdeq_sradius="rate_bound", pcdeq_enclosure=True, f_max_iter=3)
+    deq = torchdeq.get_deq(config, pcdeq_nonconvergence="ignore").eval()
+    with torch.no_grad():
+        z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    # after 3 iterations the midpoint is far above z*, where q (0.85 there) is below rho
+    assert z_out[-1].item() > 2 * info["lower"].item()
+    assert rho.item() <= info["sradius"].item() < 1
+
+
+def test_a_rate_bound_from_a_nonzero_start_says_it_is_an_estimate(monkeypatch):
+    from torchdeq_pcdeq import core as core_module
+
+    monkeypatch.setattr(core_module, "_warned_above", False)
+    f, x, rho = _one_tanh_unit()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_max_iter=3, pcdeq_nonconvergence="ignore")
+    with pytest.warns(PcDEQWarning, match="nonzero z_init.*estimate, not a bound"):
+        _, info = deq.eval()(lambda z: f(z, x), torch.ones_like(x))
+    assert info["rate_bound"].item() < rho.item()  # the case the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PcDEQWarning)
+        _, info = deq(lambda z: f(z, x), torch.zeros_like(x))  # from 0: a bound, and quiet
+    assert info["rate_bound"].item() >= rho.item()
+
+
 def test_the_guard_through_the_core_uses_the_enclosure():
     square = Activation("square", lambda t: t.square().clamp(max=1.0), 0.0, 1.0, 1)
     f = PcDEQLinear(4, square, nonnegativity="project")

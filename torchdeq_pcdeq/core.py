@@ -139,6 +139,7 @@ class PcDEQCore(DEQSliced):
         """
         starts_at_zero = _check_initial_state(z_init)
         self._check_context(sradius_mode)
+        _LAST_SOLVE.from_zero = starts_at_zero  # whether plain iterates stay below z*
         # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
         with zero_state(z_init if starts_at_zero else None):
             z_out, info = super().forward(
@@ -195,10 +196,14 @@ class PcDEQCore(DEQSliced):
                 raise
             self._check_sign_exact(seen, options)
             info["min_injection"] = min_injection(seen, z_star)
+            # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
+            # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
+            below = info.get("lower", z_star)
+            # for _sradius, which TorchDEQ calls in eval with z_star only
+            _LAST_SOLVE.below = None if self.training else (self, below)
             if self.certify_rate:
-                # At a state below z* (the enclosure's lower sequence; plain iterates from 0)
-                # the Jacobian dominates the one at z*, so q bounds the spectral radius at z*.
-                info["rate_bound"] = rate_bound(deq_func, info.get("lower", z_star))
+                _warn_if_above(below is z_star)
+                info["rate_bound"] = rate_bound(deq_func, below)
         if recorded is not None:
             _LAST_SOLVE.chain = (self, recorded)
         return z_star, info
@@ -251,8 +256,13 @@ class PcDEQCore(DEQSliced):
 
     def _sradius(self, deq_func, z_star):
         if self.sradius_method == "rate_bound":
+            latest, _LAST_SOLVE.below = getattr(_LAST_SOLVE, "below", None), None
+            below = z_star
+            if latest is not None and latest[0] is self and latest[1].shape == z_star.shape:
+                below = latest[1]  # the enclosure's lower sequence: its midpoint lies above z*
+            _warn_if_above(below is z_star)
             with parametrize.cached():
-                return rate_bound(deq_func, z_star)
+                return rate_bound(deq_func, below)
         # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
         # eval-mode output a leaf that records graphs downstream; give it a copy instead.
         return super()._sradius(deq_func, z_star.detach().clone())
@@ -312,8 +322,26 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
 
 
 # The chain of layer calls of the latest solve, handed from the solve to the gradient producer
-# that TorchDEQ's forward calls right after it (per thread: a core may be shared by threads).
+# that TorchDEQ's forward calls right after it, and a state of that solve below z* for the
+# rate bound (per thread: a core may be shared by threads).
 _LAST_SOLVE = threading.local()
+_warned_above = False
+
+
+def _warn_if_above(plain: bool) -> None:
+    """Say once that a rate bound taken at the state of a plain solve from above 0 may be low."""
+    global _warned_above
+    if not plain or getattr(_LAST_SOLVE, "from_zero", True) or _warned_above:
+        return
+    _warned_above = True
+    warnings.warn(
+        "The rate bound q is taken at the solve's returned state, which a plain solve from a "
+        "nonzero z_init may leave above z*, where q can fall below the spectral radius at z*: it "
+        "is then an estimate, not a bound. Start from torch.zeros_like(x), or set "
+        "pcdeq_enclosure=True (q at its lower sequence), for a certified q.",
+        PcDEQWarning,
+        stacklevel=4,
+    )
 
 
 def _check_iteration_budgets(core: PcDEQCore) -> None:
