@@ -153,17 +153,16 @@ def _torchvision(name: str, root: pathlib.Path, download: bool) -> Data:
         try:
             return cls(str(root), download=download, **split_kw)
         except (RuntimeError, OSError) as exc:
+            told = str(exc).lower()  # torchvision's "Dataset not found", "Error downloading ..."
+            if isinstance(exc, RuntimeError) and "not found" not in told and "download" not in told:
+                raise _unreadable(name, root, exc) from exc  # e.g. a truncated file's reshape
             raise InvalidInputError(
                 f"Dataset {name!r} was not found in {root.resolve()} ({exc}). Put the torchvision "
                 f"files there, pass --data-dir to where they are, or --download when the network "
                 "allows. The offline datasets mnist_subset and digits need no files."
             ) from exc
         except (AssertionError, ValueError, EOFError) as exc:  # torchvision's readers on a bad file
-            raise InvalidInputError(
-                f"Dataset {name!r} in {root.resolve()} could not be read "
-                f"({type(exc).__name__}: {str(exc) or 'malformed file'}): its files are truncated or "
-                "corrupt. Delete them and put intact copies there (or --download them again)."
-            ) from exc
+            raise _unreadable(name, root, exc) from exc
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a download that cannot connect fails instead of hanging
@@ -185,6 +184,14 @@ def _torchvision(name: str, root: pathlib.Path, download: bool) -> Data:
             x = (x - mean) / std
         tensors += [x.contiguous(), torch.tensor(labels, dtype=torch.long)]
     return Data(name, *tensors, name)
+
+
+def _unreadable(name: str, root: pathlib.Path, exc: Exception) -> InvalidInputError:
+    return InvalidInputError(
+        f"Dataset {name!r} in {root.resolve()} could not be read "
+        f"({type(exc).__name__}: {str(exc) or 'malformed file'}): its files are truncated or "
+        "corrupt. Delete them and put intact copies there (or --download them again)."
+    )
 
 
 def augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:

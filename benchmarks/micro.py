@@ -47,7 +47,7 @@ from benchmarks.data import load
 from benchmarks.memory import PeakMemory
 from benchmarks.solver_overhead import hardware_line, timed
 from torchdeq_pcdeq import conv_kernels
-from torchdeq_pcdeq.models import build_model
+from torchdeq_pcdeq.models import ARCHITECTURES, build_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FLOOR = "floor"  # the step without equilibrium layers (see the module docstring)
@@ -298,9 +298,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--batch", type=positive_int, default=64)
-    parser.add_argument(
-        "--models", nargs="+", default=["linear", "single_conv"], choices=["linear", "single_conv"]
-    )
+    parser.add_argument("--models", nargs="+", default=["linear", "single_conv"], choices=ARCHITECTURES)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument(
         "--budgets", type=positive_int, nargs=2, default=[10, 100], help="the two f_max_iter compared"

@@ -4,6 +4,7 @@ Property tests draw random small dense and conv pcDEQ instances for every activa
 each certificate against ground truth computed independently in float64.
 """
 
+import contextlib
 import math
 import warnings
 
@@ -293,6 +294,44 @@ def test_a_gap_stalled_by_rounding_on_a_slow_valid_layer_is_not_called_two_fixed
     assert abs(z.item() - 1.0) < info["error_bound"].item() + 1e-3
 
 
+def _two_fixed_points_with_a_rate_above_1(z):
+    # fixed points (5.56, 1.06) and (95, 10); at the lower one q = max_i (J z)_i / z_i is about 1.9
+    z1, z2 = z[:, :1], z[:, 1:]
+    first = (10 * torch.relu(z2 - 0.5)).clamp(max=100)
+    second = (0.01 * z1 + 1 + 9 * (z1 - 20).clamp(0, 1)).clamp(max=10)
+    return torch.cat([first, second], dim=1)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_two_fixed_points_are_caught_where_the_rate_bound_is_above_1_or_cannot_be_taken(inference):
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    mode = torch.inference_mode() if inference else contextlib.nullcontext()  # no forward-mode AD
+    with mode, pytest.raises(NonUniqueFixedPointError, match="two different fixed points"):
+        f = _two_fixed_points_with_a_rate_above_1
+        pcdeq_fixed_point(f, x0, max_iter=500, enclosure=True, upper=100.0, guard="raise")
+
+
+def test_the_guard_judges_each_sample_whose_gap_stalls_on_its_own():
+    from torchdeq_pcdeq.solver import _Guard, _Monitor
+
+    # sample 0 contracts by 0.999 (its stalled gap is rounding), sample 1 by 0.5 (its is not)
+    rate = torch.tensor([[0.999], [0.5]])
+    f = lambda z: rate * z + 1e-3  # noqa: E731
+    x0 = torch.zeros(2, 1)
+    monitor, guard = _Monitor(x0, 5e-6, "rel", "auto", True, False), _Guard("raise", x0)
+    low = torch.tensor([[1.0], [0.2]])
+
+    def check(k, gaps):
+        high = low + torch.tensor(gaps).view(2, 1)
+        scalars, report = guard.enclosure(k, low, high, low, high, monitor, f)
+        report([value.item() for value in scalars])
+
+    check(2, [1e-4, 6.0])
+    check(4, [1e-4, 5.9])  # sample 0 stalled, within 16 ulps / (1 - q); sample 1 still shrinking
+    with pytest.raises(NonUniqueFixedPointError, match=r"\(5\.9\) has stopped shrinking"):
+        check(8, [1e-4, 5.9])  # sample 1 stalled too, far beyond rounding
+
+
 def _one_tanh_unit(weight=0.9, injection=0.01):
     f = PcDEQLinear(1, "tanh", nonnegativity="project", dtype=torch.float64)
     with torch.no_grad():
@@ -313,6 +352,9 @@ def test_the_sradius_bound_under_the_enclosure_is_taken_below_the_fixed_point():
     # after 3 iterations the midpoint is far above z*, where q (0.85 there) is below rho
     assert z_out[-1].item() > 2 * info["lower"].item()
     assert rho.item() <= info["sradius"].item() < 1
+    from torchdeq_pcdeq import core as core_module
+
+    assert core_module._LAST_SOLVE.below is None  # no state of the solve kept past the call
 
 
 def test_a_rate_bound_from_a_nonzero_start_says_it_is_an_estimate(monkeypatch):

@@ -124,7 +124,9 @@ def test_auto_keeps_w_z_on_pytorch_and_times_the_adjoint_once_per_shape():
     assert second.ops[NNPACK] == (choice.algorithm == "nnpack")
     torch.testing.assert_close(again, out, rtol=0, atol=0)
     exact = F.conv_transpose2d(v.double(), w.double(), padding=1)
-    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+    # Which kernel the timing picks depends on the machine's load: NNPACK's Winograd transforms
+    # round to about 5e-6 of the largest entry on this instance (PyTorch's, to 1e-7).
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=2e-5 * exact.abs().max().item())
 
 
 @pytest.mark.parametrize(

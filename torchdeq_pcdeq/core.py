@@ -141,10 +141,13 @@ class PcDEQCore(DEQSliced):
         self._check_context(sradius_mode)
         _LAST_SOLVE.from_zero = starts_at_zero  # whether plain iterates stay below z*
         # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
-        with zero_state(z_init if starts_at_zero else None):
-            z_out, info = super().forward(
-                func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs
-            )
+        try:
+            with zero_state(z_init if starts_at_zero else None):
+                z_out, info = super().forward(
+                    func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs
+                )
+        finally:
+            _LAST_SOLVE.below = None  # the solve's state for _sradius: not kept past this call
         if self.training and "error_bound" in info:
             # Training returns f applied to the midpoint (for the gradient), not the midpoint:
             # f(l) <= f(mid) <= f(u) and f(l) <= z* <= f(u), so the whole gap bounds its error.

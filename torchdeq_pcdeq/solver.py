@@ -511,7 +511,7 @@ class _Guard:
         self.slack = _GUARD_ULPS * torch.finfo(arithmetic_dtype(x0)).eps
         self.from_zero: bool | None = None
         self.previous_gap: Tensor | None = None
-        self.rounding_stall = False  # the enclosure's gap stopped shrinking within rounding
+        self.rounding_stalled: Tensor | None = None  # per sample: the gap stalled within rounding
 
     def plain(self, k: int, diff: Tensor, fz: Tensor):
         if self.mode == "off":
@@ -550,10 +550,12 @@ class _Guard:
         # is still well above what the tolerance asks.
         previous, self.previous_gap = self.previous_gap, gap
         settled = gap > 8 * monitor.rel_limit * top
-        if previous is None or self.rounding_stall:
+        if previous is None:
             settled = torch.zeros_like(settled)
         else:
             settled = settled & (gap >= previous)
+            if self.rounding_stalled is not None:  # rare: already judged, and explained
+                settled = settled & ~self.rounding_stalled
         scalars = [
             low_next.amin(),
             (low_next - low).amin(),
@@ -590,12 +592,15 @@ class _Guard:
         """
         from .certify import rate_bound  # certify imports the layers, which import this module's users
 
-        q = rate_bound(func, low).to(gap.dtype)
-        explained = self.slack * top / (1 - q)
-        beyond = settled & ((q < 1) & (gap > explained) | (q != q))
-        if not bool(beyond.any()):
-            self.rounding_stall = True  # no solution of f = z is closer than rounding allows
-            return 0.0
+        try:
+            q = rate_bound(func, low).to(gap.dtype)
+        except InvalidInputError:  # no forward-mode product (inference mode, an f without one)
+            q = torch.full_like(gap, math.inf)
+        # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
+        explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q))
+        stalled = self.rounding_stalled
+        self.rounding_stalled = explained if stalled is None else stalled | explained
+        beyond = settled & ~explained
         return torch.where(beyond, gap, 0.0).amax().item()
 
     def _fail(self, error: type[Exception], message: str) -> None:
