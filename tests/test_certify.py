@@ -514,6 +514,22 @@ def test_in_training_the_error_bound_covers_the_returned_state():
         assert (linf(z_out[-1].detach() - exact) <= info["error_bound"]).all(), training
 
 
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_in_training_the_enclosure_solves_so_that_the_doubled_bound_meets_the_tolerance(stop_mode):
+    f = PcDEQLinear(1, "relu6", nonnegativity="project")
+    with torch.no_grad():
+        f.linear.weight.fill_(0.99)
+    x = torch.full((1, 1), 0.01)  # z* = 1, contraction 0.99
+    deq = torchdeq.get_deq(
+        core="pcdeq", pcdeq_enclosure=True, f_tol=1e-3, f_stop_mode=stop_mode, f_max_iter=5000
+    )
+    z_out, info = deq.train()(lambda z: f(z, x), torch.zeros_like(x))
+    assert info["converged"].all() and (info["error_bound"] <= 1e-3 * info["upper"].amax()).all()
+    assert (z_out[-1].detach() - 1.0).abs().max() <= info["error_bound"] + 1e-6
+    _, info = deq.eval()(lambda z: f(z, x), torch.zeros_like(x))
+    assert info["converged"].all() and (info["error_bound"] > 5e-4 * info["upper"].amax()).all()
+
+
 def test_the_rate_bound_of_an_unconverged_enclosure_still_bounds_the_spectral_radius_at_z_star():
     f, x = dense_instance(n=8, activation="tanh", scale=0.9, batch=2)
     x = x * 0.01

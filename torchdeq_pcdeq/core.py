@@ -193,7 +193,7 @@ class PcDEQCore(DEQSliced):
                     )
             options.update(solver_kwargs or {})
             try:
-                z_star, info = super()._solve_fixed_point(deq_func, z_init, f_max_iter, options, **kwargs)
+                z_star, info = self._run_solver(deq_func, z_init, f_max_iter, options, **kwargs)
             except NotPositiveMonotoneError as error:
                 self._check_sign_exact(seen, options, error)
                 raise
@@ -209,6 +209,18 @@ class PcDEQCore(DEQSliced):
                 info["rate_bound"] = rate_bound(deq_func, below)
         if recorded is not None:
             _LAST_SOLVE.chain = (self, recorded)
+        return z_star, info
+
+    def _run_solver(self, deq_func, z_init, f_max_iter, options: dict, **kwargs):
+        if not (self.training and self.enclosure and self.owns_f_solver):
+            return super()._solve_fixed_point(deq_func, z_init, f_max_iter, options, **kwargs)
+        # Training returns f(midpoint), within the whole gap of z* (forward doubles error_bound):
+        # the enclosure solves to half the tolerance, so that the returned state meets it. This
+        # is TorchDEQ's call but for tol, which it passes itself.
+        options = {key: value for key, value in options.items() if key != "f_max_iter"}
+        with torch.no_grad():
+            half = dict(tol=self.f_tol / 2, stop_mode=self.f_stop_mode)
+            z_star, _, info = self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, **half, **options)
         return z_star, info
 
     def _check_sign_exact(self, seen: dict, options: dict, error: Exception | None = None) -> None:
