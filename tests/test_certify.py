@@ -357,6 +357,22 @@ def test_the_sradius_bound_under_the_enclosure_is_taken_below_the_fixed_point():
     assert core_module._LAST_SOLVE.below is None  # no state of the solve kept past the call
 
 
+def test_the_sradius_bound_reuses_the_rate_bound_of_the_solve(monkeypatch):
+    from torchdeq_pcdeq import core as core_module
+
+    calls = []
+    counted = lambda func, z: calls.append(z) or rate_bound(func, z)  # noqa: E731
+    monkeypatch.setattr(core_module, "rate_bound", counted)
+    f, x, rho = _one_tanh_unit()
+    config = dict(core="pcdeq", pcdeq_sradius="rate_bound", pcdeq_rate_bound=True, pcdeq_enclosure=True)
+    deq = torchdeq.get_deq(config).eval()
+    with torch.no_grad():
+        _, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    assert len(calls) == 1 and calls[0] is info["lower"]  # one product, below z*
+    assert torch.equal(info["sradius"], info["rate_bound"]) and info["sradius"] is not info["rate_bound"]
+    assert rho.item() <= info["sradius"].item() < 1
+
+
 def test_a_rate_bound_from_a_nonzero_start_says_it_is_an_estimate(monkeypatch):
     from torchdeq_pcdeq import core as core_module
 

@@ -201,12 +201,12 @@ class PcDEQCore(DEQSliced):
             info["min_injection"] = min_injection(seen, z_star)
             # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
             # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
-            below = info.get("lower", z_star)
-            # for _sradius, which TorchDEQ calls in eval with z_star only
-            _LAST_SOLVE.below = None if self.training else (self, below)
+            below, rate = info.get("lower", z_star), None
             if self.certify_rate:
                 _warn_if_above(below is z_star)
-                info["rate_bound"] = rate_bound(deq_func, below)
+                rate = info["rate_bound"] = rate_bound(deq_func, below)
+            # for _sradius, which TorchDEQ calls in eval with z_star only
+            _LAST_SOLVE.below = None if self.training else (self, below, rate)
         if recorded is not None:
             _LAST_SOLVE.chain = (self, recorded)
         return z_star, info
@@ -274,7 +274,9 @@ class PcDEQCore(DEQSliced):
             latest, _LAST_SOLVE.below = getattr(_LAST_SOLVE, "below", None), None
             below = z_star
             if latest is not None and latest[0] is self and latest[1].shape == z_star.shape:
-                below = latest[1]  # the enclosure's lower sequence: its midpoint lies above z*
+                _, below, rate = latest  # below: the enclosure's lower sequence, not its midpoint
+                if rate is not None:  # pcdeq_rate_bound took it at that state already
+                    return rate.clone()
             _warn_if_above(below is z_star)
             with parametrize.cached():
                 return rate_bound(deq_func, below)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
+from .certify import rate_bound
 from .errors import (
     InvalidInputError,
     NonFiniteError,
@@ -590,8 +591,6 @@ class _Guard:
         is taken at the lower sequence, below ``z*``, where a concave map's Jacobian dominates
         the one at ``z*``.
         """
-        from .certify import rate_bound  # certify imports the layers, which import this module's users
-
         try:
             q = rate_bound(func, low).to(gap.dtype)
         except InvalidInputError:  # no forward-mode product (inference mode, an f without one)
