@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, autograd
 
-from .certify import rate_bound
+from .certify import rate_bound, under_autocast
 from .errors import InvalidInputError, NonFiniteError, PcDEQWarning
 from .solver import arithmetic_dtype
 
@@ -56,7 +56,7 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
     """
     grad = _in_layout(grad, layout, z_in)
     half = arithmetic_dtype(z_in) == torch.float16
-    if half and _under_autocast(z_in) and not bool(torch.isfinite(grad).all()):
+    if half and under_autocast(z_in) and not bool(torch.isfinite(grad).all()):
         # GradScaler needs autocast (it refuses float16 parameters): the non-finite gradient
         # reaches the parameters, and the scaler skips the step and lowers its scale.
         _warn_loss_scale_overflow()
@@ -96,11 +96,6 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
         y, info = _solve_in_range(solve, grad, kwargs)
     trainer.after_backward(info, writer)
     return y
-
-
-def _under_autocast(z: Tensor) -> bool:
-    device = z.device.type
-    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
 def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict) -> tuple[Tensor, dict]:

@@ -39,6 +39,12 @@ from .reductions import sample_dims
 __all__ = ["rate_bound", "upper_bound", "min_injection"]
 
 
+def under_autocast(state: Tensor) -> bool:
+    """Whether autocast is on for ``state``'s device (it exists for CPU and CUDA only)."""
+    device = state.device.type
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+
+
 def rate_bound(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     """Per-sample ``q = max_i (J z)_i / z_i`` with ``J = d func / dz`` at ``z``.
 
@@ -59,7 +65,7 @@ def rate_bound(func: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
             "torch.inference_mode() disables. Evaluate under torch.no_grad() instead."
         )
     z = z.detach()
-    if z.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(z.device.type):
+    if under_autocast(z):
         # q is a property of the exact map: under autocast, take the product in float32 (the
         # weights' dtype) when f allows it, rather than in bfloat16 / float16, whose rounding
         # can push q past 1 or below its true value. The iteration's own rounding is the

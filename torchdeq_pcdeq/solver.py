@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
-from .certify import rate_bound
+from .certify import rate_bound, under_autocast
 from .errors import (
     InvalidInputError,
     NonFiniteError,
@@ -88,9 +88,8 @@ def arithmetic_dtype(state: Tensor) -> torch.dtype:
     Under autocast a float32 state is produced by bfloat16 or float16 products, so it carries
     their rounding, not float32's.
     """
-    device_type = state.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        fast = torch.get_autocast_dtype(device_type)
+    if under_autocast(state):
+        fast = torch.get_autocast_dtype(state.device.type)
         if torch.finfo(fast).eps > torch.finfo(state.dtype).eps:
             return fast
     return state.dtype
