@@ -51,7 +51,7 @@ from torchdeq_pcdeq.models import ARCHITECTURES, build_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FLOOR = "floor"  # the step without equilibrium layers (see the module docstring)
-NNPACK_CONV = "pcdeq, conv_algorithm=nnpack, guard off"  # W z on NNPACK too (conv_kernels)
+PYTORCH_CONV = "pcdeq, conv_algorithm=pytorch"  # PyTorch's kernels only: NNPACK's share (conv_kernels)
 
 
 def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, kinds=KINDS) -> dict:
@@ -60,16 +60,15 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
     setups = {}
     variants = [*kinds, FLOOR]
     if "pcdeq" in kinds and model_name != "linear":
-        variants.insert(kinds.index("pcdeq") + 1, NNPACK_CONV)
+        variants.insert(kinds.index("pcdeq") + 1, PYTORCH_CONV)
     for kind in variants:
         torch.manual_seed(0)
         if kind == FLOOR:
             model = floor_model(model_name, "mnist")
-        elif kind == NNPACK_CONV:
-            # NNPACK's Winograd products can dip below 0 by rounding, which the guard reports.
-            model = build("pcdeq", model_name, "mnist", deq={"pcdeq_guard": "off"})
+        elif kind == PYTORCH_CONV:
+            model = build("pcdeq", model_name, "mnist")
             for layer in model.layers:
-                layer.conv_algorithm = "nnpack"
+                layer.conv_algorithm = "pytorch"
         else:
             model = build(kind, model_name, "mnist")
         model = model.to(device)
@@ -280,13 +279,13 @@ def floor_lines(steps: dict, target: float = 0.75) -> list[str]:
 
 
 def kernel_lines() -> list[str]:
-    """What ``conv_algorithm="auto"`` chose for the pcDEQ adjoint products timed in this process."""
+    """What ``conv_algorithm="auto"`` chose for the pcDEQ products timed in this process."""
     return [
-        f"pcdeq's adjoint product W^T y on a {'x'.join(map(str, key[0]))} "
-        f"{'NCHW' if key[2] else 'channels-last'} state ({key[3]} threads): "
+        f"pcdeq's product {product} on a {'x'.join(map(str, shape))} "
+        f"{'NCHW' if nchw else 'channels-last'} state ({threads} threads): "
         f"{choice.algorithm} chosen; NNPACK {choice.nnpack_ms:.1f} ms, PyTorch's dispatch "
         f"{choice.pytorch_ms:.1f} ms ({choice.nnpack_ms / choice.pytorch_ms:.2f}x) per product."
-        for key, choice in conv_kernels.choices().items()
+        for (product, shape, _, nchw, threads), choice in conv_kernels.choices().items()
     ]
 
 
@@ -336,7 +335,7 @@ def main(argv=None):
         for kind, row in rows.items():
             ratio = f"{row['ms'] / base:.2f}x" if base else "-"
             above = "-"
-            if base and base > floor and kind in ("pcdeq", NNPACK_CONV, "reference"):
+            if base and base > floor and kind in ("pcdeq", PYTORCH_CONV, "reference"):
                 above = f"{(row['ms'] - floor) / (base - floor):.2f}x"
             lines.append(
                 f"| {name} | {kind} | {row['iterations']:.1f} | {row['ops']} | {row['passes']} "
@@ -375,8 +374,8 @@ def main(argv=None):
         "memory_ratio_most": ratio_max,
         "bf16": args.bf16,
         "conv_choices": [
-            {"state": list(key[0]), "nchw": key[2], "threads": key[3], **dataclasses.asdict(choice)}
-            for key, choice in conv_kernels.choices().items()
+            dict(product=product, state=list(shape), nchw=nchw, threads=threads, **dataclasses.asdict(choice))
+            for (product, shape, _, nchw, threads), choice in conv_kernels.choices().items()
         ],
     }
     write_results(out, result, "\n".join(lines))

@@ -75,11 +75,13 @@ def test_the_micro_benchmark_times_pcdeq_with_both_convolution_kernels():
     from benchmarks import micro
 
     steps = micro.step_times("single_conv", torch.device("cpu"), 1, 2, False, kinds=("pcdeq", "reference"))
-    assert list(steps) == ["pcdeq", micro.NNPACK_CONV, "reference", "floor"]
-    ours, nnpack = steps["pcdeq"], steps[micro.NNPACK_CONV]
+    assert list(steps) == ["pcdeq", micro.PYTORCH_CONV, "reference", "floor"]
+    ours, pytorch = steps["pcdeq"], steps[micro.PYTORCH_CONV]
     # The kernel changes how a convolution is computed, not how many the step computes.
-    assert ours["iterations"] == nnpack["iterations"] > 0
-    assert ours["passes"] == nnpack["passes"] > steps["floor"]["passes"]
+    assert ours["iterations"] == pytorch["iterations"] > 0
+    assert ours["passes"] == pytorch["passes"] > steps["floor"]["passes"]
+    lines = micro.kernel_lines()
+    assert any("product W z on a 2x82x28x28" in line for line in lines), lines
 
 
 @pytest.mark.cuda

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import warnings
 from collections import Counter
 
 import pytest
@@ -13,7 +14,15 @@ import torch.nn.functional as F
 import torchdeq
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchdeq_pcdeq import InvalidInputError, PcDEQConv2d, UnknownNameError, add_pcdeq_args, conv_kernels
+from torchdeq_pcdeq import (
+    InvalidInputError,
+    NotPositiveMonotoneError,
+    PcDEQConv2d,
+    PcDEQWarning,
+    UnknownNameError,
+    add_pcdeq_args,
+    conv_kernels,
+)
 from torchdeq_pcdeq.conv_kernels import Choice, same_conv2d, same_conv2d_transposed
 
 pytestmark = pytest.mark.skipif(not conv_kernels.nnpack_available(), reason="PyTorch built without NNPACK")
@@ -104,29 +113,57 @@ def test_nnpack_is_used_only_where_it_computes_what_conv2d_would():
     torch.testing.assert_close(per_sample.squeeze(1), F.conv2d(z, w, padding=1))
 
 
-def test_auto_keeps_w_z_on_pytorch_and_times_the_adjoint_once_per_shape():
+@pytest.mark.parametrize("transposed", [False, True], ids=["W z", "W^T y"])
+def test_auto_times_each_product_once_per_shape_and_layout(transposed):
     z, w = _instance(batch=19, channels=5)  # a shape no other test uses
-    # W z keeps its sign on PyTorch's kernel, whatever the timing would say.
-    assert _kernel_used(lambda: same_conv2d(z, w, 1, "auto")) == "pytorch"
-    key = (tuple(z.shape), tuple(w.shape), True, torch.get_num_threads())
+    product = "W^T y" if transposed else "W z"
+    key = (product, tuple(z.shape), tuple(w.shape), True, torch.get_num_threads())
     assert key not in conv_kernels.choices()
-    v = torch.randn_like(z)  # a gradient: any sign
+    v = torch.randn_like(z)  # for W^T y: a gradient, of any sign
+    if transposed:
+        run = lambda: same_conv2d_transposed(v, z, w, 1, "auto")  # noqa: E731
+        pytorch_op = torch.ops.aten.convolution_backward.default
+        exact = F.conv_transpose2d(v.double(), w.double(), padding=1)
+    else:
+        run = lambda: same_conv2d(z, w, 1, "auto")  # noqa: E731
+        pytorch_op = torch.ops.aten.convolution.default
+        exact = F.conv2d(z.double(), w.double(), padding=1)
     with OpCounter() as first:
-        out = same_conv2d_transposed(v, z, w, 1, "auto")
+        out = run()
     choice = conv_kernels.choices()[key]
     assert isinstance(choice, Choice) and choice.pytorch_ms > 0 and choice.nnpack_ms > 0
     assert (choice.algorithm == "nnpack") == (choice.nnpack_ms < 0.9 * choice.pytorch_ms)
     # A warm-up and three timed runs of each candidate, then the product itself.
     assert first.ops[NNPACK] == 4 + (choice.algorithm == "nnpack")
-    assert first.ops[torch.ops.aten.convolution_backward.default] == 4 + (choice.algorithm == "pytorch")
+    assert first.ops[pytorch_op] == 4 + (choice.algorithm == "pytorch")
     with OpCounter() as second:
-        again = same_conv2d_transposed(v, z, w, 1, "auto")
+        again = run()
     assert second.ops[NNPACK] == (choice.algorithm == "nnpack")
+    assert second.ops[pytorch_op] == (choice.algorithm == "pytorch")
     torch.testing.assert_close(again, out, rtol=0, atol=0)
-    exact = F.conv_transpose2d(v.double(), w.double(), padding=1)
+    # The other product and the other layout are timed under their own keys.
+    assert sum(k[0] == product and k[1] == tuple(z.shape) for k in conv_kernels.choices()) == 1
     # Which kernel the timing picks depends on the machine's load: NNPACK's Winograd transforms
     # round to about 5e-6 of the largest entry on this instance (PyTorch's, to 1e-7).
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=2e-5 * exact.abs().max().item())
+
+
+def test_sign_exact_products_keep_w_z_on_pytorchs_kernel_and_winograd_products_are_counted():
+    z, w = _instance()
+    before = conv_kernels.winograd_products()
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"
+    assert conv_kernels.winograd_products() == before + 1
+    with conv_kernels.sign_exact_products():
+        with conv_kernels.sign_exact_products():  # blocks nest
+            assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "pytorch"
+        assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "pytorch"
+        # W^T y has no sign to keep: it stays on NNPACK.
+        assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "nnpack")) == "nnpack"
+    assert conv_kernels.winograd_products() == before + 1  # adjoint products are not counted
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"
+    with pytest.raises(RuntimeError, match="inside"), conv_kernels.sign_exact_products():
+        raise RuntimeError("inside the block")
+    assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"  # left on error too
 
 
 @pytest.mark.parametrize(
@@ -138,7 +175,8 @@ def test_auto_keeps_w_z_on_pytorch_and_times_the_adjoint_once_per_shape():
     ],
     ids=["slower", "5% faster: not enough", "twice as fast"],
 )
-def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
+@pytest.mark.parametrize("transposed", [False, True], ids=["W z", "W^T y"])
+def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected, transposed):
     """A fake clock: PyTorch's kernel takes one second a run, NNPACK ``nnpack_ticks``."""
     z, w = _instance(batch=3, channels=2, size=4)
     clock = {"now": 0.0}
@@ -153,8 +191,9 @@ def test_choice_follows_the_timings(monkeypatch, nnpack_ticks, expected):
     monkeypatch.setattr(conv_kernels.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(conv_kernels, "_nnpack", advancing(conv_kernels._nnpack, nnpack_ticks))
     monkeypatch.setattr(conv_kernels, "_pytorch_transposed", advancing(conv_kernels._pytorch_transposed, 1.0))
+    monkeypatch.setattr(conv_kernels, "_pytorch", advancing(conv_kernels._pytorch, 1.0))
     rng = torch.get_rng_state()
-    choice = conv_kernels._time_both(z, w, 1)
+    choice = conv_kernels._time_both(z, w, 1, transposed)
     assert torch.equal(torch.get_rng_state(), rng)  # the user's random stream is untouched
     assert choice.algorithm == expected.algorithm
     assert choice.pytorch_ms == pytest.approx(expected.pytorch_ms)
@@ -183,10 +222,7 @@ def _train_step(algorithm: str, channels_last: bool):
     f = PcDEQConv2d(6, conv_algorithm=algorithm)
     with torch.no_grad():
         f.operator.parametrizations.weight.original0.mul_(40.0)  # the norm g: a Jacobian that matters
-    # NNPACK's W z is for solves that do not rely on the guard (module docstring); "auto"
-    # keeps W z on PyTorch's kernel and runs with the default guard.
-    guard = "off" if algorithm == "nnpack" else "raise"
-    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard=guard)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard="raise")
     u = torch.randn(17, 6, 7, 7, generator=torch.Generator().manual_seed(1))
     x = f.inject(u)
     if channels_last:
@@ -214,18 +250,99 @@ def test_a_training_step_with_nnpack_matches_pytorchs_kernel(channels_last):
     assert masks == [[False, True, False]]
 
 
-def test_auto_runs_the_adjoint_on_nnpack_and_the_guarded_solve_on_pytorch(monkeypatch):
+def _nnpack_chosen_everywhere(monkeypatch):
     monkeypatch.setattr(conv_kernels, "_CHOICES", {})
     monkeypatch.setattr(conv_kernels, "_time_both", lambda *args: Choice("nnpack", 2.0, 1.0))
+
+
+def test_auto_runs_both_products_on_nnpack_where_timed_faster_under_the_guard(monkeypatch):
+    _nnpack_chosen_everywhere(monkeypatch)
+    before = conv_kernels.winograd_products()
     z_auto, grads_auto, info, ops = _train_step("auto", channels_last=True)
     z_pt, grads_pt, _, _ = _train_step("pytorch", channels_last=True)
-    torch.testing.assert_close(z_auto, z_pt, rtol=0, atol=0)  # the forward is PyTorch's
+    torch.testing.assert_close(z_auto, z_pt, rtol=1e-5, atol=1e-6)
     for g_auto, g_pt in zip(grads_auto, grads_pt):
         torch.testing.assert_close(g_auto, g_pt, rtol=1e-4, atol=1e-7)
-    adjoint_products = ops[NNPACK]
-    assert adjoint_products >= 2
-    # The forward's convolutions are all PyTorch's (every W z but the skipped first one).
+    # Every W z of the solve but the skipped first one, then the adjoint's products; the guard
+    # passed it at once (one solve), and only the tracked forward ran on PyTorch's kernel.
+    forward_products = int(info["nstep"].max()) - 1
+    assert conv_kernels.winograd_products() == before + forward_products
+    assert ops[NNPACK] >= forward_products + 2
+    assert ops[torch.ops.aten.convolution.default] == 0
+
+
+def _solve(f, x, **options):
+    deq = torchdeq.get_deq(core="pcdeq", **options).eval()  # the solve alone: no f(z*) after it
+    with OpCounter() as counter:
+        z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    return z_out[-1].detach(), info, counter.ops
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "nnpack"])
+def test_certified_solves_make_sign_exact_products(monkeypatch, algorithm):
+    """The enclosure's margin covers direct products only: no Winograd product inside it."""
+    _nnpack_chosen_everywhere(monkeypatch)
+    f = PcDEQConv2d(6, conv_algorithm=algorithm)
+    x = f.inject(torch.randn(5, 6, 7, 7, generator=torch.Generator().manual_seed(2)))
+    before = conv_kernels.winograd_products()
+    z, info, ops = _solve(f, x, pcdeq_enclosure=True, pcdeq_rate_bound=True)
+    assert ops[NNPACK] == 0 and conv_kernels.winograd_products() == before
+    assert ops[torch.ops.aten.convolution.default] > 0
+    assert bool((info["error_bound"] <= 1e-4 * z.amax()).all())
+    # the same layer's plain solve does use NNPACK
+    _, _, plain_ops = _solve(f, x)
+    assert plain_ops[NNPACK] > 0
+
+
+def _rounding_below_zero(monkeypatch):
+    """NNPACK whose every product rounds one entry 1e-3 below 0: Winograd's rounding, magnified."""
+    nnpack = conv_kernels._nnpack
+
+    def rounded(z, weight, padding):
+        out = nnpack(z, weight, padding)
+        out[:, :, 0, 0] = -1e-3
+        return out
+
+    monkeypatch.setattr(conv_kernels, "_nnpack", rounded)
+
+
+@pytest.mark.parametrize("guard", ["raise", "warn"])
+def test_a_guard_failure_under_winograd_products_is_judged_again_with_sign_exact_ones(monkeypatch, guard):
+    _nnpack_chosen_everywhere(monkeypatch)
+    _rounding_below_zero(monkeypatch)
+    exact = PcDEQConv2d(6, conv_algorithm="pytorch", activation="relu6")
+    f = PcDEQConv2d(6, conv_algorithm="auto", activation="relu6")
+    f.load_state_dict(exact.state_dict())
+    x = f.inject(torch.full((3, 6, 5, 5), -20.0))  # injections at the floor: W z decides the sign
+    z_exact, _, _ = _solve(exact, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a warning: the rounding was no violation
+        z, info, ops = _solve(f, x, pcdeq_guard=guard)
+    # The first solve failed the guard at its first check (iteration 2), after one Winograd
+    # product; the second made PyTorch's products only, and its result is the pytorch solve's.
+    assert ops[NNPACK] == 1
     assert ops[torch.ops.aten.convolution.default] == int(info["nstep"].max()) - 1
+    assert bool(info["converged"].all())
+    torch.testing.assert_close(z, z_exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("guard", ["raise", "warn"])
+def test_a_real_violation_is_still_reported_once_after_the_second_look(monkeypatch, guard):
+    _nnpack_chosen_everywhere(monkeypatch)
+    f = PcDEQConv2d(6, conv_algorithm="auto")
+    x = f.inject(torch.randn(3, 6, 5, 5, generator=torch.Generator().manual_seed(3)))
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard=guard, pcdeq_nonconvergence="ignore")
+    decreasing = lambda z: f(z, x) * (1 - z.sum() / (1 + z.sum()))  # noqa: E731 - not monotone
+    with OpCounter() as counter:
+        if guard == "raise":
+            with pytest.raises(NotPositiveMonotoneError, match="below iterate"):
+                deq(decreasing, torch.zeros_like(x))
+        else:
+            with pytest.warns(PcDEQWarning, match="below iterate") as caught:
+                deq(decreasing, torch.zeros_like(x))
+            assert len([w for w in caught if issubclass(w.category, PcDEQWarning)]) == 1
+    # Both solves ran: the first with NNPACK's products, the second with PyTorch's.
+    assert counter.ops[NNPACK] > 0 and counter.ops[torch.ops.aten.convolution.default] > 0
 
 
 @pytest.mark.parametrize("backward_under_autocast", [False, True])
@@ -239,7 +356,10 @@ def test_the_adjoint_iterates_in_nnpacks_layout_with_three_conversions_per_backw
     autocast region computes as the forward did (here: without autocast), layout included."""
     z, w = _instance(channels_last=True)
     monkeypatch.setattr(conv_kernels, "_CHOICES", {})
-    monkeypatch.setattr(conv_kernels, "_time_both", lambda *args: Choice("nnpack", 2.0, 1.0))
+    # NNPACK timed faster for W^T y only: the forward iterates stay channels-last.
+    monkeypatch.setattr(
+        conv_kernels, "_time_both", lambda *args: Choice("nnpack" if args[-1] else "pytorch", 2.0, 1.0)
+    )
     assert conv_kernels.transposed_layout(z, w, 1, "auto") is torch.contiguous_format
     assert conv_kernels.transposed_layout(z, w, 1, "nnpack") is torch.contiguous_format
     assert conv_kernels.transposed_layout(z, w, 1, "pytorch") is None
@@ -309,8 +429,8 @@ def _convolution_backward_masks(run):
     return masks
 
 
-def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_w_z_stays_on_pytorch():
-    """Why the default is PyTorch's kernel: Winograd transforms subtract."""
+def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_sign_exact_blocks_avoid_them():
+    """Why certified solves and the guard's second look need PyTorch's kernel: Winograd subtracts."""
     torch.manual_seed(0)
     z = torch.full((16, 8, 8, 8), 1e-6)
     z[:, :, 3, 3] = 6.0
@@ -319,9 +439,10 @@ def test_nnpack_products_of_nonnegative_tensors_can_be_negative_so_w_z_stays_on_
     assert exact.min() > 0
     assert same_conv2d(z, w, 1, "pytorch").min() >= 0
     assert same_conv2d(z, w, 1, "nnpack").min() < 0
-    # So "auto", the default, keeps W z on PyTorch's kernel.
     assert PcDEQConv2d(4).conv_algorithm == torchdeq_pcdeq_config_default() == "auto"
-    assert _kernel_used(lambda: same_conv2d(z, w, 1, "auto")) == "pytorch"
+    with conv_kernels.sign_exact_products():
+        for algorithm in conv_kernels.CONV_ALGORITHMS:
+            assert same_conv2d(z, w, 1, algorithm).min() >= 0
 
 
 def torchdeq_pcdeq_config_default():

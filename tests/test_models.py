@@ -117,7 +117,8 @@ def test_training_a_model_keeps_the_live_tensors_flat(architecture, nonnegativit
 def test_conv_models_compute_in_channels_last_without_converting_a_state(architecture, shape):
     """The images are made channels-last before the stem (a one-channel batch needs a real copy:
     its strides fit both layouts, and a convolution reads them as NCHW), so every injection
-    reaches its solve in channels-last and no state-sized tensor changes layout."""
+    reaches its solve in channels-last and, on PyTorch's kernels, no state-sized tensor changes
+    layout (NNPACK, where "auto" picks it, reads NCHW: see conv_kernels)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     dataset = "mnist" if shape[1] == 1 else "cifar10"
@@ -134,6 +135,7 @@ def test_conv_models_compute_in_channels_last_without_converting_a_state(archite
             return func(*args, **(kwargs or {}))
 
     for layer in model.layers:
+        layer.conv_algorithm = "pytorch"
         layer.register_forward_pre_hook(lambda module, inputs: injections.append(inputs[1]))
     with Copies():
         model(torch.rand(shape))

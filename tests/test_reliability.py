@@ -74,12 +74,6 @@ def empty_batch():
     return lambda: _deq()(lambda z: f(z, x), torch.zeros_like(x)), [f]
 
 
-def nnpack_under_the_guard():
-    f = PcDEQConv2d(2, conv_algorithm="nnpack")
-    x = f.inject(torch.zeros(1, 2, 4, 4))
-    return lambda: _deq()(lambda z: f(z, x), torch.zeros_like(x)), [f]
-
-
 def negative_injection():
     f = PcDEQLinear(4, "tanh")
     return lambda: _deq()(lambda z: f(z, -torch.ones(2, 4)), torch.zeros(2, 4)), [f]
@@ -246,7 +240,6 @@ CASES = {
     "dtype mismatch": dtype_mismatch,
     "device mismatch": device_mismatch,
     "conv channels mismatch": conv_channels_mismatch,
-    "`conv_algorithm='nnpack'` with the guard on": nnpack_under_the_guard,
     "`f_max_iter` <= 0": max_iter_not_positive,
     "solver `max_iter` <= 0": solver_max_iter_not_positive,
     "tolerance <= 0": tolerance_not_positive,

@@ -13,30 +13,40 @@ Winograd is not sign-preserving: its transforms subtract, so a product of a nonn
 and a nonnegative state can come out negative, and its rounding error reaches tens of ulps of
 the largest entry where a direct convolution stays within a few (measured: a spike of 6 on a
 background of 1e-6, 3x3 kernel, gives entries down to -1.6e-4 where the exact minimum is
-+1.1e-5, 65 ulps of the maximum against 7 for ``F.conv2d``). The solver's products ``W z``
-must keep their sign: pcDEQ's guard would report the rounding as a broken precondition
-(``NotPositiveMonotoneError``), and the certificates' rounding margins (16 ulps) would not cover
-it. The adjoint products ``W^T y`` have no sign to keep (``y`` is a gradient), and the closed-form
++1.1e-5, 65 ulps of the maximum against 7 for ``F.conv2d``; on the MNIST single-conv layer's
+own states, 4 ulps of the maximum and no negative entry over 50 training steps). Two places
+rely on the sign of ``W z``:
+
+* the certificates: the enclosure's rounding margin (16 ulps) covers direct products only. The
+  certified solves run inside :func:`sign_exact_products`, where every ``W z`` is PyTorch's;
+* the guard, which reports a negative or decreasing iterate as a broken precondition. A
+  verdict against a solve that made Winograd products (:func:`winograd_products` counts them)
+  is not trusted: the solver solves again inside :func:`sign_exact_products`, and that solve's
+  verdict stands (``pcdeq_fixed_point``). Rounding never makes a guard fail, and a real
+  violation is still reported, at the cost of a second solve.
+
+The adjoint products ``W^T y`` have no sign to keep (``y`` is a gradient), and the closed-form
 gradient that makes them is an uncertified plain iteration to a relative tolerance (1e-4) far
 above NNPACK's error. Hence the three choices:
 
-* ``"auto"`` (default): ``W z`` on PyTorch's kernel; ``W^T y`` on the faster of PyTorch's
-  kernel (the input gradient of ``F.conv2d``, in the state's layout) and NNPACK (in NCHW, its
-  layout), timed at the first use for each state shape and layout (a warm-up and three
-  interleaved runs each, once per process), NNPACK kept only when at least 10% faster, as
-  ``torch.backends.cudnn.benchmark`` does for cuDNN. Like it, ``"auto"`` suits states of a few
-  shapes (a training batch, the last smaller one, an evaluation batch).
+* ``"auto"`` (default): each product, ``W z`` and ``W^T y``, on the faster of PyTorch's kernel
+  (in the input's layout) and NNPACK (in NCHW, its layout), timed at the first use for each
+  direction, input shape and layout (a warm-up and three interleaved runs each, once per
+  process), NNPACK kept only when at least 10% faster, as ``torch.backends.cudnn.benchmark``
+  does for cuDNN. Like it, ``"auto"`` suits states of a few shapes (a training batch, the last
+  smaller one, an evaluation batch).
 * ``"pytorch"``: PyTorch's kernels everywhere; bitwise reproducible across processes.
-* ``"nnpack"``: NNPACK for both wherever it applies: the fastest, for solves that rely on
-  neither the guard (``pcdeq_guard="off"``) nor a certificate (the pcdeq core refuses it
-  otherwise, with an ``InvalidInputError``).
+* ``"nnpack"``: NNPACK wherever it applies, untimed.
 
 NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU, plain float32
 tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
-no CPU autocast, no forward-mode AD or ``torch.func`` transform, not under ``torch.compile``.
+no CPU autocast, no forward-mode AD or ``torch.func`` transform, not under ``torch.compile``,
+and for ``W z`` not inside :func:`sign_exact_products`.
 Anything else, and every tracked application, goes through ``F.conv2d`` and autograd as usual.
 
-NNPACK reads and writes NCHW. An iteration of adjoint products in a channels-last layout would
+NNPACK reads and writes NCHW. In a solve, ``W z + x`` takes its first operand's layout, so after
+the first Winograd product the iterates are NCHW (with a channels-last injection, each such
+addition reads two layouts). An iteration of adjoint products in a channels-last layout would
 convert every input and mix layouts in every elementwise operation between products (16 ms of
 copies and mixed-layout arithmetic per product on the MNIST state, against 4 ms in one layout):
 :func:`transposed_layout` tells the closed-form gradient to iterate in NCHW instead.
@@ -52,8 +62,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +83,8 @@ __all__ = [
     "same_conv2d_transposed",
     "transposed_layout",
     "weight_gradient",
+    "sign_exact_products",
+    "winograd_products",
     "choices",
     "check_algorithm",
 ]
@@ -90,6 +105,42 @@ class Choice:
 
 
 _CHOICES: dict[tuple, Choice] = {}
+
+
+class _ThreadState(threading.local):
+    sign_exact = 0  # depth of sign_exact_products() blocks
+    winograd = 0  # W z products made by NNPACK
+
+
+_STATE = _ThreadState()
+
+
+@contextlib.contextmanager
+def sign_exact_products() -> Iterator[None]:
+    """Inside the block, every ``W z`` of :func:`same_conv2d` runs on PyTorch's kernel, whatever
+    the algorithm: for computations that rely on the sign of the products (certificates, the
+    guard's second look; see the module docstring). Per thread; blocks nest.
+
+    Example:
+        >>> import torch
+        >>> z, w = torch.rand(2, 3, 5, 5), torch.rand(3, 3, 3, 3)
+        >>> before = winograd_products()
+        >>> with sign_exact_products():
+        ...     out = same_conv2d(z, w, padding=1, algorithm="nnpack")
+        >>> winograd_products() == before
+        True
+    """
+    _STATE.sign_exact += 1
+    try:
+        yield
+    finally:
+        _STATE.sign_exact -= 1
+
+
+def winograd_products() -> int:
+    """How many ``W z`` products :func:`same_conv2d` has made by NNPACK in this thread so far
+    (the difference between two readings says whether a computation made any)."""
+    return _STATE.winograd
 
 
 @functools.cache
@@ -117,13 +168,19 @@ def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
         z: ``(batch, C, H, W)`` input.
         weight: ``(C_out, C, k, k)`` kernel, ``k`` odd, ``padding = k // 2``.
         padding: zero padding on each side.
-        algorithm: ``"nnpack"`` uses NNPACK where it applies; ``"auto"`` and ``"pytorch"``
-            use PyTorch's kernel (see the module docstring).
+        algorithm: ``"nnpack"`` uses NNPACK where it applies, ``"auto"`` where it applies and
+            was timed faster, ``"pytorch"`` never; inside :func:`sign_exact_products` none does
+            (see the module docstring).
     """
-    # "auto" keeps W z on PyTorch's kernel, which keeps its sign (module docstring).
-    if algorithm == "nnpack" and _nnpack_applies(z, weight, padding):
+    if (
+        algorithm != "pytorch"
+        and not _STATE.sign_exact
+        and _nnpack_applies(z, weight, padding)
+        and _nnpack_chosen(z, weight, padding, algorithm, transposed=False)
+    ):
+        _STATE.winograd += 1
         return _nnpack(z, weight, padding)
-    return F.conv2d(z, weight, padding=padding)
+    return _pytorch(z, weight, padding)
 
 
 def same_conv2d_transposed(
@@ -164,7 +221,7 @@ def transposed_layout(
         >>> transposed_layout(z, w, 1, "pytorch") is None  # PyTorch's kernel keeps z's layout
         True
     """
-    if _nnpack_applies(z, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm):
+    if _nnpack_applies(z, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm, transposed=True):
         return torch.contiguous_format
     return None
 
@@ -173,6 +230,10 @@ def weight_gradient(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tenso
     """``d<v, W z>/dW`` for ``W z = F.conv2d(z, weight, padding=padding)``: PyTorch's kernel
     always (it is one product per backward, and it reads ``z``, whose sign it does not touch)."""
     return _convolution_backward(v, z, weight, padding, state=False)
+
+
+def _pytorch(z: Tensor, weight: Tensor, padding: int) -> Tensor:
+    return F.conv2d(z, weight, padding=padding)
 
 
 def _pytorch_transposed(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tensor:
@@ -191,20 +252,22 @@ def _convolution_backward(v: Tensor, z: Tensor, weight: Tensor, padding: int, st
 
 
 def choices() -> dict[tuple, Choice]:
-    """What ``"auto"`` chose for the adjoint products so far in this process, by ``(state
-    shape, kernel shape, whether the state is NCHW, threads)``: for reports (the benchmarks
-    print it)."""
+    """What ``"auto"`` chose so far in this process, by ``(product, state shape, kernel shape,
+    whether the state is NCHW, threads)``, the product being ``"W z"`` or ``"W^T y"``: for
+    reports (the benchmarks print it)."""
     return dict(_CHOICES)
 
 
-def _nnpack_chosen(z: Tensor, weight: Tensor, padding: int, algorithm: str) -> bool:
-    """Whether ``W^T v`` runs on NNPACK for states like ``z``, where NNPACK applies."""
+def _nnpack_chosen(z: Tensor, weight: Tensor, padding: int, algorithm: str, transposed: bool) -> bool:
+    """Whether ``W z`` (or ``W^T v``, ``transposed``) runs on NNPACK for states like ``z``,
+    where NNPACK applies."""
     if algorithm != "auto":
         return algorithm == "nnpack"
-    key = (tuple(z.shape), tuple(weight.shape), z.is_contiguous(), torch.get_num_threads())
+    product = "W^T y" if transposed else "W z"
+    key = (product, tuple(z.shape), tuple(weight.shape), z.is_contiguous(), torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _time_both(z, weight, padding)
+        choice = _CHOICES[key] = _time_both(z, weight, padding, transposed)
     return choice.algorithm == "nnpack"
 
 
@@ -241,19 +304,32 @@ def _transposed_kernel(weight: Tensor) -> Tensor:
     return weight.transpose(0, 1).flip(2, 3).contiguous()
 
 
-def _time_both(z: Tensor, weight: Tensor, padding: int) -> Choice:
-    """Time ``W^T v`` for states like ``z`` by both kernels, each with ``v`` in the layout it
-    would iterate in (:func:`transposed_layout`: NCHW for NNPACK, ``z``'s for PyTorch's kernel,
-    channels-last standing for any other); NNPACK's time includes transposing the kernel."""
-    shape = (z.shape[0], weight.shape[0], *z.shape[2:])  # W z's
-    # A private generator: timing inside the first backward must not advance the user's RNG.
+def _time_both(z: Tensor, weight: Tensor, padding: int, transposed: bool = True) -> Choice:
+    """Time ``W^T v`` (``transposed``) or ``W z`` for states like ``z`` by both kernels.
+
+    ``W^T v``: ``v`` in the layout each kernel would iterate in (:func:`transposed_layout`:
+    NCHW for NNPACK, ``z``'s for PyTorch's kernel, channels-last standing for any other), and
+    NNPACK's time includes transposing the kernel. ``W z``: the input in ``z``'s layout for
+    both, NNPACK's time including its conversion to NCHW (the solve's later iterates are NCHW,
+    and timed under their own key).
+    """
+    # A private generator: timing inside the first solve must not advance the user's RNG.
     generator = torch.Generator(device=z.device).manual_seed(0)
-    v_nchw = torch.rand(shape, generator=generator, dtype=z.dtype, device=z.device)
-    v = v_nchw if z.is_contiguous() else v_nchw.contiguous(memory_format=torch.channels_last)
-    candidates = {
-        "pytorch": lambda: _pytorch_transposed(v, z, weight, padding),
-        "nnpack": lambda: _nnpack(v_nchw, _transposed_kernel(weight), padding),
-    }
+    if transposed:
+        shape = (z.shape[0], weight.shape[0], *z.shape[2:])  # W z's
+        v_nchw = torch.rand(shape, generator=generator, dtype=z.dtype, device=z.device)
+        v = v_nchw if z.is_contiguous() else v_nchw.contiguous(memory_format=torch.channels_last)
+        candidates = {
+            "pytorch": lambda: _pytorch_transposed(v, z, weight, padding),
+            "nnpack": lambda: _nnpack(v_nchw, _transposed_kernel(weight), padding),
+        }
+    else:
+        state = torch.rand(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        state = state if z.is_contiguous() else state.contiguous(memory_format=torch.channels_last)
+        candidates = {
+            "pytorch": lambda: _pytorch(state, weight, padding),
+            "nnpack": lambda: _nnpack(state, weight, padding),
+        }
     best = {name: float("inf") for name in candidates}
     with torch.no_grad():
         for run in candidates.values():

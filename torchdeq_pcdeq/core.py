@@ -49,7 +49,8 @@ from torchdeq.core import DEQSliced
 from .backward import make_closed_form_ift, make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, resolve_core_config
-from .errors import ConvergenceError, InvalidInputError, NotPositiveMonotoneError, PcDEQWarning
+from .conv_kernels import sign_exact_products
+from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
 
@@ -141,8 +142,11 @@ class PcDEQCore(DEQSliced):
         self._check_context(sradius_mode)
         _LAST_SOLVE.from_zero = starts_at_zero  # whether plain iterates stay below z*
         # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
+        # The enclosure's bound, and in training that of f applied to its midpoint, cover the
+        # rounding of sign-exact products only (conv_kernels).
+        exact = sign_exact_products() if self.enclosure else contextlib.nullcontext()
         try:
-            with zero_state(z_init if starts_at_zero else None):
+            with zero_state(z_init if starts_at_zero else None), exact:
                 z_out, info = super().forward(
                     func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs
                 )
@@ -192,12 +196,7 @@ class PcDEQCore(DEQSliced):
                         enclosure=True, upper=upper if upper is not None else lambda: upper_bound(seen)
                     )
             options.update(solver_kwargs or {})
-            try:
-                z_star, info = self._run_solver(deq_func, z_init, f_max_iter, options, **kwargs)
-            except NotPositiveMonotoneError as error:
-                self._check_sign_exact(seen, options, error)
-                raise
-            self._check_sign_exact(seen, options)
+            z_star, info = self._run_solver(deq_func, z_init, f_max_iter, options, **kwargs)
             info["min_injection"] = min_injection(seen, z_star)
             # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
             # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
@@ -222,30 +221,6 @@ class PcDEQCore(DEQSliced):
             half = dict(tol=self.f_tol / 2, stop_mode=self.f_stop_mode)
             z_star, _, info = self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, **half, **options)
         return z_star, info
-
-    def _check_sign_exact(self, seen: dict, options: dict, error: Exception | None = None) -> None:
-        """Refuse layers whose products may round below 0 where the guard or a certificate reads them."""
-        inexact = [layer for layer, _ in seen.values() if getattr(layer, "conv_algorithm", None) == "nnpack"]
-        if not inexact:
-            return
-        relies = [
-            name
-            for name, on in (
-                ("the guard", options.get("guard", "off") != "off"),
-                ("the enclosure", options.get("enclosure", False)),
-                ("the rate bound", self.certify_rate),
-            )
-            if on
-        ]
-        if relies:
-            raise InvalidInputError(
-                f"{type(inexact[0]).__name__}(conv_algorithm='nnpack') computes W z by Winograd "
-                "transforms, which are not sign-preserving: a product of nonnegative tensors can "
-                f"round below 0, beyond the rounding that {' and '.join(relies)} "
-                f"{'allows' if len(relies) == 1 else 'allow'} for. Use "
-                "conv_algorithm='auto' (NNPACK for the adjoint products only), or set "
-                "pcdeq_guard='off' with no certificates."
-            ) from error
 
     def _closed_form_gradient(self) -> bool:
         """Whether a solve now may be differentiated in closed form (then its chain is recorded)."""

@@ -588,13 +588,13 @@ class PcDEQConv2d(PcDEQLayer):
         kernel_size: odd kernel size (default 3).
         nonnegativity: ``"weight_norm"`` (default), ``"parametrize"`` or ``"project"``.
         injection_floor: positive floor of pcDEQ-1 injections (default ``1e-6``).
-        conv_algorithm: the kernel of the untracked products: ``"auto"`` (default: the
-            solver's ``W z`` on ``F.conv2d``, the adjoint products ``W^T y`` on the faster of
-            PyTorch's kernel and NNPACK, timed once per shape), ``"pytorch"`` (PyTorch's
-            kernels everywhere; bitwise reproducible) or ``"nnpack"`` (both on NNPACK, whose
-            products of nonnegative tensors can come out slightly negative: only with the
-            guard off and no certificates); see :mod:`torchdeq_pcdeq.conv_kernels`. ``None``
-            reads ``pcdeq_conv_algorithm``.
+        conv_algorithm: the kernel of the untracked products ``W z`` (solves) and ``W^T y``
+            (implicit gradients): ``"auto"`` (default: each on the faster of PyTorch's kernel
+            and NNPACK, timed once per shape), ``"pytorch"`` (PyTorch's kernels everywhere;
+            bitwise reproducible) or ``"nnpack"`` (NNPACK wherever it applies). NNPACK's
+            Winograd products are not sign-exact: certified solves make ``W z`` on PyTorch's
+            kernel, and a guard failure is judged again with it; see
+            :mod:`torchdeq_pcdeq.conv_kernels`. ``None`` reads ``pcdeq_conv_algorithm``.
         args: config read for the options left at ``None`` (see :class:`PcDEQLinear`).
 
     Example:

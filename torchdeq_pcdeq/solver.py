@@ -52,6 +52,7 @@ from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
 from .certify import rate_bound, under_autocast
+from .conv_kernels import sign_exact_products, winograd_products
 from .errors import (
     InvalidInputError,
     NonFiniteError,
@@ -130,9 +131,13 @@ def pcdeq_fixed_point(
         guard: ``"off"`` (default), ``"warn"`` or ``"raise"``: at each check, look for iterates
             that a positive-monotone map cannot produce (negative values; from ``x0 = 0`` a
             decrease; with the enclosure a falling lower or rising upper sequence, crossing
-            sequences, or two sequences settled on different fixed points).
+            sequences, or two sequences settled on different fixed points). A plain solve that
+            fails it after making Winograd products (:mod:`~torchdeq_pcdeq.conv_kernels`), whose
+            rounding is not sign-exact, is solved again with sign-exact products, whose verdict
+            stands.
         enclosure: iterate from 0 and from ``upper`` together; return the midpoint with a
-            certified ``info["error_bound"]``.
+            certified ``info["error_bound"]``. The certified solves (enclosure, contraction)
+            run inside :func:`~torchdeq_pcdeq.conv_kernels.sign_exact_products`.
         upper: with the enclosure, the supremum of the activation (a float or a zero-argument
             callable evaluated after the first call of ``func``).
         weights: with ``rate``, the positive weights of the l1 norm in which ``func``
@@ -186,11 +191,25 @@ def pcdeq_fixed_point(
             "finite). Use nonfinite='raise' with enclosure=True."
         )
     certified = enclosure or weights is not None
-    monitor = _Monitor(x0, tol, stop_mode, check_every, certified, nonfinite == "report")
-    if enclosure:
-        return _enclosure_solve(func, x0, max_iter, indexing, monitor, _Guard(guard, x0), upper)
-    measure = _residuals if weights is None else functools.partial(_contraction_bound, weights, rate)
-    return _plain_solve(func, x0, max_iter, indexing, monitor, _Guard(guard, x0), measure)
+
+    def monitor() -> _Monitor:
+        return _Monitor(x0, tol, stop_mode, check_every, certified, nonfinite == "report")
+
+    if certified:
+        # The certificates' rounding margins cover sign-exact products only (conv_kernels).
+        with sign_exact_products():
+            if enclosure:
+                return _enclosure_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), upper)
+            measure = functools.partial(_contraction_bound, weights, rate)
+            return _plain_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), measure)
+    try:
+        first_look = _Guard(guard, x0, rejudge=True)
+        return _plain_solve(func, x0, max_iter, indexing, monitor(), first_look, _residuals)
+    except _Rejudge:
+        # The guard saw a violation in a solve that made Winograd products, whose rounding can
+        # mimic a small one: the same solve with sign-exact products has the last word.
+        with sign_exact_products():
+            return _plain_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), _residuals)
 
 
 def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
@@ -499,6 +518,10 @@ def _dtype_constants(dtype: torch.dtype) -> tuple[torch.dtype, float]:
 # -- the runtime guard ---------------------------------------------------------------------------
 
 
+class _Rejudge(Exception):
+    """The guard failed a solve that made Winograd products: solve again with sign-exact ones."""
+
+
 class _Guard:
     """What a positive-monotone map guarantees about its iterates, checked at each check.
 
@@ -506,8 +529,10 @@ class _Guard:
     :meth:`_Monitor.check`, which syncs the scalars with its own and calls ``report``.
     """
 
-    def __init__(self, mode: str, x0: Tensor):
+    def __init__(self, mode: str, x0: Tensor, rejudge: bool = False):
         self.mode, self.x0 = mode, x0
+        # With rejudge, a failure in a solve that made Winograd products raises _Rejudge instead.
+        self.winograd_at_start = winograd_products() if rejudge else None
         self.slack = _GUARD_ULPS * torch.finfo(arithmetic_dtype(x0)).eps
         self.from_zero: bool | None = None
         self.previous_gap: Tensor | None = None
@@ -602,6 +627,8 @@ class _Guard:
         return torch.where(beyond, gap, 0.0).amax().item()
 
     def _fail(self, error: type[Exception], message: str) -> None:
+        if self.winograd_at_start is not None and winograd_products() != self.winograd_at_start:
+            raise _Rejudge
         message += " Set pcdeq_guard='warn' or 'off' to continue anyway, without the guarantees."
         mode, self.mode = self.mode, "off"  # report once per solve
         if mode == "raise":
