@@ -22,6 +22,7 @@ from torchdeq_pcdeq import (
     UnknownNameError,
     add_pcdeq_args,
     conv_kernels,
+    pcdeq_fixed_point,
 )
 from torchdeq_pcdeq.conv_kernels import Choice, same_conv2d, same_conv2d_transposed
 
@@ -278,71 +279,147 @@ def _solve(f, x, **options):
     return z_out[-1].detach(), info, counter.ops
 
 
+def _layer_and_injection(algorithm="auto", seed=2, activation="tanh"):
+    f = PcDEQConv2d(6, conv_algorithm=algorithm, activation=activation)
+    x = f.inject(torch.randn(5, 6, 7, 7, generator=torch.Generator().manual_seed(seed)))
+    return f, x
+
+
 @pytest.mark.parametrize("algorithm", ["auto", "nnpack"])
-def test_certified_solves_make_sign_exact_products(monkeypatch, algorithm):
-    """The enclosure's margin covers direct products only: no Winograd product inside it."""
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(pcdeq_enclosure=True),
+        dict(pcdeq_rate_bound=True),
+        dict(pcdeq_enclosure=True, pcdeq_rate_bound=True),
+    ],
+    ids=["enclosure", "rate bound", "both"],
+)
+def test_certified_core_solves_make_sign_exact_products(monkeypatch, algorithm, options):
+    """The certificates' margins cover direct products only: no Winograd product in such a
+    solve (a rate bound is taken at the solve's state, which must be below z*)."""
     _nnpack_chosen_everywhere(monkeypatch)
-    f = PcDEQConv2d(6, conv_algorithm=algorithm)
-    x = f.inject(torch.randn(5, 6, 7, 7, generator=torch.Generator().manual_seed(2)))
+    f, x = _layer_and_injection(algorithm)
     before = conv_kernels.winograd_products()
-    z, info, ops = _solve(f, x, pcdeq_enclosure=True, pcdeq_rate_bound=True)
+    z, info, ops = _solve(f, x, **options)
     assert ops[NNPACK] == 0 and conv_kernels.winograd_products() == before
     assert ops[torch.ops.aten.convolution.default] > 0
-    assert bool((info["error_bound"] <= 1e-4 * z.amax()).all())
-    # the same layer's plain solve does use NNPACK
-    _, _, plain_ops = _solve(f, x)
+    if "pcdeq_enclosure" in options:
+        assert bool((info["error_bound"] <= 1e-4 * z.amax()).all())
+    if "pcdeq_rate_bound" in options:
+        assert bool(torch.isfinite(info["rate_bound"]).all())
+    _, _, plain_ops = _solve(f, x)  # the same layer's plain solve does use NNPACK
     assert plain_ops[NNPACK] > 0
 
 
-def _rounding_below_zero(monkeypatch):
-    """NNPACK whose every product rounds one entry 1e-3 below 0: Winograd's rounding, magnified."""
-    nnpack = conv_kernels._nnpack
+def test_sradius_by_rate_bound_makes_sign_exact_products(monkeypatch):
+    _nnpack_chosen_everywhere(monkeypatch)
+    f, x = _layer_and_injection()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_sradius="rate_bound").eval()
+    with OpCounter() as counter:
+        _, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    assert counter.ops[NNPACK] == 0 and bool(torch.isfinite(info["sradius"]).all())
+
+
+@pytest.mark.parametrize("certificate", ["enclosure", "contraction"])
+def test_the_solver_makes_sign_exact_products_in_its_certified_modes(certificate):
+    """Called directly, without the core."""
+    f, x = _layer_and_injection("nnpack")
+    x0 = torch.zeros_like(x)
+    if certificate == "enclosure":
+        options = dict(enclosure=True, upper=1.0)
+    else:  # any positive weights and rate: the products are what is checked here
+        options = dict(weights=torch.ones_like(x), rate=torch.full((5,), 0.5))
+    with OpCounter() as counter, torch.no_grad():
+        pcdeq_fixed_point(lambda z: f(z, x), x0, max_iter=30, **options)
+        assert counter.ops[NNPACK] == 0
+        pcdeq_fixed_point(lambda z: f(z, x), x0, max_iter=30)
+        assert counter.ops[NNPACK] > 0
+
+
+def _nnpack_rounding(monkeypatch, call: int, edit):
+    """NNPACK whose ``call``-th product (from 1) is edited in place by ``edit``."""
+    nnpack, calls = conv_kernels._nnpack, []
 
     def rounded(z, weight, padding):
         out = nnpack(z, weight, padding)
-        out[:, :, 0, 0] = -1e-3
+        calls.append(1)
+        if len(calls) == call:
+            edit(out)
         return out
 
     monkeypatch.setattr(conv_kernels, "_nnpack", rounded)
 
 
+def test_winograd_products_of_a_pcdeq_layer_are_clamped_at_zero(monkeypatch):
+    """Rounding below 0 does not survive the layer: its states stay nonnegative, guard or not."""
+    _nnpack_chosen_everywhere(monkeypatch)
+    _nnpack_rounding(monkeypatch, call=2, edit=lambda out: out.sub_(1.0))  # everything below 0
+    f, x = _layer_and_injection(activation="softsign")  # softsign(t) < 0 for t < 0
+    z, info, ops = _solve(f, x, pcdeq_guard="off")
+    assert ops[NNPACK] > 2 and bool(info["converged"].all())
+    assert z.min() >= 0
+    spike = torch.full((16, 8, 8, 8), 1e-6)
+    spike[:, :, 3, 3] = 6.0
+    w = torch.rand(8, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert same_conv2d(spike, w, 1, "nnpack").min() < 0  # Winograd's own rounding
+    assert same_conv2d(spike, w, 1, "nnpack", nonnegative=True).min() == 0
+
+
 @pytest.mark.parametrize("guard", ["raise", "warn"])
 def test_a_guard_failure_under_winograd_products_is_judged_again_with_sign_exact_ones(monkeypatch, guard):
     _nnpack_chosen_everywhere(monkeypatch)
-    _rounding_below_zero(monkeypatch)
-    exact = PcDEQConv2d(6, conv_algorithm="pytorch", activation="relu6")
-    f = PcDEQConv2d(6, conv_algorithm="auto", activation="relu6")
+    # The third product (iteration 4) rounds one entry to half its value: the iterate falls.
+    _nnpack_rounding(monkeypatch, call=3, edit=lambda out: out[0, 0, 3, 3].mul_(0.5))
+    exact, _ = _layer_and_injection("pytorch")
+    f, x = _layer_and_injection("auto")
     f.load_state_dict(exact.state_dict())
-    x = f.inject(torch.full((3, 6, 5, 5), -20.0))  # injections at the floor: W z decides the sign
-    z_exact, _, _ = _solve(exact, x)
+    z_exact, _, _ = _solve(exact, x, pcdeq_check_every=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not even a warning: the rounding was no violation
-        z, info, ops = _solve(f, x, pcdeq_guard=guard)
-    # The first solve failed the guard at its first check (iteration 2), after one Winograd
-    # product; the second made PyTorch's products only, and its result is the pytorch solve's.
-    assert ops[NNPACK] == 1
+        z, info, ops = _solve(f, x, pcdeq_guard=guard, pcdeq_check_every=1)
+    # The first solve failed the guard at iteration 4, after three Winograd products; the
+    # second made PyTorch's products only, and its result is the pytorch solve's.
+    assert ops[NNPACK] == 3
     assert ops[torch.ops.aten.convolution.default] == int(info["nstep"].max()) - 1
     assert bool(info["converged"].all())
     torch.testing.assert_close(z, z_exact, rtol=0, atol=0)
 
 
+def test_the_closed_form_gradient_survives_the_second_look(monkeypatch):
+    _nnpack_chosen_everywhere(monkeypatch)
+    _nnpack_rounding(monkeypatch, call=3, edit=lambda out: out[0, 0, 3, 3].mul_(0.5))
+    f, x = _layer_and_injection("auto")
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_check_every=1)
+    taken = []
+    original = type(deq).take_last_step
+    monkeypatch.setattr(
+        type(deq), "take_last_step", lambda self, z: taken.append(original(self, z)) or taken[-1]
+    )
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+    z_out[-1].sum().backward()
+    assert len(taken) == 1 and taken[0] is not None  # no tracked application of f instead
+
+
 @pytest.mark.parametrize("guard", ["raise", "warn"])
 def test_a_real_violation_is_still_reported_once_after_the_second_look(monkeypatch, guard):
     _nnpack_chosen_everywhere(monkeypatch)
-    f = PcDEQConv2d(6, conv_algorithm="auto")
-    x = f.inject(torch.randn(3, 6, 5, 5, generator=torch.Generator().manual_seed(3)))
-    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard=guard, pcdeq_nonconvergence="ignore")
+    f, x = _layer_and_injection(seed=3)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_guard=guard, pcdeq_nonconvergence="ignore").eval()
     decreasing = lambda z: f(z, x) * (1 - z.sum() / (1 + z.sum()))  # noqa: E731 - not monotone
+    before = conv_kernels.winograd_products()
     with OpCounter() as counter:
         if guard == "raise":
-            with pytest.raises(NotPositiveMonotoneError, match="below iterate"):
+            with pytest.raises(NotPositiveMonotoneError, match="below iterate") as raised:
                 deq(decreasing, torch.zeros_like(x))
+            assert raised.value.__context__ is None  # the second solve's own error, unchained
         else:
             with pytest.warns(PcDEQWarning, match="below iterate") as caught:
                 deq(decreasing, torch.zeros_like(x))
             assert len([w for w in caught if issubclass(w.category, PcDEQWarning)]) == 1
-    # Both solves ran: the first with NNPACK's products, the second with PyTorch's.
-    assert counter.ops[NNPACK] > 0 and counter.ops[torch.ops.aten.convolution.default] > 0
+    # Both solves ran: the first with NNPACK's products, the second with PyTorch's only.
+    assert conv_kernels.winograd_products() - before == counter.ops[NNPACK] > 0
+    assert counter.ops[torch.ops.aten.convolution.default] > 0
 
 
 @pytest.mark.parametrize("backward_under_autocast", [False, True])

@@ -185,10 +185,11 @@ PCDEQ_OPTIONS: dict[str, Option] = {
     "pcdeq_conv_algorithm": Option(
         "auto",
         "kernel of the untracked convolutions of PcDEQConv2d layers built with args=...: 'auto' "
-        "(solver products on F.conv2d, adjoint products on the faster of F.conv2d's kernel and "
-        "NNPACK, timed once per shape), 'pytorch' (F.conv2d everywhere) or 'nnpack' (both on "
-        "NNPACK, whose products of nonnegative tensors can come out slightly negative: only "
-        "with pcdeq_guard='off' and no certificates)",
+        "(solver and adjoint products each on the faster of F.conv2d's kernel and NNPACK, "
+        "timed once per product, shape and layout), 'pytorch' (F.conv2d everywhere) or "
+        "'nnpack' (NNPACK wherever it applies). Certified solves make their products on "
+        "F.conv2d's sign-exact kernel, and a guard failure after NNPACK products is judged "
+        "again with it",
         CONV_ALGORITHMS,
     ),
 }

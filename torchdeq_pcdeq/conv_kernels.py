@@ -19,11 +19,15 @@ rely on the sign of ``W z``:
 
 * the certificates: the enclosure's rounding margin (16 ulps) covers direct products only. The
   certified solves run inside :func:`sign_exact_products`, where every ``W z`` is PyTorch's;
-* the guard, which reports a negative or decreasing iterate as a broken precondition. A
-  verdict against a solve that made Winograd products (:func:`winograd_products` counts them)
-  is not trusted: the solver solves again inside :func:`sign_exact_products`, and that solve's
-  verdict stands (``pcdeq_fixed_point``). Rounding never makes a guard fail, and a real
-  violation is still reported, at the cost of a second solve.
+* the iterates and the guard. A pcDEQ layer's state and kernel are nonnegative, so its exact
+  ``W z`` is: :class:`~torchdeq_pcdeq.layers.PcDEQConv2d` clamps its Winograd products at 0
+  (``nonnegative=True``), and its iterates stay nonnegative, guard or not. The guard also
+  reports an iterate that falls from ``z_init = 0``, which Winograd's rounding can mimic where
+  the iterates barely move. A verdict against a solve that made Winograd products
+  (:func:`winograd_products` counts them) is not trusted: the solver solves again inside
+  :func:`sign_exact_products`, and that solve's verdict stands (``pcdeq_fixed_point``).
+  Rounding never makes a guard fail, and a real violation is still reported, at the cost of a
+  second solve.
 
 The adjoint products ``W^T y`` have no sign to keep (``y`` is a gradient), and the closed-form
 gradient that makes them is an uncertified plain iteration to a relative tolerance (1e-4) far
@@ -161,7 +165,9 @@ def check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
-def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto") -> Tensor:
+def same_conv2d(
+    z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto", nonnegative: bool = False
+) -> Tensor:
     """``F.conv2d(z, weight, padding=padding)`` (stride 1), by the kernel ``algorithm`` selects.
 
     Args:
@@ -171,6 +177,9 @@ def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
         algorithm: ``"nnpack"`` uses NNPACK where it applies, ``"auto"`` where it applies and
             was timed faster, ``"pytorch"`` never; inside :func:`sign_exact_products` none does
             (see the module docstring).
+        nonnegative: the caller guarantees ``z >= 0`` and ``weight >= 0`` (a pcDEQ layer's
+            state and kernel), so the exact product is ``>= 0``: a Winograd product is then
+            clamped at 0, which removes its rounding below 0 and nothing else.
     """
     if (
         algorithm != "pytorch"
@@ -179,7 +188,8 @@ def same_conv2d(z: Tensor, weight: Tensor, padding: int, algorithm: str = "auto"
         and _nnpack_chosen(z, weight, padding, algorithm, transposed=False)
     ):
         _STATE.winograd += 1
-        return _nnpack(z, weight, padding)
+        out = _nnpack(z, weight, padding)
+        return out.clamp_min_(0) if nonnegative else out
     return _pytorch(z, weight, padding)
 
 

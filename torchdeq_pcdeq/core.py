@@ -142,9 +142,12 @@ class PcDEQCore(DEQSliced):
         self._check_context(sradius_mode)
         _LAST_SOLVE.from_zero = starts_at_zero  # whether plain iterates stay below z*
         # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
-        # The enclosure's bound, and in training that of f applied to its midpoint, cover the
-        # rounding of sign-exact products only (conv_kernels).
-        exact = sign_exact_products() if self.enclosure else contextlib.nullcontext()
+        # The certificates (the enclosure's bound, in training that of f applied to its
+        # midpoint; a rate bound taken at a state below z*) cover the rounding of sign-exact
+        # products only (conv_kernels).
+        rate_sradius = sradius_mode and self.sradius_method == "rate_bound"
+        certified = self.enclosure or self.certify_rate or rate_sradius
+        exact = sign_exact_products() if certified else contextlib.nullcontext()
         try:
             with zero_state(z_init if starts_at_zero else None), exact:
                 z_out, info = super().forward(

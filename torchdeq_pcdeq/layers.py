@@ -150,16 +150,18 @@ class LayerChain:
 
     A chain is what a plain solve of ``f = lambda z: layer(z, x)`` produces: every call is made
     by the same layer with the same injection ``x`` (this very tensor object, unchanged) on the
-    previous call's output. Only the last call is kept (its input and output);
-    any other call breaks the chain for good. :meth:`last_step` then says whether a returned
-    state is the chain's last output, so that the implicit gradient can use the layer's closed
-    form ``df/dz = diag(sigma'(W z_in + x)) W`` at that step instead of recording ``f`` again.
+    previous call's output, or on the first call's input (the solve started again from its
+    initial state: the guard's second look, see ``pcdeq_fixed_point``). Only the last call is
+    kept (its input and output); any other call breaks the chain for good. :meth:`last_step`
+    then says whether a returned state is the chain's last output, so that the implicit
+    gradient can use the layer's closed form ``df/dz = diag(sigma'(W z_in + x)) W`` at that
+    step instead of recording ``f`` again.
     """
 
     def __init__(self):
         self.calls = 0
         self.broken = False
-        self._layer = self._x = self._last = None
+        self._layer = self._x = self._last = self._first = None
         self._x_version = 0
         self._versions: tuple[int, ...] = ()
 
@@ -167,11 +169,13 @@ class LayerChain:
         if self.broken:
             return
         if self._layer is None:
-            self._layer, self._x, self._x_version = layer, x, x._version
+            self._layer, self._x, self._x_version, self._first = layer, x, x._version, z
         elif layer is not self._layer or x is not self._x or z is not self._last[1]:
-            self.broken = True
-            self._layer = self._x = self._last = None  # keep no tensor alive
-            return
+            if not (layer is self._layer and x is self._x and z is self._first):
+                self.broken = True
+                self._layer = self._x = self._last = self._first = None  # keep no tensor alive
+                return
+            self.calls = 0  # a restart from the initial state: the chain begins again
         self.calls += 1
         self._last = (z, out)
         self._versions = (z._version, out._version)
@@ -403,7 +407,9 @@ class PcDEQLayer(nn.Module):
         """``sigma(W z + x)``.
 
         Args:
-            z: the state, batch dimension first.
+            z: the state, batch dimension first; nonnegative, as every pcDEQ state is (the
+                core checks ``z_init``, and the layers keep iterates nonnegative; a layer's
+                untracked products may rely on it, as :class:`PcDEQConv2d`'s Winograd ones do).
             x: the injection, same shape as ``z``; admissible (see :meth:`inject`).
 
         Raises:
@@ -634,7 +640,8 @@ class PcDEQConv2d(PcDEQLayer):
         super().__init__(operator, activation, nonnegativity, injection_floor, args)
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
-        return same_conv2d(z, weight, self.padding, self._conv_algorithm())
+        # States and kernels of a pcDEQ layer are nonnegative: Winograd's rounding below 0 goes.
+        return same_conv2d(z, weight, self.padding, self._conv_algorithm(), nonnegative=True)
 
     def operator_vjp(self, v, z, weight, *, state=True, weight_grad=False):
         grad_state = grad_weight = None

@@ -117,8 +117,8 @@ class PcDEQClassifier(nn.Module):
             x = layer.inject(stem(h))
             if self.channels_last:
                 # oneDNN's convolutions run 10% (forward) to 30% (backward) faster on CPU in
-                # channels-last layout. With conv_algorithm="nnpack" the iterates after the
-                # first are NCHW (NNPACK reads NCHW); a whole-NCHW model measured no faster.
+                # channels-last layout. Where the layer's W z runs on NNPACK (conv_kernels) the
+                # iterates after the first are NCHW; a whole-NCHW model measured no faster.
                 x = x.contiguous(memory_format=torch.channels_last)
             z_out, info = core(
                 lambda z, layer=layer, x=x: layer(z, x), torch.zeros_like(x), backward_writer=backward_writer

@@ -191,10 +191,8 @@ def pcdeq_fixed_point(
             "finite). Use nonfinite='raise' with enclosure=True."
         )
     certified = enclosure or weights is not None
-
-    def monitor() -> _Monitor:
-        return _Monitor(x0, tol, stop_mode, check_every, certified, nonfinite == "report")
-
+    # (a partial, not a closure: the warnings it raises count their stack levels from here)
+    monitor = functools.partial(_Monitor, x0, tol, stop_mode, check_every, certified, nonfinite == "report")
     if certified:
         # The certificates' rounding margins cover sign-exact products only (conv_kernels).
         with sign_exact_products():
@@ -206,10 +204,11 @@ def pcdeq_fixed_point(
         first_look = _Guard(guard, x0, rejudge=True)
         return _plain_solve(func, x0, max_iter, indexing, monitor(), first_look, _residuals)
     except _Rejudge:
-        # The guard saw a violation in a solve that made Winograd products, whose rounding can
-        # mimic a small one: the same solve with sign-exact products has the last word.
-        with sign_exact_products():
-            return _plain_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), _residuals)
+        pass  # (solved again outside this block: a real violation's traceback is its own)
+    # The guard saw a violation in a solve that made Winograd products, whose rounding can mimic
+    # a small one: the same solve with sign-exact products has the last word.
+    with sign_exact_products():
+        return _plain_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), _residuals)
 
 
 def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
