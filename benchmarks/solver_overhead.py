@@ -163,10 +163,23 @@ def hardware_line(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         parts.insert(0, f"{props.name} (CUDA {torch.version.cuda})")
     else:
-        parts.insert(
-            0, f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-        )
+        # The model and the vector extensions PyTorch's kernels use: which kernel wins (oneDNN,
+        # NNPACK) and so every ratio of the conv models depend on them.
+        capability = torch.backends.cpu.get_cpu_capability()
+        parts.insert(0, f"{cpu_name()} CPU ({capability}), {torch.get_num_threads()} threads")
     return ", ".join(parts)
+
+
+def cpu_name() -> str:
+    """The CPU's model name where the system says it (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import platform
 import subprocess
 import sys
 import warnings
@@ -299,3 +300,22 @@ def test_tables_record_the_command_and_settings_that_made_them(tmp_path, monkeyp
     table = (tmp_path / "long_run_cpu.md").read_text()
     assert "lr 0.001 (2x the reference's)" in table and "loss (first / last 2 steps)" in table
     assert "`python -m benchmarks.long_run --steps 4 --lr-factor 2" in table
+
+
+def test_the_cpu_hardware_line_names_the_model_and_the_vector_extensions(monkeypatch, tmp_path):
+    from benchmarks import solver_overhead
+
+    line = solver_overhead.hardware_line(torch.device("cpu"))
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert line.startswith(f"{solver_overhead.cpu_name()} CPU ({capability}), ")
+    assert f"{torch.get_num_threads()} threads" in line and f"torch {torch.__version__}" in line
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000 @ 3.0GHz\nflags\t: avx2\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k),
+    )
+    assert solver_overhead.cpu_name() == "Example CPU 9000 @ 3.0GHz"
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert solver_overhead.cpu_name() in (platform.processor(), platform.machine())
