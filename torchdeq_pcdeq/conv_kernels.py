@@ -314,7 +314,7 @@ def _transposed_kernel(weight: Tensor) -> Tensor:
     return weight.transpose(0, 1).flip(2, 3).contiguous()
 
 
-def _time_both(z: Tensor, weight: Tensor, padding: int, transposed: bool = True) -> Choice:
+def _time_both(z: Tensor, weight: Tensor, padding: int, transposed: bool) -> Choice:
     """Time ``W^T v`` (``transposed``) or ``W z`` for states like ``z`` by both kernels.
 
     ``W^T v``: ``v`` in the layout each kernel would iterate in (:func:`transposed_layout`:
