@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,33 @@ def test_runner_registers_the_plugin_in_spawned_worker_processes(tmp_path):
     result = run_module(str(script), timeout=240)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "PcDEQCore"
+
+
+@pytest.mark.parametrize("user_sitecustomize", [False, True])
+def test_runner_children_start_cleanly_and_run_the_shadowed_sitecustomize(tmp_path, user_sitecustomize):
+    env = dict(os.environ)
+    if user_sitecustomize:  # the user's own sitecustomize must still run, after the runner's
+        user = tmp_path / "user_site"
+        user.mkdir()
+        (user / "sitecustomize.py").write_text("print('user sitecustomize ran')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(user), env.get("PYTHONPATH")]))
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "code = 'import torchdeq.core; print(\"pcdeq\" in torchdeq.core._core)'\n"
+        "child = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)\n"
+        "print(child.stdout.strip().replace(chr(10), ' '), '|', child.stderr.strip())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torchdeq_pcdeq", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = "user sitecustomize ran True |" if user_sitecustomize else "True |"
+    assert result.stdout.strip().splitlines()[-1] == expected
 
 
 def test_without_the_plugin_torchdeq_cannot_find_the_core():

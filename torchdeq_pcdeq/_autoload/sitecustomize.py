@@ -38,9 +38,16 @@ class _RegisterAfterTorchDEQ(importlib.abc.MetaPathFinder):
 
 def _run_shadowed_sitecustomize():
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    sys.modules.pop("sitecustomize", None)
-    with contextlib.suppress(ImportError):
+    this = sys.modules.pop("sitecustomize", None)
+    try:
         importlib.import_module("sitecustomize")
+    except ModuleNotFoundError as missing:
+        if missing.name != "sitecustomize":
+            raise  # the other sitecustomize failed on an import of its own: site reports it
+        # No other sitecustomize: the import that is running this file looks it up by name
+        # when the file ends, and site prints "Error in sitecustomize" if the entry is gone.
+        if this is not None:
+            sys.modules["sitecustomize"] = this
 
 
 if "torchdeq" not in sys.modules:
