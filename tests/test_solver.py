@@ -287,8 +287,9 @@ def test_nonfinite_report_without_divergence_reports_none():
 
 
 def test_nonfinite_report_keeps_infinite_bounds_infinite_and_ignores_a_flagged_sample_later():
-    # certified: sample 0 diverges, sample 1 (q >= 1) has an infinite bound, sample 2 converges
-    growth = torch.tensor([[1e5], [1.5], [0.5]])
+    # certified: sample 0 diverges, sample 1 (q >= 1) has an infinite bound (but grows only
+    # 1.1^60 = 304-fold, far from a divergence), sample 2 converges
+    growth = torch.tensor([[1e5], [1.1], [0.5]])
     weights, rate = torch.ones(3, 2), torch.tensor([0.5, 1.5, 0.5])
     _, _, info = pcdeq_fixed_point(
         lambda z: z * growth + 1,
@@ -353,11 +354,25 @@ def test_an_iterate_whose_norm_overflows_is_never_read_as_converged(stop_mode):
     # not, and their ratio read 0, "converged", with an iterate of 1e19
     f = lambda z: 5.43 * z + 1  # noqa: E731
     kwargs = dict(max_iter=400, tol=1e-4, stop_mode=stop_mode, check_every=1)
-    z, _, info = pcdeq_fixed_point(f, torch.ones(1, 2), nonfinite="report", **kwargs)
-    assert info["diverged"].tolist() == [True] and info["converged"].tolist() == [False]
-    assert int(info["trace_steps"][-1]) == 26 and torch.equal(z, torch.ones(1, 2))
     with pytest.raises(NonFiniteError, match=r"Iterate 26 .* values so large that their norm overflows"):
         pcdeq_fixed_point(f, torch.ones(1, 2), **kwargs)
+
+
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+@pytest.mark.parametrize("dtype, flagged_at", [(torch.float32, 11), (torch.float64, 23)])
+def test_nonfinite_report_flags_growth_past_resolution_before_any_overflow(stop_mode, dtype, flagged_at):
+    # ||f(z)|| is 6.43 sqrt(2) at the first check (iteration 1) and grows 5.43x per iteration:
+    # past 1/eps times that (8.4e6 in float32, 4.5e15 in float64) at iteration 11 or 23, long
+    # before float32 overflows (26) or float64 does (about 420, beyond any budget)
+    f = lambda z: 5.43 * z + 1  # noqa: E731
+    x0 = torch.ones(1, 2, dtype=dtype)
+    kwargs = dict(max_iter=400, tol=1e-4, stop_mode=stop_mode, check_every=1, nonfinite="report")
+    z, _, info = pcdeq_fixed_point(f, x0, **kwargs)
+    assert info["diverged"].tolist() == [True] and info["converged"].tolist() == [False]
+    assert int(info["trace_steps"][-1]) == flagged_at and torch.equal(z, x0)
+    # a sample that grows, but less than that, is unconverged and not diverged
+    z, _, info = pcdeq_fixed_point(lambda z: 1.1 * z + 1, x0, **{**kwargs, "max_iter": 100})
+    assert info["diverged"].tolist() == [False] and info["converged"].tolist() == [False]
 
 
 def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():

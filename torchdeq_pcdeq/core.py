@@ -300,13 +300,14 @@ def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str) -> 
 
 
 def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
-    """The backward solve's iterates overflowed for some samples (``info["diverged"]``)."""
+    """The backward solve's iterates grew without bound for some samples (``info["diverged"]``)."""
     diverged = info["diverged"]
     other = int((~info["converged"] & ~diverged).sum())
     also = f"; {other} more did not reach {stop_mode} tol {tol:g}" if other else ""
     return (
-        f"pcdeq backward solve: the adjoint iteration diverged (its iterates grew until their norm "
-        f"overflowed) for {int(diverged.sum())} of {diverged.numel()} samples{also}. At the fixed point of "
+        "pcdeq backward solve: the adjoint iteration diverged (its iterates grew past 1/eps times "
+        f"their size at the first check, or until their norm overflowed) for {int(diverged.sum())} "
+        f"of {diverged.numel()} samples{also}. At the fixed point of "
         "a pcDEQ layer the adjoint contracts, so the state the forward solve returned is likely too "
         "far from it: the relative 2-norm residual weighs entries by size and misses small entries "
         "still growing (tiny injections, large weights). Use a smaller f_tol, or (bounded "

@@ -149,7 +149,11 @@ def pcdeq_fixed_point(
             or Inf, or one so large that its norm overflows). ``"raise"`` (default):
             :class:`NonFiniteError` (iterating a pcDEQ layer from a finite state stays finite
             unless its weights or data are not). ``"report"``, for maps that may legitimately
-            diverge (the adjoint at a state where ``J`` does not contract): those samples are
+            diverge (the adjoint at a state where ``J`` does not contract): a sample diverges
+            when its measure is NaN or its state's norm grows past ``1 / eps`` (of the
+            accumulation dtype: float32, or float64 for float64 states) times its norm at the
+            first check, which no solve resolvable in that precision does, and which float64
+            would otherwise reach only after hundreds of iterations of growth. Those samples are
             flagged in ``info["diverged"]``, the final state holds their initial state ``x0``
             (the states at ``indexing`` are left as computed), they never count as converged,
             and the solve goes on until the others converge. An ``x0`` that is not finite in
@@ -354,6 +358,8 @@ class _Monitor:
         self.x0 = x0 if report_nonfinite else None  # a diverged sample is reported, a bad start raised
         self.diverged: Tensor | None = None  # per sample, once a check saw non-finite measures
         self.acc, self.tiny = _dtype_constants(x0.dtype)
+        # nonfinite="report": per sample, the state's norm beyond which it diverged (first check)
+        self.growth_limit: Tensor | None = None
         arithmetic = arithmetic_dtype(x0)
         self.eps = torch.finfo(arithmetic).eps
         # The certified measures include a rounding margin of _GUARD_ULPS ulps: no tolerance
@@ -399,6 +405,11 @@ class _Monitor:
         # NaN where the state's norm overflowed (a diverging iteration, whose step's norm may
         # still be finite): the measure must not read as 0, that is, as converged.
         poison = scale * 0
+        if self.x0 is not None:  # nonfinite="report": growth past 1/eps diverges too
+            if self.growth_limit is None:
+                self.growth_limit = scale / torch.finfo(self.acc).eps
+            else:
+                poison = poison.masked_fill(scale > self.growth_limit, math.nan)
         rel_res = torch.addcdiv(poison, abs_res, scale + self.tiny)
         self.steps.append(k)
         self.abs.append(abs_res)
