@@ -261,8 +261,28 @@ def test_a_core_rebuilt_from_another_cores_config_is_the_same_core():
     first = torchdeq.get_deq(core="pcdeq", hook_ift=True, f_max_iter=50, pcdeq_guard="warn")
     second = torchdeq.get_deq(first.args)
     assert (second.gradient, second.f_max_iter, second.guard) == ("hook_ift", 50, "warn")
-    with pytest.raises(InvalidInputError, match="pcdeq_gradient='phantom' disagrees with ift"):
-        torchdeq.get_deq(first.args, pcdeq_gradient="phantom")
+
+
+def test_a_core_rebuilt_from_another_cores_config_differentiates_as_its_own_keys_say():
+    first = torchdeq.get_deq(core="pcdeq", f_max_iter=50)
+    assert first.gradient == "ift"
+    assert PcDEQCore(first.args, hook_ift=True).gradient == "hook_ift"
+    assert PcDEQCore(first.args, ift=False).gradient == "phantom"
+    assert torchdeq.get_deq(first.args, hook_ift=True).gradient == "hook_ift"  # (written into first.args)
+    # how it differentiates is not a key of its own: asking for it by a made-up one fails
+    with pytest.raises(UnknownNameError, match="Unknown pcdeq core option 'pcdeq_gradient'"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_gradient="phantom")
+
+
+def test_every_unknown_keyword_override_is_reported_even_with_an_argparse_config():
+    args = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg"])
+    with pytest.warns(PcDEQWarning, match="'f_tolerance' is ignored .* neither a TorchDEQ key"):
+        assert PcDEQCore(args, f_tolerance=1e-6).f_tol == 1e-4
+    with pytest.warns(PcDEQWarning, match="'f_maxiter' is ignored .* Did you mean 'f_max_iter'"):
+        PcDEQCore(args, f_maxiter=10)
+    with warnings.catch_warnings():  # the script's own flags, in the namespace, are not reported
+        warnings.simplefilter("error")
+        PcDEQCore(argparse.Namespace(**vars(args), f_thresh=30))
 
 
 def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
@@ -970,3 +990,26 @@ def test_solves_in_several_threads_keep_their_layer_contexts_apart():
         torch.testing.assert_close(z, reference, rtol=0, atol=1e-9)
         # a layer called by another thread's solve would lower this solve's minimum
         assert torch.equal(info["min_injection"], x.amin(dim=1).to(info["min_injection"].dtype))
+
+
+def test_warnings_point_at_the_users_line_whatever_the_path_in():
+    f, x = dense_instance(dtype=torch.float32)
+
+    def located(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught and all(w.category is PcDEQWarning for w in caught)
+        return {(w.filename, str(w.message)[:30]) for w in caught}
+
+    # through get_deq (TorchDEQ's frames in between) and through the constructor
+    assert {name for name, _ in located(lambda: torchdeq.get_deq(core="pcdeq", f_maxiter=3))} == {__file__}
+    assert {name for name, _ in located(lambda: PcDEQCore(f_maxiter=3))} == {__file__}
+    # through Module.__call__, in the forward; through autograd, in the backward
+    deq = torchdeq.get_deq(core="pcdeq", f_max_iter=1, b_max_iter=1, b_tol=1e-7)
+    u = x.detach().clone().requires_grad_()
+    outputs = []
+    assert {
+        name for name, _ in located(lambda: outputs.append(deq(lambda z: f(z, u), torch.zeros_like(x))))
+    } == {__file__}
+    assert {name for name, _ in located(lambda: outputs[0][0][-1].sum().backward())} == {__file__}

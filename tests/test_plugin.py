@@ -147,3 +147,17 @@ def test_package_exports_are_explicit():
     for name in torchdeq_pcdeq.__all__:
         assert hasattr(torchdeq_pcdeq, name), name
     assert torchdeq_pcdeq.__version__ == "0.1.0"
+
+
+def test_registry_errors_name_the_flag_only_when_the_flag_is_the_bad_name():
+    from torchdeq_pcdeq.plugin import explain_registry_error
+
+    bare = AssertionError("Not registered DEQ class!")
+    named = explain_registry_error(bare, ["--core", "pcdq"])
+    assert str(named).startswith("Unknown core 'pcdq'. Valid:") and "Did you mean 'pcdeq'?" in str(named)
+    # --core pcdeq is valid: the bad name came from code or a config file, which argv cannot tell
+    unnamed = explain_registry_error(bare, ["--core", "pcdeq"])
+    assert str(unnamed).startswith("Unknown core. Valid:") and "Did you mean" not in str(unnamed)
+    norm = explain_registry_error(AssertionError("Not registered norm type!"), ["--norm_type=pcdeq"])
+    assert str(norm).startswith("Unknown norm_type 'pcdeq'.") and "'pcdeq_nonneg'" in str(norm)
+    assert explain_registry_error(AssertionError("something else"), []) is None

@@ -30,14 +30,13 @@ certify it (``trainer.certify_backward``), so a deep copy of the core behaves as
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, autograd
 
 from .certify import rate_bound, under_autocast
-from .errors import InvalidInputError, NonFiniteError, PcDEQWarning
+from .errors import InvalidInputError, NonFiniteError, warn
 from .solver import arithmetic_dtype
 
 __all__ = ["make_ift", "make_hook_ift", "make_closed_form_ift"]
@@ -135,14 +134,12 @@ def _warn_loss_scale_overflow() -> None:
     if _warned_overflow:  # GradScaler overflows by design every so often: say it once
         return
     _warned_overflow = True
-    warnings.warn(
+    warn(
         "The loss gradient arriving at the pcdeq core holds NaN or Inf under float16 autocast, "
         "as a GradScaler step that overflowed does. The adjoint is not solved (no backward "
         "statistics for this step) and the non-finite gradient is passed on, so that GradScaler "
         "skips the step and lowers its scale; without a GradScaler the optimizer would write NaN "
-        "into the weights. Said once per process: GradScaler's scale shows how often it recurs.",
-        PcDEQWarning,
-        stacklevel=2,
+        "into the weights. Said once per process: GradScaler's scale shows how often it recurs."
     )
 
 
@@ -154,14 +151,12 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
     if dtype in _warned_uncertifiable:  # once per dtype: training would repeat it every step
         return
     _warned_uncertifiable.add(dtype)
-    warnings.warn(
+    warn(
         f"The backward solve cannot be certified: the rate bound q = {rate:.6g} in {dtype} "
         "arithmetic is not below 1 (q approaches 1 when pcDEQ-1 injections are tiny, and "
         "low-precision arithmetic, a low-precision state or autocast, is only as accurate as its "
         "dtype). It is solved with the plain residual test instead, and its statistics carry no "
-        "error_bound. Certify in float32 or wider, outside autocast.",
-        PcDEQWarning,
-        stacklevel=2,
+        "error_bound. Certify in float32 or wider, outside autocast."
     )
 
 

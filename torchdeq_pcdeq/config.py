@@ -23,7 +23,6 @@ import argparse
 import difflib
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 from torchdeq.utils import add_deq_args
@@ -31,7 +30,7 @@ from torchdeq.utils.config import DEQConfig
 
 from .constraints import NONNEGATIVITY_MODES
 from .conv_kernels import CONV_ALGORITHMS
-from .errors import InvalidInputError, PcDEQWarning, UnknownNameError, check_choice
+from .errors import InvalidInputError, UnknownNameError, check_choice, warn
 from .solver import GUARD_MODES
 
 __all__ = [
@@ -64,8 +63,6 @@ NONCONVERGENCE_MODES = ("warn", "raise", "ignore")
 GUARANTEED_SOLVERS = (SOLVER_NAME, "fixed_point_iter", "simple_fixed_point_iter")
 # Norms under which a plain nn.Linear / nn.Conv2d may keep nonnegative weights.
 NONNEGATIVE_NORMS = (NORM_NAME, "none")
-# Keys the core writes into its own config, recomputed from the others on every resolve.
-DERIVED_KEYS = ("pcdeq_gradient",)
 
 
 @dataclass(frozen=True)
@@ -240,23 +237,29 @@ def _explicit_keys(config: dict) -> set[str]:
     return {k for k, v in config.items() if k not in defaults or v != defaults[k]}
 
 
-def _check_unknown_keys(config: dict, from_argparse: bool) -> None:
-    """Refuse unknown ``pcdeq_`` keys (the prefix is ours); warn about near-misses of TorchDEQ's."""
-    # The config a core stores (core.args) also holds the keys it derived: a core rebuilt from
-    # it must not fail on them.
-    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat", *DERIVED_KEYS}
+def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> None:
+    """Refuse unknown ``pcdeq_`` keys (the prefix is ours); warn about other unknown keys.
+
+    A config may carry keys that are not the core's (a script's own flags, a whole training
+    config), so there only near-misses of a valid key are reported, and none from argparse,
+    whose flags are the script's to name. Keyword overrides (``overrides``) are the core's alone:
+    every unknown one is reported.
+    """
+    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat"}
     for key in config:
         if key in known or not isinstance(key, str):
             continue
         if key.startswith("pcdeq_"):
             raise UnknownNameError("pcdeq core option", key, PCDEQ_OPTIONS)
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-        if close and not from_argparse:
-            warnings.warn(
-                f"Unknown config key {key!r} is ignored by the pcdeq core. Did you mean {close[0]!r}?",
-                PcDEQWarning,
-                stacklevel=4,
+        if key in overrides or (close and not from_argparse):
+            hint = (
+                f"Did you mean {close[0]!r}?"
+                if close
+                else "It is neither a TorchDEQ key (torchdeq.utils.add_deq_args) nor a plugin "
+                "option (torchdeq_pcdeq.config.PCDEQ_OPTIONS)."
             )
+            warn(f"Unknown config key {key!r} is ignored by the pcdeq core. {hint}")
 
 
 def resolve_core_config(args, kwargs: dict) -> dict:
@@ -269,21 +272,12 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     from_argparse = set(torchdeq_argparse_defaults()) <= set(source)
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
-    _check_unknown_keys(config, from_argparse)
+    _check_unknown_keys(config, from_argparse, set(kwargs))
 
     for key, value in PCDEQ_CORE_DEFAULTS.items():
         if key not in explicit:
             config[key] = value
-    # TorchDEQ's --ift flag cannot say "off"; only a dict can ask for phantom gradients.
-    # (Derived again from ift / hook_ift whenever a config is resolved: see DERIVED_KEYS.)
-    gradient = "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
-    if config.get("pcdeq_gradient", gradient) != gradient:
-        raise InvalidInputError(
-            f"pcdeq_gradient={config['pcdeq_gradient']!r} disagrees with ift={config.get('ift')!r} / "
-            f"hook_ift={config.get('hook_ift')!r}, from which the core derives it ({gradient!r}). "
-            "Set ift / hook_ift instead (ift=False asks for phantom gradients)."
-        )
-    config["pcdeq_gradient"] = gradient
+    gradient = gradient_mode(config)
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
     for key, option in PCDEQ_OPTIONS.items():
@@ -301,25 +295,31 @@ def resolve_core_config(args, kwargs: dict) -> dict:
                 else "without a convergence guarantee for pcDEQ, and"
             )
             lost = "the guard and the enclosure" if prefix == "f" else "the certified backward solve"
-            warnings.warn(
+            warn(
                 f"{prefix}_solver={solver!r} is {guarantee} the pcdeq core cannot apply {lost} "
-                f"with it. Remove the option to use {SOLVER_NAME!r}.",
-                PcDEQWarning,
-                stacklevel=3,
+                f"with it. Remove the option to use {SOLVER_NAME!r}."
             )
     norm = config.get("norm_type")
     if norm is not None:
         check_choice("norm_type", norm, registered_norms())
         if norm not in NONNEGATIVE_NORMS:
-            warnings.warn(
+            warn(
                 f"norm_type={norm!r} allows negative weights, which void pcDEQ's guarantees for "
                 f"plain nn.Linear / nn.Conv2d layers in f. Pass --norm_type {NORM_NAME} (or "
                 f"norm_type='{NORM_NAME}'). The pcDEQ layers constrain their own weights whatever "
-                "the norm_type.",
-                PcDEQWarning,
-                stacklevel=3,
+                "the norm_type."
             )
     return config
+
+
+def gradient_mode(config: dict) -> str:
+    """How the core differentiates: ``"hook_ift"``, ``"ift"`` or ``"phantom"`` (``ift=False``).
+
+    Derived from ``ift`` / ``hook_ift`` each time, never stored: a core rebuilt from another's
+    config with other values of them differentiates as they say. TorchDEQ's ``--ift`` flag cannot
+    say "off"; only a dict or a keyword asks for phantom gradients.
+    """
+    return "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
 
 
 def _warn_unused_phantom_options(config: dict) -> None:
@@ -332,14 +332,13 @@ def _warn_unused_phantom_options(config: dict) -> None:
         if key in config and config[key] not in (default, [default])
     ]
     if unused:
-        warnings.warn(
+        warn(
             f"{' and '.join(unused)} configure TorchDEQ's phantom gradient, which the pcdeq core "
             "does not use here: it differentiates implicitly by default (ift=True). For phantom "
-            "gradients set ift=False in a dict config, or as PcDEQCore(args, ift=False) with an "
-            "argparse namespace (there --ift cannot say off, and get_deq(args, ift=False) writes "
-            "False, TorchDEQ's default, into the namespace, where it reads as unset).",
-            PcDEQWarning,
-            stacklevel=4,
+            "gradients pass PcDEQCore(args, ift=False), or set ift=False in a dict config that does "
+            "not hold every TorchDEQ flag. From argparse, and in a dict that holds them all, False "
+            "is TorchDEQ's default and reads as unset (--ift cannot say off, and "
+            "get_deq(args, ift=False) writes False into the namespace)."
         )
 
 

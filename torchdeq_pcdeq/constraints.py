@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import InvalidInputError, NegativeWeightError, PcDEQWarning, check_choice
+from .errors import InvalidInputError, NegativeWeightError, check_choice, warn
 
 __all__ = [
     "NONNEGATIVITY_MODES",
@@ -88,12 +87,10 @@ def _reduce_dims(weight: Tensor, dim: int) -> list[int]:
 def _warn_if_negative(weight: Tensor, what: str) -> None:
     negative = int((weight < 0).sum())
     if negative:
-        warnings.warn(
+        warn(
             f"{what}: the weight has {negative} negative entries (min {weight.min().item():.3g}); "
             "the constrained weight uses their absolute values. Initialise with "
-            "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start.",
-            PcDEQWarning,
-            stacklevel=4,
+            "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start."
         )
 
 
@@ -309,11 +306,9 @@ class PcDEQNonnegNorm:
         if deq_args is not None:
             for key, neutral in cls._UNSUPPORTED_OPTIONS.items():
                 if deq_args.get(key, neutral) != neutral:
-                    warnings.warn(
+                    warn(
                         f"norm_type='pcdeq_nonneg' does not support {key}={deq_args.get(key)!r}; "
-                        "the scale is always learnt and never clipped. Drop the option.",
-                        PcDEQWarning,
-                        stacklevel=3,
+                        "the scale is always learnt and never clipped. Drop the option."
                     )
         for name, dim in zip(names, dims):
             constrain_nonnegative(module, "weight_norm", name=name, dim=dim)

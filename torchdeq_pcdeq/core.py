@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import warnings
 
 import torch
 from torch import Tensor
@@ -48,9 +47,9 @@ from torchdeq.core import DEQSliced
 
 from .backward import make_closed_form_ift, make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, resolve_core_config
+from .config import SOLVER_NAME, gradient_mode, resolve_core_config
 from .conv_kernels import sign_exact_products
-from .errors import ConvergenceError, InvalidInputError, PcDEQWarning
+from .errors import ConvergenceError, InvalidInputError, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
 
@@ -103,7 +102,7 @@ class PcDEQCore(DEQSliced):
         self.enclosure_upper = config["pcdeq_enclosure_upper"]
         self.certify_rate = config["pcdeq_rate_bound"]
         self.sradius_method = config["pcdeq_sradius"]
-        self.gradient = config["pcdeq_gradient"]
+        self.gradient = gradient_mode(config)
         self.owns_f_solver = config["f_solver"] == SOLVER_NAME
         self.owns_b_solver = config["b_solver"] == SOLVER_NAME
         self.certify_backward = self.certify_rate and self.owns_b_solver
@@ -278,13 +277,17 @@ class PcDEQCore(DEQSliced):
         if which == "backward" and "diverged" in info and bool(info["diverged"].any()):
             message = _diverged_message(info, tol, stop_mode)
         else:
-            message = _unconverged_message(info, tol, stop_mode, which)
+            # the iteration budget of this solve: eval-mode forward solves have their own
+            budget = (
+                "b_max_iter" if which == "backward" else "f_max_iter" if self.training else "eval_f_max_iter"
+            )
+            message = _unconverged_message(info, tol, stop_mode, which, budget)
         if self.nonconvergence == "raise":
             raise ConvergenceError(message)
-        warnings.warn(message, PcDEQWarning, stacklevel=4)
+        warn(message)
 
 
-def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str) -> str:
+def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str, budget: str) -> str:
     failed = int((~info["converged"]).sum())
     best = info[f"{stop_mode}_lowest"].max().item()
     iters = int(info["nstep"].max().item())
@@ -292,7 +295,7 @@ def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str) -> 
     return (
         f"pcdeq {which} solve: {failed} of {info['converged'].numel()} samples did not reach "
         f"{stop_mode} tol {tol:g} within {iters} iterations (best {stop_mode} residual reached "
-        f"by the worst sample: {best:.3g}). Try a larger {prefix}_max_iter or a looser "
+        f"by the worst sample: {best:.3g}). Try a larger {budget} or a looser "
         f"{prefix}_tol; slow convergence of pcDEQ-1 layers comes from tiny injections or "
         "weights grown large (docs/guarantees.md). Set pcdeq_nonconvergence='ignore' to "
         "silence this."
@@ -330,13 +333,11 @@ def _warn_if_above(plain: bool) -> None:
     if not plain or getattr(_LAST_SOLVE, "from_zero", True) or _warned_above:
         return
     _warned_above = True
-    warnings.warn(
+    warn(
         "The rate bound q is taken at the solve's returned state, which a plain solve from a "
         "nonzero z_init may leave above z*, where q can fall below the spectral radius at z*: it "
         "is then an estimate, not a bound. Start from torch.zeros_like(x), or set "
-        "pcdeq_enclosure=True (q at its lower sequence), for a certified q.",
-        PcDEQWarning,
-        stacklevel=4,
+        "pcdeq_enclosure=True (q at its lower sequence), for a certified q."
     )
 
 

@@ -8,7 +8,13 @@ what was received and what to do.
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
+
+import torch
+import torchdeq
 
 __all__ = [
     "PcDEQError",
@@ -83,6 +89,27 @@ class ConvergenceError(PcDEQError):
 
 class NonFiniteError(PcDEQError):
     """An iterate holds NaN or Inf."""
+
+
+# Frames of these are not the user's: a warning points past them, at the line that called in.
+_INTERNAL_PREFIXES = (
+    *(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, torchdeq)),
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    "<frozen importlib",  # an import that triggers a warning: the user's import line
+)
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`PcDEQWarning` attributed to the user's line that led to it.
+
+    The line is the innermost frame outside torch, TorchDEQ and this package, so that the
+    attribution holds whatever the path in (``get_deq`` or the core's constructor,
+    ``Module.__call__``, autograd's backward).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, PcDEQWarning, stacklevel=level + 1)
 
 
 def quote_all(names: Iterable[str]) -> str:

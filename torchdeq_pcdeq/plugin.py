@@ -12,8 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-
 import torchdeq.core
 import torchdeq.norm.base_norm
 import torchdeq.solver
@@ -21,7 +19,7 @@ import torchdeq.solver
 from .config import NORM_NAME, SOLVER_NAME
 from .constraints import PcDEQNonnegNorm
 from .core import PcDEQCore
-from .errors import PcDEQWarning, UnknownNameError
+from .errors import UnknownNameError, warn
 from .solver import pcdeq_fixed_point
 
 __all__ = [
@@ -81,7 +79,8 @@ def explain_registry_error(error: BaseException, argv: list[str] | None = None) 
     TorchDEQ's ``get_deq`` and ``apply_norm`` say only ``AssertionError: Not registered DEQ
     class!`` for an unknown ``core`` or ``norm_type``; the runner (``python -m torchdeq_pcdeq``)
     turns that into a message with the valid names, the name read from ``--core`` /
-    ``--norm_type`` in ``argv`` when given there.
+    ``--norm_type`` in ``argv`` when given there and not valid (a valid one there means the
+    failing name came from elsewhere: code or a config file, which the message cannot name).
 
     Example:
         >>> explain_registry_error(AssertionError("Not registered DEQ class!"), ["--core", "pcdq"])
@@ -89,8 +88,10 @@ def explain_registry_error(error: BaseException, argv: list[str] | None = None) 
     """
     if not isinstance(error, AssertionError) or str(error) not in _TORCHDEQ_REGISTRY_ASSERTIONS:
         return None
-    key, valid = _TORCHDEQ_REGISTRY_ASSERTIONS[str(error)]
-    return UnknownNameError(key, _flag_value(argv or [], f"--{key}"), valid())
+    key, valid_names = _TORCHDEQ_REGISTRY_ASSERTIONS[str(error)]
+    valid = valid_names()
+    name = _flag_value(argv or [], f"--{key}")
+    return UnknownNameError(key, name if name not in valid else None, valid)
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -128,12 +129,10 @@ def register() -> dict[str, str]:
             status[f"{kind}:{key}"] = "present"
         else:
             status[f"{kind}:{key}"] = "skipped"
-            warnings.warn(
+            warn(
                 f"TorchDEQ's {kind} registry already holds {key!r} "
                 f"({getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', current)!s}); "
                 f"torchdeq_pcdeq left it in place, so {kind} {key!r} is NOT the pcDEQ one. Remove "
-                "the other registration or import torchdeq_pcdeq first.",
-                PcDEQWarning,
-                stacklevel=2,
+                "the other registration or import torchdeq_pcdeq first."
             )
     return status

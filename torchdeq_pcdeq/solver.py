@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,8 +57,8 @@ from .errors import (
     NonFiniteError,
     NonUniqueFixedPointError,
     NotPositiveMonotoneError,
-    PcDEQWarning,
     check_choice,
+    warn,
 )
 from .reductions import extremes, sample_dims
 
@@ -178,12 +177,10 @@ def pcdeq_fixed_point(
             pcDEQ map (:class:`NotPositiveMonotoneError`, :class:`NonUniqueFixedPointError`).
     """
     if kwargs:
-        warnings.warn(
+        warn(
             f"pcdeq_fixed_point ignores unknown options {sorted(kwargs)}; valid options are "
             "max_iter, tol, stop_mode, indexing, check_every, guard, enclosure, upper, weights, rate, "
-            "nonfinite.",
-            PcDEQWarning,
-            stacklevel=2,
+            "nonfinite."
         )
     _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau)
     _validate_certificates(x0, enclosure, upper, weights, rate)
@@ -195,7 +192,6 @@ def pcdeq_fixed_point(
             "finite). Use nonfinite='raise' with enclosure=True."
         )
     certified = enclosure or weights is not None
-    # (a partial, not a closure: the warnings it raises count their stack levels from here)
     monitor = functools.partial(_Monitor, x0, tol, stop_mode, check_every, certified, nonfinite == "report")
     if certified:
         # The certificates' rounding margins cover sign-exact products only (conv_kernels).
@@ -643,7 +639,7 @@ class _Guard:
         mode, self.mode = self.mode, "off"  # report once per solve
         if mode == "raise":
             raise error(message)
-        warnings.warn(message, PcDEQWarning, stacklevel=5)
+        warn(message)
 
 
 def _negative_message(k: int, fz: Tensor) -> str:
@@ -718,11 +714,9 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
     key = (dtype, stop_mode, tol)
     if key not in _warned_floors:
         _warned_floors.add(key)
-        warnings.warn(
+        warn(
             f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
-            f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance.",
-            PcDEQWarning,
-            stacklevel=4,
+            f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
         )
 
 
@@ -733,12 +727,10 @@ def _warn_certifiable(rate: float, tol: float, floor: float) -> None:
     key = round(math.log10(max(1 - rate, 1e-300)))
     if key not in _warned_rates:
         _warned_rates.add(key)
-        warnings.warn(
+        warn(
             f"The contraction factor q = {rate:.6g} is so close to 1 that rounding keeps the "
             f"certified bound above {floor:.3g} (relative); the tolerance {tol:g} is raised to it. "
-            "q approaches 1 when pcDEQ-1 injections are tiny (see info['min_injection']).",
-            PcDEQWarning,
-            stacklevel=5,
+            "q approaches 1 when pcDEQ-1 injections are tiny (see info['min_injection'])."
         )
 
 
