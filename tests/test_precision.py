@@ -277,6 +277,26 @@ def test_a_non_finite_loss_gradient_of_a_half_model_still_raises():
         (z_out[-1] * torch.tensor(float("nan"), dtype=torch.float16)).sum().backward()
 
 
+def test_an_adjoint_beyond_float16s_range_in_a_half_model_is_said(monkeypatch):
+    """The adjoint (50,081 / slope here) exceeds 65,504 while its solve converges: Inf, and a warning.
+
+    tanh with W = 0.9 / 8 and a loss gradient of 30,000 per entry: the first solve overflows,
+    the solve in range converges, and the solution multiplied back is beyond float16's range.
+    """
+    monkeypatch.setattr(backward_module, "_warned_beyond_range", False)  # said once per process
+    f = PcDEQLinear(8, nonnegativity="project")
+    with torch.no_grad():
+        f.linear.weight.fill_(0.9 / 8)
+    f = f.half()
+    x = f.inject(torch.zeros(2, 8, dtype=torch.float16)).requires_grad_()
+    seen: list = []
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-2, b_tol=1e-2)  # above float16's floor
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x), backward_writer=seen.append)
+    with pytest.warns(PcDEQWarning, match=r"adjoint .* exceeds float16's range \(65,504\) in 2 of 2 samples"):
+        (grad,) = torch.autograd.grad(z_out[-1], x, torch.full_like(z_out[-1], 30000.0))
+    assert torch.isinf(grad).all() and bool(seen[-1]["converged"].all())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_overflowed_loss_gradient_under_float16_reaches_gradscaler(device, monkeypatch):
     """GradScaler's overflow steps pass through the core: no exception, each step skipped, one warning."""

@@ -92,12 +92,12 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
 
     y, info = solve(grad, kwargs)
     if half and "diverged" in info and bool(info["diverged"].any()):
-        y, info = _solve_in_range(solve, grad, kwargs)
+        y, info = _solve_in_range(solve, grad, kwargs, half_model=not under_autocast(z_in))
     trainer.after_backward(info, writer)
     return y
 
 
-def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict) -> tuple[Tensor, dict]:
+def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict, half_model: bool) -> tuple[Tensor, dict]:
     """The adjoint solve again, for ``grad`` scaled into float16's range, after an overflow.
 
     float16 ends at 65,504, and loss scaling (``GradScaler``) brings gradients close to it on
@@ -106,7 +106,10 @@ def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict) -> tuple[Tensor
     of two that brings each sample's maximum to ``[1, 2)`` (absolute stopping: the batch's, with
     the tolerance scaled alike), and the solution multiplied back. Samples that diverge again
     really diverge. Only after an overflow: the scaled solve rounds entries below ``2^-14`` of
-    the maximum to float16's subnormals, which loss scaling exists to avoid.
+    the maximum to float16's subnormals, which loss scaling exists to avoid. A solution that is
+    itself beyond float16's range is Inf once multiplied back, in the samples that hold it:
+    under autocast the signal a GradScaler backs off from; in a float16 model (``half_model``),
+    which no GradScaler accepts, said with a warning.
     """
     rel = kwargs.get("stop_mode", "rel") == "rel"
     magnitude = grad.detach().abs()
@@ -123,7 +126,28 @@ def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict) -> tuple[Tensor
         if key in info:
             info[key] = info[key] * per_sample
     info["abs_trace"] = info["abs_trace"] * per_sample[:, None]
-    return (y * scale).to(y.dtype), info
+    y = (y * scale).to(y.dtype)
+    if half_model and not bool(torch.isfinite(y).all()):
+        _warn_beyond_half_range(int((~torch.isfinite(y)).flatten(1).any(1).sum()), y.shape[0])
+    return y, info
+
+
+_warned_beyond_range = False
+
+
+def _warn_beyond_half_range(samples: int, batch: int) -> None:
+    global _warned_beyond_range
+    if _warned_beyond_range:
+        return
+    _warned_beyond_range = True
+    warn(
+        f"The adjoint of the implicit gradient exceeds float16's range (65,504) in {samples} of "
+        f"{batch} samples of this float16 model, although its solve converged (for the loss "
+        "gradient scaled into range): their gradients hold Inf, which an optimizer would write "
+        "into the weights. Keep float32 weights and run the model under float16 autocast with a "
+        "GradScaler (which skips such a step and lowers its scale), or train in float32 or "
+        "bfloat16. Said once per process."
+    )
 
 
 _warned_overflow = False
