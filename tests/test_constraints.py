@@ -233,3 +233,32 @@ def test_weight_norm_is_exact_in_half_precision():
     expected = f.weight.detach().clone()
     f.half()
     torch.testing.assert_close(f.weight.float(), expected, rtol=2e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["parametrize", "weight_norm"])
+def test_zero_entries_and_rows_of_an_assigned_weight_train(mode):
+    """abs has no gradient at 0: a weight from the projection (clamped zeros) assigned to a
+    parametrized layer must not leave its zeros dead; its value is kept to below rounding."""
+    f = PcDEQLinear(4, nonnegativity=mode)
+    weight = torch.rand(4, 4) + 0.1
+    weight[0, 1] = 0.0  # one zero entry
+    weight[2] = 0.0  # one zero row
+    f.linear.weight = weight
+    assert f.weight[2].max() <= 1e-38 and f.weight[0, 1] <= 1e-38
+    torch.testing.assert_close(f.weight, weight, rtol=1e-6, atol=1e-38)
+    opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    for _ in range(3):  # a loss that pushes every entry up
+        opt.zero_grad()
+        (-f.weight.sum()).backward()
+        opt.step()
+    assert f.weight[0, 1] > 1e-3 and (f.weight[2] > 1e-3).all()
+
+
+def test_weight_norm_right_inverse_keeps_float16_weights():
+    """The scale accumulates in float32, as the forward does: float16 squares underflow."""
+    p = NonNegativeWeightNorm()
+    weight = (torch.rand(3, 1000) * 2e-4 + 1e-5).half()  # squares of about 1e-8: subnormal or 0
+    torch.testing.assert_close(p(*p.right_inverse(weight)), weight, rtol=2e-3, atol=0)
+    layer = PcDEQLinear(1000, dtype=torch.float16)  # the reference initialisation, in float16
+    scale = layer.linear.parametrizations.weight.original0.float().flatten()
+    torch.testing.assert_close(scale, layer.weight.float().norm(dim=1), rtol=2e-3, atol=0)

@@ -84,6 +84,17 @@ def _reduce_dims(weight: Tensor, dim: int) -> list[int]:
     return [d for d in range(weight.dim()) if d != dim]
 
 
+def _trainable(magnitude: Tensor) -> Tensor:
+    """``magnitude`` (``>= 0``) with its zeros raised to the dtype's smallest subnormal number.
+
+    ``abs`` has no gradient at 0: a raw entry stored as exactly 0 (from a zero initialisation,
+    or a weight from the projection, which clamps to 0) would never train. Raised, it changes
+    the weight by at most that number, below any rounding of a product, and trains.
+    """
+    finfo = torch.finfo(magnitude.dtype)
+    return magnitude.clamp_min(finfo.tiny * finfo.eps)
+
+
 def _warn_if_negative(weight: Tensor, what: str) -> None:
     negative = int((weight < 0).sum())
     if negative:
@@ -97,8 +108,10 @@ def _warn_if_negative(weight: Tensor, what: str) -> None:
 class NonNegative(nn.Module):
     """Parametrization ``W = |V|``: nonnegative whatever value ``V`` takes.
 
-    The absolute value (rather than a clamp or a square) keeps a unit gradient everywhere, so
-    an entry pushed below zero by the optimizer reflects back instead of dying.
+    The absolute value (rather than a clamp or a square) keeps a unit gradient everywhere but
+    at exactly 0, so an entry pushed below zero by the optimizer reflects back instead of dying;
+    :meth:`right_inverse` stores no exact 0 (it stores the dtype's smallest subnormal number),
+    so that a zero entry of an assigned weight trains too.
 
     Example:
         >>> import torch
@@ -116,7 +129,7 @@ class NonNegative(nn.Module):
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         _warn_if_negative(weight, "NonNegative")
-        return weight.abs()
+        return _trainable(weight.abs())
 
 
 class NonNegativeWeightNorm(nn.Module):
@@ -125,7 +138,10 @@ class NonNegativeWeightNorm(nn.Module):
     A weight norm whose direction and scale are both nonnegative. Where ``||v_i|| = 0`` the
     slice is zero: the squared norm (accumulated in at least float32) is clamped to the smallest
     normal number before the reciprocal square root, so neither the value nor the gradient is
-    NaN.
+    NaN. ``abs`` has no gradient at exactly 0, so :meth:`right_inverse` stores no exact 0: the
+    zero entries of a weight become the dtype's smallest subnormal number in ``v``, a zero
+    slice gets a uniform direction and that number as its scale, which changes ``W`` by no more
+    than that number, below any rounding of a product, and lets those entries train.
 
     Args:
         dim: the dimension kept by the norm (0: one scale per output unit or channel).
@@ -155,8 +171,11 @@ class NonNegativeWeightNorm(nn.Module):
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         _warn_if_negative(weight, "NonNegativeWeightNorm")
         direction = weight.abs()
-        scale = direction.square().sum(_reduce_dims(direction, self.dim), keepdim=True).sqrt()
-        return scale, direction
+        wide = direction.to(torch.promote_types(direction.dtype, torch.float32))  # as in forward
+        scale = wide.square().sum(_reduce_dims(direction, self.dim), keepdim=True).sqrt()
+        # (no exact zeros: they would never train)
+        direction = torch.where(scale > 0, _trainable(direction), 1.0)
+        return _trainable(scale.to(weight.dtype)), direction
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
