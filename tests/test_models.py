@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -52,15 +54,30 @@ def test_unknown_names_and_missing_defaults():
     with pytest.raises(InvalidInputError, match=r"no 'linear' model for 'cifar10'.*channels="):
         build_model("linear", "cifar10")
     assert build_model("linear", "cifar10", channels=16).num_parameters() > 0
-    with pytest.raises(InvalidInputError, match="three channel counts"):
+    with pytest.raises(InvalidInputError, match="three positive channel counts"):
         build_model("multi_conv", "mnist", channels=12)
+    with pytest.raises(
+        InvalidInputError, match=r"three positive channel counts \(C1, C2, C3\), got \(12, 0, 48\)"
+    ):
+        build_model("multi_conv", "mnist", channels=(12, 0, 48))
 
 
 def test_multi_conv_refuses_images_its_stages_would_shrink_below_its_pool():
-    with pytest.raises(InvalidInputError, match=r"no 'multi_conv' model for 'digits'"):
-        build_model("multi_conv", "digits")
-    with pytest.raises(InvalidInputError, match=r"at least 19x19.*'digits' has 8x8 images"):
-        build_model("multi_conv", "digits", channels=(4, 4, 4))
+    # whatever the width: no advice to pass channels=..., which cannot help
+    for channels in (None, (4, 4, 4)):
+        with pytest.raises(InvalidInputError, match=r"at least 19x19.*'digits' has 8x8 images"):
+            build_model("multi_conv", "digits", channels=channels)
+
+
+def test_a_deq_config_that_chooses_the_gradient_overrides_the_models_default():
+    def gradients(deq):
+        return {core.gradient for core in build_model("linear", "digits", deq=deq).cores}
+
+    assert gradients({}) == {"hook_ift"}
+    assert gradients({"ift": True}) == {"ift"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # grad is used: no warning that it is not
+        assert gradients({"ift": False, "grad": 3}) == {"phantom"}
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,8 @@ __all__ = ["ARCHITECTURES", "DATASETS", "ModelConfig", "PcDEQClassifier", "build
 
 ARCHITECTURES = ("linear", "single_conv", "multi_conv")
 # The models' core config unless overridden: implicit differentiation through the single-graph
-# hook (the default autograd.Function recomputes f in the backward pass).
+# hook (the default autograd.Function recomputes f in the backward pass). A deq config that sets
+# ift or hook_ift itself chooses the gradient alone (ift=False: phantom gradients).
 DEFAULT_DEQ = {"hook_ift": True}
 
 
@@ -175,6 +176,8 @@ def build_model(
     cfg = architecture
     check_choice("architecture", cfg.architecture, ARCHITECTURES)
     data = DATASETS[check_choice("dataset", cfg.dataset, DATASETS)]
+    if cfg.architecture == "multi_conv":
+        _check_multi_conv_input(data.image_size, cfg.dataset)  # before the width: no width helps
     width = cfg.channels if cfg.channels is not None else data.channels.get(cfg.architecture)
     if width is None:
         raise InvalidInputError(
@@ -197,7 +200,6 @@ def build_model(
         head = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(width * pooled**2, cfg.num_classes))
     else:
         widths = _triple(width)
-        _check_multi_conv_input(data.image_size, cfg.dataset)
         stages, previous = [], data.in_channels
         for i, c in enumerate(widths):
             conv = nn.Conv2d(previous, c, 3, padding=1) if i == 0 else nn.Conv2d(previous, c, 3, stride=2)
@@ -205,9 +207,8 @@ def build_model(
             stages.append((nn.Sequential(conv, nn.BatchNorm2d(c)), PcDEQConv2d(c, **layer_kwargs), post))
             previous = c
         head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(widths[-1], cfg.num_classes))
-    return PcDEQClassifier(
-        stages, head, {**DEFAULT_DEQ, **cfg.deq}, channels_last=cfg.architecture != "linear"
-    )
+    deq = cfg.deq if {"ift", "hook_ift"} & set(cfg.deq) else {**DEFAULT_DEQ, **cfg.deq}
+    return PcDEQClassifier(stages, head, deq, channels_last=cfg.architecture != "linear")
 
 
 def _check_multi_conv_input(size: int, dataset: str) -> None:
@@ -221,13 +222,19 @@ def _check_multi_conv_input(size: int, dataset: str) -> None:
         )
 
 
+def _positive_int(width) -> bool:
+    return isinstance(width, int) and not isinstance(width, bool) and width >= 1
+
+
 def _single(width) -> int:
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+    if not _positive_int(width):
         raise InvalidInputError(f"This architecture takes one positive int of channels, got {width!r}.")
     return width
 
 
 def _triple(width) -> tuple[int, int, int]:
-    if not (isinstance(width, (tuple, list)) and len(width) == 3 and all(_single(w) for w in width)):
-        raise InvalidInputError(f"multi_conv takes three channel counts (C1, C2, C3), got {width!r}.")
+    if not (isinstance(width, (tuple, list)) and len(width) == 3 and all(map(_positive_int, width))):
+        raise InvalidInputError(
+            f"multi_conv takes three positive channel counts (C1, C2, C3), got {width!r}."
+        )
     return tuple(width)
