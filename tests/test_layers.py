@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,8 +85,11 @@ def test_constructor_errors():
         PcDEQConv2d(4, kernel_size=2)
     with pytest.raises(InvalidInputError, match="features must be a positive integer, got 0"):
         PcDEQLinear(0)
-    with pytest.raises(InvalidInputError, match="injection_floor must be a positive number"):
-        PcDEQLinear(3, injection_floor=0.0)
+    for floor in (0.0, math.inf, math.nan, True):
+        with pytest.raises(
+            InvalidInputError, match=f"injection_floor must be a positive finite number, got {floor}"
+        ):
+            PcDEQLinear(3, injection_floor=floor)
 
 
 def test_shape_errors_say_what_was_expected():
@@ -149,6 +154,23 @@ def test_a_state_of_another_dtype_is_reported_after_the_injection_was_verified()
     lin(torch.rand(2, 4), x)  # verified with a float32 state
     with pytest.raises(InvalidInputError, match=r"state torch\.float64 and injection torch\.float32"):
         lin(torch.rand(2, 4, dtype=torch.float64), x)  # was a bare RuntimeError from the product
+
+
+@pytest.mark.parametrize("mode", ["weight_norm", "project"])
+def test_weights_moved_to_another_dtype_are_reported_after_the_injection_was_verified(mode):
+    lin = PcDEQLinear(4, nonnegativity=mode)
+    z, x = torch.rand(2, 4), lin.inject(torch.randn(2, 4))
+    lin(z, x)  # verified with float32 weights
+    lin.double()
+    with pytest.raises(InvalidInputError, match=r"injection torch\.float32, weights torch\.float64"):
+        lin(z, x)  # was a bare RuntimeError from the product
+    # verified under autocast, which mixes dtypes, then called outside it
+    lin = PcDEQLinear(4, nonnegativity=mode)
+    z, x = z.bfloat16(), lin.inject(torch.randn(2, 4)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(z, x)
+    with pytest.raises(InvalidInputError, match=r"injection torch\.bfloat16, weights torch\.float32"):
+        lin(z, x)
 
 
 def test_project_mode_reports_weights_made_negative_by_hand():

@@ -275,10 +275,12 @@ class PcDEQLayer(nn.Module):
             injection_floor = _option(args, "pcdeq_injection_floor", DEFAULT_INJECTION_FLOOR)
         self.activation = get_activation(activation)
         self.nonnegativity = check_choice("nonnegativity mode", nonnegativity, NONNEGATIVITY_MODES)
-        if not (isinstance(injection_floor, (int, float)) and injection_floor > 0):
+        if isinstance(injection_floor, bool) or not (
+            isinstance(injection_floor, (int, float)) and 0 < injection_floor < math.inf
+        ):
             raise InvalidInputError(
-                f"injection_floor must be a positive number, got {injection_floor!r}; it keeps "
-                "pcDEQ-1 injections strictly positive where softplus underflows."
+                f"injection_floor must be a positive finite number, got {injection_floor!r}; it "
+                "keeps pcDEQ-1 injections strictly positive where softplus underflows."
             )
         self.injection_floor = float(injection_floor)
         reference_init_(operator.weight)
@@ -383,7 +385,9 @@ class PcDEQLayer(nn.Module):
         """The admissible injection for this layer's activation.
 
         pcDEQ-1: ``softplus(u, beta=5) + floor`` (strictly positive even where softplus
-        underflows, e.g. ``u < -21`` in float32); pcDEQ-2: ``relu(u)``.
+        underflows, e.g. ``u < -21`` in float32), the floor raised to the dtype's smallest normal
+        number where it is below it (float16: ``6.1e-5``), so that no injection is subnormal;
+        pcDEQ-2: ``relu(u)``.
 
         Raises:
             InvalidInputError: ``u`` is not a floating tensor or has the wrong shape (NaN or Inf
@@ -422,9 +426,17 @@ class PcDEQLayer(nn.Module):
         if not torch.compiler.is_compiling():
             # A solve calls f many times with one injection: the checks that need a host sync
             # (and those of dtypes and devices) run once per injection tensor and kind of state
-            # (shape, dtype, device); a cheap comparison covers the other calls. Inference
-            # tensors have no version counter.
-            key = (0 if x.is_inference() else x._version, z.shape, z.dtype, z.device)
+            # (shape, dtype, device, with the weight's and autocast's); a cheap comparison covers
+            # the other calls. Inference tensors have no version counter.
+            key = (
+                0 if x.is_inference() else x._version,
+                z.shape,
+                z.dtype,
+                z.device,
+                weight.dtype,
+                weight.device,
+                torch.is_autocast_enabled(weight.device.type),  # (z's may be one autocast lacks)
+            )
             verified = self._verified_call
             if verified is None or verified[0]() is not x or verified[1] != key:
                 self._verify_call(z, x, weight, key)
