@@ -332,6 +332,63 @@ def test_the_guard_judges_each_sample_whose_gap_stalls_on_its_own():
         check(8, [1e-4, 5.9])  # sample 1 stalled too, far beyond rounding
 
 
+@pytest.mark.parametrize(
+    "dtype, weight, injection", [(torch.float32, 10 / 8, 1e-9), (torch.float16, 3 / 8, None)]
+)
+def test_a_gap_that_rounds_alike_while_the_lower_sequence_still_rises_is_not_two_fixed_points(
+    dtype, weight, injection
+):
+    """The upper sequence is still, the lower one rises from a tiny injection by less than half an
+    ulp of the gap: at two consecutive checks the gap rounds to the same value. That is no stall."""
+    f = PcDEQLinear(8, "tanh", nonnegativity="project", dtype=dtype)
+    with torch.no_grad():
+        f.linear.weight.fill_(weight)
+    x = (
+        f.inject(torch.full((2, 8), -100.0, dtype=dtype))
+        if injection is None
+        else torch.full((2, 8), injection, dtype=dtype)
+    )
+    tol = 0.05 if dtype == torch.float16 else 1e-2  # above float16's certified floor (0.0176)
+    z, _, info = pcdeq_fixed_point(
+        lambda z: f(z, x),
+        torch.zeros_like(x),
+        max_iter=200,
+        tol=tol,
+        enclosure=True,
+        upper=1.0,
+        guard="raise",
+        check_every=1,
+    )
+    assert info["converged"].all() and bool((info["error_bound"] <= tol * z.amax(dim=1)).all())
+
+
+def test_certified_bounds_cover_float16s_absolute_rounding_below_its_normal_range():
+    """float16 rounds absolutely (2^-24) below 6.1e-5: a relative margin alone missed it."""
+    x = torch.full((1, 1), 1e-7, dtype=torch.float16)
+    z, _, info = pcdeq_fixed_point(
+        lambda z: torch.tanh(0.1 * z + x),
+        torch.zeros_like(x),
+        max_iter=200,
+        tol=0.05,
+        enclosure=True,
+        upper=1.0,
+    )
+    exact = torch.zeros(1, 1, dtype=torch.float64)
+    for _ in range(100):
+        exact = torch.tanh(0.1 * exact + x.double())
+    assert (z.double() - exact).abs().max() <= info["error_bound"].double().max()
+    g = torch.tensor([[3e-7, -1e-7, 1.5e-7, 3e-7]], dtype=torch.float16)  # a small loss gradient
+    y, _, info = pcdeq_fixed_point(
+        lambda y: 0.5 * y + g,
+        g.clone(),
+        max_iter=100,
+        tol=0.1,
+        weights=torch.ones(1, 4, dtype=torch.float16),
+        rate=torch.tensor([0.5]),
+    )
+    assert (y.double() - 2 * g.double()).abs().sum() <= info["error_bound"].double().max()
+
+
 def _one_tanh_unit(weight=0.9, injection=0.01):
     f = PcDEQLinear(1, "tanh", nonnegativity="project", dtype=torch.float64)
     with torch.no_grad():

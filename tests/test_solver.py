@@ -413,3 +413,14 @@ def test_empty_and_dtype_changing_states_are_reported():
         pcdeq_fixed_point(lambda z: z, torch.zeros(0, 3))
     with pytest.raises(InvalidInputError, match="keep the state's dtype and device"):
         pcdeq_fixed_point(lambda z: z.double() / 2 + 1, torch.zeros(2, 3))
+
+
+def test_indexing_entries_that_no_solve_reaches_are_refused():
+    f, x = dense_instance()
+    for indexing in ([0, 2, 4], [-1, 3], [2.5]):
+        with pytest.raises(InvalidInputError, match=r"indexing holds iterations that no solve reaches"):
+            pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), indexing=indexing)
+    _, states, _ = pcdeq_fixed_point(
+        lambda z: f(z, x), torch.zeros_like(x), indexing=[2, 4], check_every=1, tol=1e-12
+    )
+    assert len(states) == 2

@@ -124,8 +124,10 @@ def pcdeq_fixed_point(
             twice.
         tol: tolerance (> 0) on the per-sample measure chosen by ``stop_mode`` (``"rel"`` or
             ``"abs"``, see the module docstring). A tolerance finer than the dtype can resolve
-            is raised to :func:`resolution_floor` (relative), with a warning.
-        indexing: iterations at which to return the state (TorchDEQ contract).
+            is raised to :func:`resolution_floor` (relative), with a warning; with ``"abs"``,
+            a residual below that floor times the sample's ``||f(z)||`` counts as converged,
+            per sample and without a warning.
+        indexing: iterations (each ``>= 1``) at which to return the state (TorchDEQ contract).
         check_every: ``"auto"`` or a positive int: how often to evaluate convergence.
         guard: ``"off"`` (default), ``"warn"`` or ``"raise"``: at each check, look for iterates
             that a positive-monotone map cannot produce (negative values; from ``x0 = 0`` a
@@ -182,7 +184,7 @@ def pcdeq_fixed_point(
             "max_iter, tol, stop_mode, indexing, check_every, guard, enclosure, upper, weights, rate, "
             "nonfinite."
         )
-    _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau)
+    _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing)
     _validate_certificates(x0, enclosure, upper, weights, rate)
     check_choice("nonfinite mode", nonfinite, NONFINITE_MODES)
     if enclosure and nonfinite != "raise":
@@ -309,7 +311,8 @@ def _residuals(diff: Tensor, fz: Tensor, monitor: _Monitor) -> tuple[Tensor, Ten
 def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, monitor: _Monitor):
     """``(q ||f(z) - z||_w + r) / (1 - q)`` (infinite where ``q >= 1``) and ``||f(z)||_w``.
 
-    ``r``, a few ulps of ``||f(z)||_w``, bounds the rounding of one application of ``f``: a
+    ``r``, a few ulps of ``||f(z)||_w`` (and as many of the smallest subnormal number per unit
+    of weight, for float16's absolute rounding there), bounds the rounding of one application of ``f``: a
     solve stalled by rounding (``f(z) == z`` in floating point) still gets a nonzero bound. The
     bound can therefore never go below ``r / (1 - q)``: the monitor's limit is raised to twice
     that (see :meth:`_Monitor.contraction_floor`).
@@ -318,7 +321,9 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     step = (diff.abs() * weights).sum(dim=dims, dtype=acc)
     scale = (fz.abs() * weights).sum(dim=dims, dtype=acc)
     rate = rate.to(acc)
-    rounding = _GUARD_ULPS * monitor.eps * scale
+    if monitor.weight_mass is None:  # once per solve: the absolute rounding's weight
+        monitor.weight_mass = weights.sum(dim=dims, dtype=acc)
+    rounding = _GUARD_ULPS * (monitor.eps * scale + monitor.subnormal * monitor.weight_mass)
     bound = torch.where(rate < 1, (rate * step + rounding) / (1 - rate), math.inf)
     monitor.contraction_floor(rate)
     return bound, scale
@@ -328,11 +333,12 @@ def _enclosure_bound(low: Tensor, high: Tensor, monitor: _Monitor) -> tuple[Tens
     """``max_i (high - low)_i / 2`` plus a rounding margin, and ``max_i high_i``.
 
     The midpoint is within half the gap of the fixed point. The margin (a few ulps of the
-    largest entry) covers the rounding of the computed sequences.
+    largest entry, and as many of the smallest subnormal number) covers the rounding of the
+    computed sequences.
     """
     top = high.amax(dim=monitor.dims).to(monitor.acc)
     gap = (high - low).amax(dim=monitor.dims).to(monitor.acc)
-    return gap / 2 + _GUARD_ULPS * monitor.eps * top, top
+    return gap / 2 + _GUARD_ULPS * (monitor.eps * top + monitor.subnormal), top
 
 
 # -- convergence checks --------------------------------------------------------------------------
@@ -358,6 +364,9 @@ class _Monitor:
         self.growth_limit: Tensor | None = None
         arithmetic = arithmetic_dtype(x0)
         self.eps = torch.finfo(arithmetic).eps
+        # Below the smallest normal number rounding is absolute: the certified margins add
+        # _GUARD_ULPS of the smallest subnormal (float16: 2^-24; negligible in wider dtypes).
+        self.subnormal = torch.finfo(arithmetic).tiny * self.eps
         # The certified measures include a rounding margin of _GUARD_ULPS ulps: no tolerance
         # below it can be met.
         self.floor = resolution_floor(arithmetic) + (_GUARD_ULPS * self.eps if certified else 0.0)
@@ -365,6 +374,7 @@ class _Monitor:
             _warn_floor(arithmetic, stop_mode, tol, self.floor)
         self.rel_limit = max(tol, self.floor)
         self.rate_floor: float | None = None
+        self.weight_mass: Tensor | None = None  # the contraction bound's sum of weights
         self.dims = sample_dims(x0)
         self.steps: list[int] = []
         self.abs: list[Tensor] = []
@@ -604,11 +614,21 @@ class _Guard:
             elif rise < -slack or fall > slack or crossing < -slack:
                 self._fail(NotPositiveMonotoneError, _enclosure_message(k, rise, fall, crossing))
             elif stuck_gap > 0:
-                stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled)
+                # A gap can also round to the same value while the lower sequence still rises
+                # from a tiny injection by less than half an ulp of the gap: only samples whose
+                # sequences stopped moving (each entry within rounding of itself) settled.
+                still = self._still_moving(low, high, low_next, high_next, dims)
+                stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled & ~still)
                 if stuck_gap > 0:
                     self._fail(NonUniqueFixedPointError, _non_unique_message(k, stuck_gap))
 
         return scalars, report
+
+    def _still_moving(self, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, dims) -> Tensor:
+        """Per sample: an entry of either sequence moved by more than rounding of itself."""
+        rising = (low_next - low) > self.slack * low_next
+        falling = (high - high_next) > self.slack * high_next
+        return (rising | falling).flatten(1).any(dim=1)
 
     def _beyond_rounding(self, func, low: Tensor, gap: Tensor, top: Tensor, settled: Tensor) -> float:
         """The largest settled gap that rounding cannot explain (0 if none); the rare path.
@@ -748,7 +768,7 @@ def _check_output(fz, z: Tensor) -> None:
         )
 
 
-def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau) -> None:
+def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing) -> None:
     if not isinstance(x0, Tensor):
         raise InvalidInputError(
             f"pcdeq_fixed_point expects the initial state as one tensor, got {type(x0).__name__}. "
@@ -776,6 +796,12 @@ def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau) -> None:
         isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
     ):
         raise InvalidInputError(f"check_every must be 'auto' or an integer >= 1, got {check_every!r}.")
+    bad = [i for i in indexing or () if isinstance(i, bool) or not isinstance(i, int) or i < 1]
+    if bad:
+        raise InvalidInputError(
+            f"indexing holds iterations that no solve reaches: {bad}. Each entry is an iteration "
+            "(an int >= 1) whose state is returned; the initial state is not an iterate."
+        )
     if tau != 1.0:
         raise InvalidInputError(
             f"pcdeq_fixed_point is undamped (tau=1.0); got tau={tau!r}. Plain iteration already "
