@@ -694,3 +694,22 @@ def test_an_uncertifiable_backward_under_autocast_names_autocast_dtype(monkeypat
         assert z_out[-1].dtype == torch.float32
         with pytest.warns(PcDEQWarning, match=r"q = 1 in torch.bfloat16 arithmetic .* outside autocast"):
             z_out[-1].sum().backward()
+
+
+def test_an_exactly_zero_sample_converges_under_the_certified_bounds():
+    """A zero sample (a zero loss gradient, in the certified backward) is computed exactly: the
+    bounds' absolute rounding term (float16's subnormals) does not apply to it."""
+    b = torch.rand(2, 30) + 0.1
+    b[1] = 0
+    f = lambda z: 0.5 * z + b  # noqa: E731
+    weights, rate = torch.ones(2, 30), torch.full((2,), 0.5)
+    _, _, info = pcdeq_fixed_point(f, torch.zeros(2, 30), max_iter=200, weights=weights, rate=rate)
+    assert info["converged"].tolist() == [True, True] and info["error_bound"][1] == 0
+    for dtype in (torch.float16, torch.float32):
+        low_b = b.to(dtype)
+        x0 = torch.zeros(2, 30, dtype=dtype)
+        _, _, info = pcdeq_fixed_point(
+            lambda z, b=low_b: 0.5 * z + b, x0, max_iter=200, tol=0.05, enclosure=True, upper=4.0
+        )
+        # (the upper sequence of the zero sample halves from 4 until it underflows to 0)
+        assert info["converged"].tolist() == [True, True] and info["error_bound"][1] < 1e-30

@@ -161,3 +161,18 @@ def test_registry_errors_name_the_flag_only_when_the_flag_is_the_bad_name():
     norm = explain_registry_error(AssertionError("Not registered norm type!"), ["--norm_type=pcdeq"])
     assert str(norm).startswith("Unknown norm_type 'pcdeq'.") and "'pcdeq_nonneg'" in str(norm)
     assert explain_registry_error(AssertionError("something else"), []) is None
+
+
+def test_a_warning_raised_by_an_import_points_at_the_import_line(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import warnings, torchdeq.solver\n"
+        "torchdeq.solver._solvers['pcdeq_fixed_point'] = lambda *a, **k: None  # another one first\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torchdeq_pcdeq  # line 5\n"
+        "print(sorted({(w.filename.split('/')[-1], w.lineno) for w in caught}))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[('probe.py', 5)]"

@@ -59,6 +59,9 @@ PCDEQ_CORE_DEFAULTS: dict[str, object] = {
 }
 
 NONCONVERGENCE_MODES = ("warn", "raise", "ignore")
+# The gradient mode that cores of earlier versions stored in their config (core.args): read from
+# saved configs, checked against ift / hook_ift, and no longer written.
+_LEGACY_GRADIENT_KEY = "pcdeq_gradient"
 # Plain iteration converges for every pcDEQ; Anderson and Broyden carry no such guarantee.
 GUARANTEED_SOLVERS = (SOLVER_NAME, "fixed_point_iter", "simple_fixed_point_iter")
 # Norms under which a plain nn.Linear / nn.Conv2d may keep nonnegative weights.
@@ -245,7 +248,7 @@ def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> No
     whose flags are the script's to name. Keyword overrides (``overrides``) are the core's alone:
     every unknown one is reported.
     """
-    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat"}
+    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat", _LEGACY_GRADIENT_KEY}
     for key in config:
         if key in known or not isinstance(key, str):
             continue
@@ -278,6 +281,13 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         if key not in explicit:
             config[key] = value
     gradient = gradient_mode(config)
+    recorded = config.pop(_LEGACY_GRADIENT_KEY, gradient)
+    if recorded != gradient:  # a config saved by an earlier version, edited since
+        warn(
+            f"{_LEGACY_GRADIENT_KEY}={recorded!r} is ignored: the core derives how it differentiates "
+            f"from ift / hook_ift ({gradient!r} here). Set those instead (ift=False asks for phantom "
+            "gradients)."
+        )
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
     for key, option in PCDEQ_OPTIONS.items():

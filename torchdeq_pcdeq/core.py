@@ -17,7 +17,8 @@ options) with:
   (``pcdeq_guard``) watches the iterates for signs that ``f`` is not positive-monotone; a solve
   that ends above its tolerance is flagged in ``info["converged"]`` and, per
   ``pcdeq_nonconvergence``, warned about or raised; so is a backward solve whose adjoint
-  overflows (its samples get the one-step gradient, never NaN);
+  diverges, growing past ``1/eps**2`` or overflowing (its samples get the one-step gradient,
+  never NaN);
 * parametrized weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
   instead of once per iteration;
 * from a zero initial state, the first iteration of the pcDEQ layers is ``sigma(x)``: the
@@ -308,7 +309,7 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
     other = int((~info["converged"] & ~diverged).sum())
     also = f"; {other} more did not reach {stop_mode} tol {tol:g}" if other else ""
     return (
-        "pcdeq backward solve: the adjoint iteration diverged (its iterates grew past 1/eps times "
+        "pcdeq backward solve: the adjoint iteration diverged (its iterates grew past 1/eps^2 times "
         f"their size at the first check, or until their norm overflowed) for {int(diverged.sum())} "
         f"of {diverged.numel()} samples{also}. At the fixed point of "
         "a pcDEQ layer the adjoint contracts, so the state the forward solve returned is likely too "

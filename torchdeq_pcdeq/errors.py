@@ -104,12 +104,26 @@ def warn(message: str) -> None:
 
     The line is the innermost frame outside torch, TorchDEQ and this package, so that the
     attribution holds whatever the path in (``get_deq`` or the core's constructor,
-    ``Module.__call__``, autograd's backward).
+    ``Module.__call__``, autograd's backward, an import). It is named to
+    ``warnings.warn_explicit``: ``warnings.warn``'s ``stacklevel`` skips importlib's frames
+    on its own and would count past it.
     """
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, PcDEQWarning, stacklevel=level + 1)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace frame walking: the caller's line
+        warnings.warn(message, PcDEQWarning, stacklevel=2)
+        return
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
+        frame = frame.f_back
+    scope = frame.f_globals
+    warnings.warn_explicit(
+        message,
+        PcDEQWarning,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=scope.get("__name__", "<string>"),
+        registry=scope.setdefault("__warningregistry__", {}),
+        module_globals=scope,
+    )
 
 
 def quote_all(names: Iterable[str]) -> str:

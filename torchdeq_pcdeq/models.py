@@ -73,7 +73,8 @@ class ModelConfig:
         nonnegativity: the layers' mechanism (default ``"weight_norm"``, as the reference).
         num_classes: output classes.
         deq: config of the ``pcdeq`` cores (a dict of TorchDEQ / plugin keys), on top of
-            :data:`DEFAULT_DEQ`.
+            :data:`DEFAULT_DEQ` unless it sets ``ift`` or ``hook_ift`` (it then chooses the
+            gradient alone).
     """
 
     architecture: str = "linear"

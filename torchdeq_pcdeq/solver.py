@@ -151,10 +151,12 @@ def pcdeq_fixed_point(
             :class:`NonFiniteError` (iterating a pcDEQ layer from a finite state stays finite
             unless its weights or data are not). ``"report"``, for maps that may legitimately
             diverge (the adjoint at a state where ``J`` does not contract): a sample diverges
-            when its measure is NaN or its state's norm grows past ``1 / eps`` (of the
+            when its measure is NaN or its state's norm grows past ``1 / eps**2`` (of the
             accumulation dtype: float32, or float64 for float64 states) times its norm at the
-            first check, which no solve resolvable in that precision does, and which float64
-            would otherwise reach only after hundreds of iterations of growth. Those samples are
+            first check, which float64 would otherwise reach only after hundreds of iterations of
+            growth. (A convergent map whose iterates grow that much on the way, a strongly
+            non-normal one, is reported as diverged too; the adjoint of a pcDEQ layer grows by
+            at most the spread of ``z*``'s entries over ``1 - q``, far below it.) Those samples are
             flagged in ``info["diverged"]``, the final state holds their initial state ``x0``
             (the states at ``indexing`` are left as computed), they never count as converged,
             and the solve goes on until the others converge. An ``x0`` that is not finite in
@@ -323,7 +325,8 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     rate = rate.to(acc)
     if monitor.weight_mass is None:  # once per solve: the absolute rounding's weight
         monitor.weight_mass = weights.sum(dim=dims, dtype=acc)
-    rounding = _GUARD_ULPS * (monitor.eps * scale + monitor.subnormal * monitor.weight_mass)
+    # (an exactly zero sample is computed exactly: no absolute term, so that it converges)
+    rounding = _GUARD_ULPS * (monitor.eps * scale + monitor.subnormal * monitor.weight_mass * (scale > 0))
     bound = torch.where(rate < 1, (rate * step + rounding) / (1 - rate), math.inf)
     monitor.contraction_floor(rate)
     return bound, scale
@@ -338,7 +341,7 @@ def _enclosure_bound(low: Tensor, high: Tensor, monitor: _Monitor) -> tuple[Tens
     """
     top = high.amax(dim=monitor.dims).to(monitor.acc)
     gap = (high - low).amax(dim=monitor.dims).to(monitor.acc)
-    return gap / 2 + _GUARD_ULPS * (monitor.eps * top + monitor.subnormal), top
+    return gap / 2 + _GUARD_ULPS * (monitor.eps * top + monitor.subnormal * (top > 0)), top
 
 
 # -- convergence checks --------------------------------------------------------------------------
@@ -358,7 +361,7 @@ class _Monitor:
     ):
         self.tol, self.stop_mode, self.check_every, self.certified = tol, stop_mode, check_every, certified
         self.x0 = x0 if report_nonfinite else None  # a diverged sample is reported, a bad start raised
-        self.diverged: Tensor | None = None  # per sample, once a check saw non-finite measures
+        self.diverged: Tensor | None = None  # per sample, once a check saw NaN measures (growth)
         self.acc, self.tiny = _dtype_constants(x0.dtype)
         # nonfinite="report": per sample, the state's norm beyond which it diverged (first check)
         self.growth_limit: Tensor | None = None
@@ -411,9 +414,9 @@ class _Monitor:
         # NaN where the state's norm overflowed (a diverging iteration, whose step's norm may
         # still be finite): the measure must not read as 0, that is, as converged.
         poison = scale * 0
-        if self.x0 is not None:  # nonfinite="report": growth past 1/eps diverges too
+        if self.x0 is not None:  # nonfinite="report": growth past 1/eps^2 diverges too
             if self.growth_limit is None:
-                self.growth_limit = scale / torch.finfo(self.acc).eps
+                self.growth_limit = scale / torch.finfo(self.acc).eps ** 2
             else:
                 poison = poison.masked_fill(scale > self.growth_limit, math.nan)
         rel_res = torch.addcdiv(poison, abs_res, scale + self.tiny)
