@@ -176,3 +176,23 @@ def test_a_warning_raised_by_an_import_points_at_the_import_line(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[('probe.py', 5)]"
+
+
+def test_a_warning_in_a_script_run_as_a_module_is_shown_not_an_import_error(tmp_path):
+    """``python -m pkg.module`` names its module __main__, which its loader cannot serve the source of."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "run.py").write_text(
+        "import torch\n"
+        "from torchdeq_pcdeq import pcdeq_fixed_point\n"
+        "pcdeq_fixed_point(lambda z: z / 2 + 1, torch.zeros(2, 3), tol=1e-12)  # below the floor\n"
+        "print('ran')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "pkg.run"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ran"
+    assert f"{package / 'run.py'}:3: PcDEQWarning: tol=1e-12" in result.stderr

@@ -122,7 +122,8 @@ def warn(message: str) -> None:
         frame.f_lineno,
         module=scope.get("__name__", "<string>"),
         registry=scope.setdefault("__warningregistry__", {}),
-        module_globals=scope,
+        # (no module_globals: with them the source line is asked of the module's loader, which
+        # raises ImportError for a script run as ``python -m pkg.module``, named __main__)
     )
 
 
