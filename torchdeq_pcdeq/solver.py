@@ -620,14 +620,14 @@ class _Guard:
                 # A gap can also round to the same value while the lower sequence still rises
                 # from a tiny injection by less than half an ulp of the gap: only samples whose
                 # sequences stopped moving (each entry within rounding of itself) settled.
-                still = self._still_moving(low, high, low_next, high_next, dims)
+                still = self._still_moving(low, high, low_next, high_next)
                 stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled & ~still)
                 if stuck_gap > 0:
                     self._fail(NonUniqueFixedPointError, _non_unique_message(k, stuck_gap))
 
         return scalars, report
 
-    def _still_moving(self, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, dims) -> Tensor:
+    def _still_moving(self, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor) -> Tensor:
         """Per sample: an entry of either sequence moved by more than rounding of itself."""
         rising = (low_next - low) > self.slack * low_next
         falling = (high - high_next) > self.slack * high_next
