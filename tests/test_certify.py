@@ -556,7 +556,10 @@ def test_option_values_are_validated():
         torchdeq.get_deq(core="pcdeq", pcdeq_ratebound=True)
 
 
-def test_the_enclosure_stops_at_its_rounding_floor_instead_of_running_out_of_iterations():
+def test_the_enclosure_stops_at_its_rounding_floor_instead_of_running_out_of_iterations(monkeypatch):
+    from torchdeq_pcdeq import solver
+
+    monkeypatch.setattr(solver, "_warned_floors", set())  # warned once per process
     f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
     with pytest.warns(PcDEQWarning, match="below what"):
         _, _, info = pcdeq_fixed_point(

@@ -5,6 +5,7 @@ import functools
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchdeq
@@ -303,11 +304,57 @@ def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
         ({"f_max_iter": 0}, InvalidInputError, "f_max_iter must be an integer >= 1, got 0"),
         ({"b_tol": -1.0}, InvalidInputError, "b_tol must be a positive finite number"),
         ({"f_stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),
+        ({"f_tol": "1e-4"}, InvalidInputError, "f_tol must be a positive finite number, got '1e-4'"),
+        ({"eval_factor": "2"}, InvalidInputError, "eval_factor must be a positive finite number, got '2'"),
+        ({"eval_f_max_iter": 50.0}, InvalidInputError, r"eval_f_max_iter must be an integer .* got 50.0"),
+        ({"grad": 0}, InvalidInputError, r"grad \(the phantom gradient's steps\) must be an integer >= 1"),
+        ({"grad": [2, 0.5]}, InvalidInputError, r"nonempty list of them.*got \[2, 0.5\]"),
+        ({"grad": []}, InvalidInputError, r"nonempty list of them, got \[\]"),
+        ({"grad": [1, 2], "n_states": 3}, InvalidInputError, r"gives 2 .* for 3 returned states"),
+        ({"tau": 0}, InvalidInputError, "tau must be a positive finite number, got 0"),
+        ({"n_states": 0}, InvalidInputError, "n_states must be an integer >= 1, got 0"),
+        ({"indexing": [2.5]}, InvalidInputError, r"indexing .* must be a list of integers, got \[2.5\]"),
     ],
 )
 def test_invalid_config_values(config, error, match):
     with pytest.raises(error, match=match):
         torchdeq.get_deq(core="pcdeq", **config)
+
+
+def test_numpy_and_tensor_integers_are_taken_as_ints():
+    deq = torchdeq.get_deq(
+        core="pcdeq",
+        f_max_iter=np.int64(30),
+        b_max_iter=torch.tensor(20),
+        eval_f_max_iter=np.int32(40),
+        n_states=np.int64(2),
+        f_tol=np.float32(1e-3),
+    )
+    assert (deq.f_max_iter, deq.b_max_iter, deq.eval_f_max_iter, deq.indexing) == (30, 20, 40, [15, 15])
+    assert all(type(value) is int for value in (deq.f_max_iter, deq.b_max_iter, deq.eval_f_max_iter))
+    assert type(deq.f_tol) is float and deq.f_tol == pytest.approx(1e-3)
+
+
+def test_per_call_solver_kwargs_are_checked_against_the_core():
+    f, x = dense_instance(dtype=torch.float32)
+    deq = torchdeq.get_deq(core="pcdeq", n_states=3, pcdeq_nonconvergence="ignore")
+
+    def call(**solver_kwargs):
+        return deq(lambda z: f(z, x), torch.zeros_like(x), solver_kwargs=solver_kwargs)
+
+    with pytest.raises(InvalidInputError, match=r"'f_max_iter'\]=2 is split by n_states=3.*\[0, 0, 0\]"):
+        call(f_max_iter=2)
+    with pytest.raises(InvalidInputError, match=r"\['f_max_iter'\] must be an integer >= 1, got 6.0"):
+        call(f_max_iter=6.0)
+    for key, instead in (("tol", "f_tol"), ("stop_mode", "f_stop_mode"), ("max_iter", "'f_max_iter': n")):
+        with pytest.raises(InvalidInputError, match=rf"cannot hold '{key}'.*{instead}"):
+            call(**{key: 1})
+    # a NumPy budget is used in training, where TorchDEQ reads only int and float budgets
+    z_out, info = call(f_max_iter=np.int64(6))
+    assert len(z_out) == 3 and int(info["trace_steps"][-1]) <= 2
+    assert deq.eval()(lambda z: f(z, x), torch.zeros_like(x), solver_kwargs={"f_max_iter": np.int64(1)})[1][
+        "trace_steps"
+    ].tolist() == [1]
 
 
 def test_add_pcdeq_args_help_and_choices():
@@ -516,8 +563,8 @@ def test_torchdeq_simple_solver_works_as_backward_solver():
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        ({"n_states": 300}, r"n_states=300 / indexing=None split f_max_iter=200"),
-        ({"indexing": [250]}, r"segments of \[250, -50\]"),
+        ({"n_states": 300}, r"^n_states=300 splits f_max_iter=200"),
+        ({"indexing": [250]}, r"^indexing=\[250\] splits .*segments of \[250, -50\]"),
         ({"eval_factor": 0.001}, r"eval solve gets 0 iterations.*eval_factor=0.001"),
     ],
 )

@@ -127,6 +127,16 @@ def tolerance_not_positive():
     return lambda: torchdeq.get_deq(core="pcdeq", f_tol=0.0), []
 
 
+def config_value_of_the_wrong_type():
+    return lambda: torchdeq.get_deq(core="pcdeq", eval_factor="2"), []
+
+
+def per_call_budget_too_small_for_the_states():
+    f, x = dense_instance(dtype=torch.float32)
+    deq = torchdeq.get_deq(core="pcdeq", n_states=3)
+    return lambda: deq(lambda z: f(z, x), torch.zeros_like(x), solver_kwargs={"f_max_iter": 2}), [f]
+
+
 def unknown_activation():
     return lambda: PcDEQLinear(4, "tahn"), []
 
@@ -243,6 +253,8 @@ CASES = {
     "`f_max_iter` <= 0": max_iter_not_positive,
     "solver `max_iter` <= 0": solver_max_iter_not_positive,
     "tolerance <= 0": tolerance_not_positive,
+    "config value of the wrong type": config_value_of_the_wrong_type,
+    "per-call `f_max_iter` below `n_states`": per_call_budget_too_small_for_the_states,
     "unknown activation": unknown_activation,
     "unknown core option": unknown_core_option,
     "invalid core option value": invalid_core_option_value,

@@ -23,6 +23,8 @@ import argparse
 import difflib
 import functools
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 from torchdeq.utils import add_deq_args
@@ -280,6 +282,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     for key, value in PCDEQ_CORE_DEFAULTS.items():
         if key not in explicit:
             config[key] = value
+    _check_numbers(config)
     gradient = gradient_mode(config)
     recorded = config.pop(_LEGACY_GRADIENT_KEY, gradient)
     if recorded != gradient:  # a config saved by an earlier version, edited since
@@ -294,8 +297,6 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         config[key] = option.convert(key, config.get(key, option.default))
 
     for prefix in ("f", "b"):
-        _check_positive_int(config, f"{prefix}_max_iter")
-        _check_positive_float(config, f"{prefix}_tol")
         check_choice(f"{prefix}_stop_mode", config[f"{prefix}_stop_mode"], ("rel", "abs"))
         solver = check_choice(f"{prefix}_solver", config[f"{prefix}_solver"], registered_solvers())
         if solver != SOLVER_NAME:
@@ -352,13 +353,73 @@ def _warn_unused_phantom_options(config: dict) -> None:
         )
 
 
-def _check_positive_int(config: dict, key: str) -> None:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def as_integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer (Python's, NumPy's, an integer 0-dim tensor)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_numbers(config: dict) -> None:
+    """Check TorchDEQ's numeric keys, before TorchDEQ reads them; store integers as ``int``.
+
+    TorchDEQ's core asserts on a bad ``grad`` only, and takes any other value as given: a string
+    ``eval_factor`` would make a budget of repeated characters, a float budget would fail at the
+    first solve, a NumPy integer would be refused.
+    """
+    for key in ("f_max_iter", "b_max_iter", "n_states"):
+        if key in config:
+            config[key] = _positive_int(key, config[key])
+    for key in ("f_tol", "b_tol", "eval_factor", "tau"):
+        if key in config:
+            config[key] = _positive_float(key, config[key])
+    if "eval_f_max_iter" in config:
+        budget = as_integer(config["eval_f_max_iter"])
+        if budget is None:
+            raise InvalidInputError(
+                f"eval_f_max_iter must be an integer (the eval solve's budget; 0 or less derives it "
+                f"as eval_factor x f_max_iter), got {config['eval_f_max_iter']!r}."
+            )
+        config["eval_f_max_iter"] = budget
+    indexing = config.get("indexing")
+    if indexing is not None:
+        if not isinstance(indexing, (list, tuple)) or any(as_integer(index) is None for index in indexing):
+            raise InvalidInputError(
+                "indexing (the iterations at which training returns a state) must be a list of "
+                f"integers, got {indexing!r}."
+            )
+        config["indexing"] = [as_integer(index) for index in indexing]
+    if "grad" in config:
+        grad = config["grad"]
+        steps = grad if isinstance(grad, (list, tuple)) else [grad]
+        if not steps or any(as_integer(step) is None or as_integer(step) < 1 for step in steps):
+            raise InvalidInputError(
+                "grad (the phantom gradient's steps) must be an integer >= 1 or a nonempty list of "
+                f"them, got {grad!r}."
+            )
+        n_states = config.get("n_states", 1)
+        states = n_states if n_states > 1 else len(config.get("indexing") or []) + 1
+        if len(steps) not in (1, states):
+            raise InvalidInputError(
+                f"grad={grad!r} gives {len(steps)} phantom-gradient steps for {states} returned states "
+                f"(n_states={config.get('n_states')!r}, indexing={config.get('indexing')!r}): give one "
+                "step for all of them, or one per state."
+            )
+        steps = [as_integer(step) for step in steps]
+        config["grad"] = steps if isinstance(grad, (list, tuple)) else steps[0]
+
+
+def _positive_int(key: str, value: object) -> int:
+    number = as_integer(value)
+    if number is None or number < 1:
         raise InvalidInputError(f"{key} must be an integer >= 1, got {value!r}.")
+    return number
 
 
-def _check_positive_float(config: dict, key: str) -> None:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+def _positive_float(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < math.inf):
         raise InvalidInputError(f"{key} must be a positive finite number, got {value!r}.")
+    return float(value)

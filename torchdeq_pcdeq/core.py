@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ from torchdeq.core import DEQSliced
 
 from .backward import make_closed_form_ift, make_hook_ift, make_ift
 from .certify import min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, gradient_mode, resolve_core_config
+from .config import SOLVER_NAME, as_integer, gradient_mode, resolve_core_config
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
@@ -140,6 +141,7 @@ class PcDEQCore(DEQSliced):
         """
         starts_at_zero = _check_initial_state(z_init)
         self._check_context(sradius_mode)
+        solver_kwargs = self._checked_solver_kwargs(solver_kwargs)
         _LAST_SOLVE.from_zero = starts_at_zero  # whether plain iterates stay below z*
         # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
         # The certificates (the enclosure's bound, in training that of f applied to its
@@ -161,6 +163,41 @@ class PcDEQCore(DEQSliced):
             info["error_bound"] = 2 * info["error_bound"]
         self._check_converged(info, self.f_tol, self.f_stop_mode, "forward")
         return z_out, info
+
+    def _checked_solver_kwargs(self, solver_kwargs) -> dict | None:
+        """A copy of the per-call ``solver_kwargs``, its ``f_max_iter`` an int that fits the states.
+
+        TorchDEQ passes the solver ``x0``, ``max_iter``, ``tol`` and ``stop_mode`` itself (a second
+        value is Python's "got multiple values" TypeError), and splits a per-call ``f_max_iter``
+        over ``n_states`` / ``indexing`` into segments that must each get an iteration.
+        """
+        if solver_kwargs is None:
+            return None
+        if not isinstance(solver_kwargs, Mapping):
+            raise InvalidInputError(
+                f"solver_kwargs must be a dict of solver options, got {type(solver_kwargs).__name__}."
+            )
+        for key, instead in _SET_BY_THE_CORE.items():
+            if key in solver_kwargs:
+                raise InvalidInputError(
+                    f"solver_kwargs cannot hold {key!r}: the core passes it to the solver itself. {instead}"
+                )
+        options = dict(solver_kwargs)
+        if "f_max_iter" in options:
+            budget = as_integer(options["f_max_iter"])
+            if budget is None or budget < 1:
+                raise InvalidInputError(
+                    f"solver_kwargs['f_max_iter'] must be an integer >= 1, got {options['f_max_iter']!r}."
+                )
+            options["f_max_iter"] = budget
+            segments = self._compute_f_iter(budget)
+            if self.training and min(segments) < 1:
+                raise InvalidInputError(
+                    f"solver_kwargs['f_max_iter']={budget} is split by {_states_setting(self)} into "
+                    f"solver segments of {segments} iterations; each needs at least one. Pass a larger "
+                    "f_max_iter for this call."
+                )
+        return options
 
     def _check_context(self, sradius_mode: bool) -> None:
         """Contexts in which the requested computation cannot be right; say so before solving."""
@@ -321,6 +358,16 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
     )
 
 
+# What TorchDEQ passes the forward solver itself, and where the user sets it instead.
+_SET_BY_THE_CORE = {
+    "x0": "The initial state is the core's second argument, z_init.",
+    "max_iter": "Set the budget of this call with solver_kwargs={'f_max_iter': n}, or f_max_iter "
+    "(eval_f_max_iter in eval) in the config.",
+    "tol": "Set f_tol in the config.",
+    "stop_mode": "Set f_stop_mode in the config.",
+}
+
+
 # The chain of layer calls of the latest solve, handed from the solve to the gradient producer
 # that TorchDEQ's forward calls right after it, and a state of that solve below z* for the
 # rate bound (per thread: a core may be shared by threads).
@@ -348,15 +395,14 @@ def _check_iteration_budgets(core: PcDEQCore) -> None:
     if core.enclosure and len(segments) > 1:
         raise InvalidInputError(
             f"pcdeq_enclosure certifies one solve from 0 and from the activation's supremum, but "
-            f"n_states={core.args.get('n_states')!r} / indexing={core.args.get('indexing')!r} split the "
-            "solve into segments that would each restart the bracket. Use n_states=1 and no indexing "
-            "with the enclosure."
+            f"{_states_setting(core)} splits the solve into segments that would each restart the "
+            "bracket. Use n_states=1 and no indexing with the enclosure."
         )
     if min(segments) < 1:
         raise InvalidInputError(
-            f"n_states={core.args.get('n_states')!r} / indexing={core.args.get('indexing')!r} split "
-            f"f_max_iter={core.f_max_iter} into solver segments of {segments} iterations; each "
-            "needs at least one. Raise f_max_iter, or use fewer states or earlier indices."
+            f"{_states_setting(core)} splits f_max_iter={core.f_max_iter} into solver segments of "
+            f"{segments} iterations; each needs at least one. Raise f_max_iter, or use fewer states "
+            "or earlier indices."
         )
     if core.eval_f_max_iter < 1:
         raise InvalidInputError(
@@ -365,6 +411,12 @@ def _check_iteration_budgets(core: PcDEQCore) -> None:
             f"f_max_iter={core.f_max_iter}); it needs at least one. Raise eval_factor or set "
             "eval_f_max_iter."
         )
+
+
+def _states_setting(core: PcDEQCore) -> str:
+    """The key that sets the training states, as TorchDEQ reads it (n_states over indexing)."""
+    n_states = core.args.get("n_states", 1)
+    return f"n_states={n_states}" if n_states > 1 else f"indexing={core.args.get('indexing')!r}"
 
 
 def _check_initial_state(z_init) -> bool:
