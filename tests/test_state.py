@@ -162,3 +162,24 @@ def test_a_folded_layer_checks_any_weight_it_is_given():
     x, z = f.inject(torch.randn(2, 4)), torch.rand(2, 4)
     with pytest.raises(NegativeWeightError):
         torch.func.functional_call(f, {"linear.weight": -torch.ones(4, 4)}, (z, x))
+
+
+@pytest.mark.parametrize("gradient", [{}, {"hook_ift": True}, {"pcdeq_rate_bound": True}])
+def test_a_whole_model_saved_with_torch_save_trains_as_the_original(gradient, tmp_path):
+    # Whole-module pickling: PyTorch refuses it for parametrized modules (weight_norm and
+    # parametrize modes), so the project mode stands for the core's part, its gradient producer.
+    from torchdeq_pcdeq.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("linear", "mnist", nonnegativity="project", deq=gradient).double()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    images = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    grads = []
+    for m in (model, loaded):
+        logits, infos = m(images)
+        logits.square().sum().backward()
+        assert infos[0]["converged"].all()
+        grads.append([p.grad for p in m.parameters()])
+    for original, restored in zip(*grads, strict=True):
+        torch.testing.assert_close(original, restored, rtol=0, atol=0)

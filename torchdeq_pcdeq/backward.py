@@ -6,9 +6,9 @@ radius is below 1 (method.md, section 3), so plain iteration on ``y`` converges.
 
 Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, writer=None)``:
 
-* :func:`make_ift` (default): the backward recomputes ``f`` at ``z*``; two graphs of ``f`` in
+* :class:`ImplicitGradient` (default): the backward recomputes ``f`` at ``z*``; two graphs of ``f`` in
   memory during ``backward()``.
-* :func:`make_hook_ift` (``hook_ift=True``): the adjoint products reuse the graph of the tracked
+* :class:`ImplicitGradientOnGraph` (``hook_ift=True``): the adjoint products reuse the graph of the tracked
   application ``f(z*)``; one graph. TorchDEQ implements it as a tensor hook on ``f(z*)`` that
   refers to ``f(z*)`` and removes itself on first use through a handle stored on the core, so
   calling the core twice before ``backward()`` makes a hook re-enter itself without bound, and a
@@ -19,7 +19,7 @@ Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, write
   saves it: its graph points upstream only, so it is freed with the step, and every backward of
   a retained graph solves again.
 
-The core wraps the one it uses in :func:`make_closed_form_ift`, which differentiates in closed
+The core wraps the one it uses in :class:`ClosedFormImplicitGradient`, which differentiates in closed
 form, with no recorded ``f``, when ``f`` is one pcDEQ layer call, and calls it otherwise.
 
 The producers ask the core that calls them (``trainer``) what to do after each backward solve
@@ -39,7 +39,7 @@ from .certify import rate_bound, under_autocast
 from .errors import InvalidInputError, NonFiniteError, warn
 from .solver import arithmetic_dtype
 
-__all__ = ["make_ift", "make_hook_ift", "make_closed_form_ift"]
+__all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGradient"]
 
 
 def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer, layout=None) -> Tensor:
@@ -225,80 +225,97 @@ def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
     return grad
 
 
-def make_ift(b_solver: Callable, b_solver_kwargs: dict):
-    """Gradient producer: implicit differentiation through a ``torch.autograd.Function``.
+class _Producer:
+    """A gradient producer with TorchDEQ's signature ``(trainer, func, z_pred, writer=None)``.
+
+    An object rather than a closure, so that a core holding it pickles (``torch.save(model)``).
 
     Args:
         b_solver: a TorchDEQ-contract solver for the adjoint equation.
         b_solver_kwargs: ``max_iter``, ``tol``, ``stop_mode`` (and other solver options).
     """
 
-    class _ImplicitGrad(autograd.Function):
-        @staticmethod
-        def forward(ctx, trainer, func, z_pred, writer, autocast):
-            ctx.trainer, ctx.func, ctx.writer, ctx.autocast = trainer, func, writer, autocast
-            ctx.save_for_backward(z_pred.detach())
-            return z_pred
+    def __init__(self, b_solver: Callable, b_solver_kwargs: dict):
+        self.b_solver, self.b_solver_kwargs = b_solver, dict(b_solver_kwargs)
 
-        @staticmethod
-        def backward(ctx, grad):
-            _refuse_second_order()
-            (z_pred,) = ctx.saved_tensors
-            z_in = z_pred.clone().requires_grad_()
-            with _autocast_as_in_forward(ctx.autocast):
-                with torch.enable_grad():
-                    f_out = ctx.func(z_in)
-                vjp = _graph_vjp(f_out, z_in)
-                y = _solve_adjoint(
-                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
-                )
-            return None, None, y, None, None
+    def solve_adjoint(self, trainer, func, z_in, vjp, grad, writer, layout=None) -> Tensor:
+        return _solve_adjoint(
+            trainer, self.b_solver, self.b_solver_kwargs, func, z_in, vjp, grad, writer, layout
+        )
 
-    def produce(trainer, func, z_pred, writer=None, **kwargs):
+
+class ImplicitGradient(_Producer):
+    """Implicit differentiation through a ``torch.autograd.Function`` that recomputes ``f``."""
+
+    def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         # backward() usually runs after the autocast region closed: remember it now.
-        return [_ImplicitGrad.apply(trainer, func, func(z_pred), writer, _autocast_state(z_pred))]
-
-    return produce
+        return [_ImplicitGrad.apply(self, trainer, func, func(z_pred), writer, _autocast_state(z_pred))]
 
 
-def make_hook_ift(b_solver: Callable, b_solver_kwargs: dict):
-    """Gradient producer: implicit differentiation on the graph of ``f(z*)`` itself (one graph).
+class _ImplicitGrad(autograd.Function):
+    @staticmethod
+    def forward(ctx, producer, trainer, func, z_pred, writer, autocast):
+        ctx.producer, ctx.trainer, ctx.func, ctx.writer, ctx.autocast = (
+            producer,
+            trainer,
+            func,
+            writer,
+            autocast,
+        )
+        ctx.save_for_backward(z_pred.detach())
+        return z_pred
 
-    Arguments as :func:`make_ift`.
-    """
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_second_order()
+        (z_pred,) = ctx.saved_tensors
+        z_in = z_pred.clone().requires_grad_()
+        with _autocast_as_in_forward(ctx.autocast):
+            with torch.enable_grad():
+                f_out = ctx.func(z_in)
+            vjp = _graph_vjp(f_out, z_in)
+            y = ctx.producer.solve_adjoint(ctx.trainer, ctx.func, z_in, vjp, grad, ctx.writer)
+        return None, None, None, y, None, None
 
-    class _ImplicitGradOnGraph(autograd.Function):
-        # f_out and z_in go through save_for_backward, not ctx attributes: the saved copies are
-        # released after a backward that does not retain the graph, and in-place changes to
-        # them are caught.
-        @staticmethod
-        def forward(ctx, f_out, z_in, trainer, func, writer, autocast):
-            ctx.trainer, ctx.func, ctx.writer, ctx.autocast = trainer, func, writer, autocast
-            ctx.save_for_backward(f_out, z_in)
-            return f_out.view_as(f_out)
 
-        @staticmethod
-        def backward(ctx, grad):
-            _refuse_second_order()
-            f_out, z_in = ctx.saved_tensors
-            with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
-                vjp = _graph_vjp(f_out, z_in)
-                y = _solve_adjoint(
-                    ctx.trainer, b_solver, b_solver_kwargs, ctx.func, z_in, vjp, grad, ctx.writer
-                )
-            # y flows on through f_out's graph to the parameters and the injection (and, one
-            # unused product, to z_in: the price of sharing the graph with the adjoint solve).
-            return y, None, None, None, None, None
+class ImplicitGradientOnGraph(_Producer):
+    """Implicit differentiation on the graph of ``f(z*)`` itself (one graph; ``hook_ift``)."""
 
-    def produce(trainer, func, z_pred, writer=None, **kwargs):
+    def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         z_in = z_pred.detach().requires_grad_()
         f_out = func(z_in)
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
             return [f_out]
         autocast = _autocast_state(z_in)  # backward() usually runs after the autocast region closed
-        return [_ImplicitGradOnGraph.apply(f_out, z_in, trainer, func, writer, autocast)]
+        return [_ImplicitGradOnGraph.apply(f_out, z_in, self, trainer, func, writer, autocast)]
 
-    return produce
+
+class _ImplicitGradOnGraph(autograd.Function):
+    # f_out and z_in go through save_for_backward, not ctx attributes: the saved copies are
+    # released after a backward that does not retain the graph, and in-place changes to
+    # them are caught.
+    @staticmethod
+    def forward(ctx, f_out, z_in, producer, trainer, func, writer, autocast):
+        ctx.producer, ctx.trainer, ctx.func, ctx.writer, ctx.autocast = (
+            producer,
+            trainer,
+            func,
+            writer,
+            autocast,
+        )
+        ctx.save_for_backward(f_out, z_in)
+        return f_out.view_as(f_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_second_order()
+        f_out, z_in = ctx.saved_tensors
+        with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
+            vjp = _graph_vjp(f_out, z_in)
+            y = ctx.producer.solve_adjoint(ctx.trainer, ctx.func, z_in, vjp, grad, ctx.writer)
+        # y flows on through f_out's graph to the parameters and the injection (and, one
+        # unused product, to z_in: the price of sharing the graph with the adjoint solve).
+        return y, *(None,) * 6
 
 
 def _graph_vjp(f_out: Tensor, z_in: Tensor) -> Callable[[Tensor], Tensor]:
@@ -306,9 +323,10 @@ def _graph_vjp(f_out: Tensor, z_in: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda y: autograd.grad(f_out, z_in, y, retain_graph=True)[0]
 
 
-def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Callable):
+class ClosedFormImplicitGradient(_Producer):
     """Implicit differentiation in closed form, for a solve that only iterated one pcDEQ layer;
-    the ``recorded`` producer (:func:`make_ift`, :func:`make_hook_ift`) everywhere else.
+    the ``recorded`` producer (:class:`ImplicitGradient`, :class:`ImplicitGradientOnGraph`)
+    everywhere else.
 
     When ``f = lambda z: layer(z, x)`` (the solve's layer calls form one
     :class:`~torchdeq_pcdeq.layers.LayerChain`), the returned state is the solver's last step
@@ -329,37 +347,11 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Ca
     :class:`~torchdeq_pcdeq.core.PcDEQCore`) hands over its solve's last step.
     """
 
-    class _ClosedFormImplicitGrad(autograd.Function):
-        @staticmethod
-        def forward(ctx, weight, x, z_in, z_out, layer, trainer, writer, autocast):
-            ctx.layer, ctx.trainer, ctx.writer, ctx.autocast = layer, trainer, writer, autocast
-            ctx.save_for_backward(weight, z_in, z_out)
-            return z_out
+    def __init__(self, b_solver: Callable, b_solver_kwargs: dict, recorded: _Producer):
+        super().__init__(b_solver, b_solver_kwargs)
+        self.recorded = recorded
 
-        @staticmethod
-        def backward(ctx, grad):
-            _refuse_second_order()
-            weight, z_in, z_out = ctx.saved_tensors
-            layer = ctx.layer
-
-            def vjp(y: Tensor) -> Tensor:
-                return layer.operator_vjp(slope * y, z_in, weight)[0]
-
-            with _autocast_as_in_forward(ctx.autocast):  # the products' kernels depend on it
-                trainer, writer = ctx.trainer, ctx.writer
-                # The adjoint iterates live in the layout the layer's products are fastest in
-                # (NCHW for NNPACK's); converting the two fixed operands once keeps every
-                # elementwise operation between products in one layout.
-                layout = layer.adjoint_layout(z_in, weight)
-                slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
-                y = _solve_adjoint(trainer, b_solver, b_solver_kwargs, None, z_in, vjp, grad, writer, layout)
-                v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
-                grad_weight = None
-                if ctx.needs_input_grad[0]:
-                    grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
-            return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 6
-
-    def produce(trainer, func, z_pred, writer=None, **kwargs):
+    def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         step = trainer.take_last_step(z_pred)
         if step is not None and torch.is_grad_enabled():
             weight = step.layer.weight
@@ -370,8 +362,42 @@ def make_closed_form_ift(b_solver: Callable, b_solver_kwargs: dict, recorded: Ca
                 # under autocast the solve computed in autocast's dtypes: record f instead
                 and not any(enabled for _, enabled, _ in autocast)
             ):
-                args = (weight, step.x, step.z_in, z_pred, step.layer, trainer, writer, autocast)
+                args = (weight, step.x, step.z_in, z_pred, step.layer, self, trainer, writer, autocast)
                 return [_ClosedFormImplicitGrad.apply(*args)]
-        return recorded(trainer, func, z_pred, writer=writer, **kwargs)
+        return self.recorded(trainer, func, z_pred, writer=writer, **kwargs)
 
-    return produce
+
+class _ClosedFormImplicitGrad(autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, x, z_in, z_out, layer, producer, trainer, writer, autocast):
+        ctx.layer, ctx.producer, ctx.trainer, ctx.writer, ctx.autocast = (
+            layer,
+            producer,
+            trainer,
+            writer,
+            autocast,
+        )
+        ctx.save_for_backward(weight, z_in, z_out)
+        return z_out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_second_order()
+        weight, z_in, z_out = ctx.saved_tensors
+        layer = ctx.layer
+
+        def vjp(y: Tensor) -> Tensor:
+            return layer.operator_vjp(slope * y, z_in, weight)[0]
+
+        with _autocast_as_in_forward(ctx.autocast):  # the products' kernels depend on it
+            # The adjoint iterates live in the layout the layer's products are fastest in
+            # (NCHW for NNPACK's); converting the two fixed operands once keeps every
+            # elementwise operation between products in one layout.
+            layout = layer.adjoint_layout(z_in, weight)
+            slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
+            y = ctx.producer.solve_adjoint(ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout)
+            v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
+            grad_weight = None
+            if ctx.needs_input_grad[0]:
+                grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
+        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 7

@@ -10,7 +10,7 @@ options) with:
   a hook variant that cannot re-enter itself; when ``f`` is one pcDEQ layer call
   (``lambda z: layer(z, x)``), in closed form from the solver's last step: no tracked
   application of ``f``, and each adjoint product one pass of ``W^T``
-  (:func:`~torchdeq_pcdeq.backward.make_closed_form_ift`);
+  (:class:`~torchdeq_pcdeq.backward.ClosedFormImplicitGradient`);
 * pcDEQ defaults (relative tolerance ``1e-4``, 200 iterations; see
   :data:`~torchdeq_pcdeq.config.PCDEQ_CORE_DEFAULTS`), read from a private copy of the config;
 * checks: the initial state must be one finite, nonnegative tensor; a runtime guard
@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torchdeq.core import DEQSliced
 
-from .backward import make_closed_form_ift, make_hook_ift, make_ift
+from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, as_integer, gradient_mode, resolve_core_config
 from .conv_kernels import sign_exact_products
@@ -113,9 +113,9 @@ class PcDEQCore(DEQSliced):
             # The adjoint may diverge where the forward stopped short of z* (_diverged_message).
             b_solver_kwargs["nonfinite"] = "report"
         if self.gradient in ("ift", "hook_ift"):
-            make = make_ift if self.gradient == "ift" else make_hook_ift
+            make = ImplicitGradient if self.gradient == "ift" else ImplicitGradientOnGraph
             recorded = make(self.b_solver, b_solver_kwargs)
-            self.produce_grad[-1] = make_closed_form_ift(self.b_solver, b_solver_kwargs, recorded)
+            self.produce_grad[-1] = ClosedFormImplicitGradient(self.b_solver, b_solver_kwargs, recorded)
         _check_iteration_budgets(self)
 
     # The solve's length and its checks depend on the data (a host sync per convergence check),
@@ -223,7 +223,7 @@ class PcDEQCore(DEQSliced):
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
         options = {}
         _LAST_SOLVE.chain = None
-        # The closed-form gradient needs the solve's last layer call (backward.make_closed_form_ift).
+        # The closed-form gradient needs the solve's last layer call (backward.ClosedFormImplicitGradient).
         chain = record_layer_chain() if self._closed_form_gradient() else contextlib.nullcontext()
         # Inside the (no-grad) solve every parametrized weight is computed once, not per call;
         # the layers f calls report their activation and injection.
