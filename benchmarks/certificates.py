@@ -20,7 +20,14 @@ import torch
 import torchdeq
 
 import torchdeq_pcdeq  # noqa: F401  (registers the pcdeq core)
-from benchmarks.cli import available_device, command, positive_int, results_stem, write_results
+from benchmarks.cli import (
+    available_device,
+    command,
+    positive_int,
+    results_stem,
+    run_as_command,
+    write_results,
+)
 from benchmarks.solver_overhead import hardware_line, timed
 from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear
 
@@ -141,4 +148,4 @@ def _run(deq, layer, x, training, sradius) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "certificates")

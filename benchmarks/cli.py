@@ -5,6 +5,9 @@
   usage and exits with 2). ``available_device`` also refuses a CUDA device on a machine where
   torch sees none, before any work.
 * ``command``: the command line that reproduces a run, recorded in its tables.
+* ``run_as_command``: how each entry point runs ``main()`` as ``python -m benchmarks.<name>``: a
+  configuration error (a missing dataset, an unknown name) ends it as a bad flag does, with
+  ``<name>: error: <message>`` and status 2, not a traceback.
 * ``results_stem`` and ``write_results``: ``<stem>.json`` (strict JSON: NaN and infinities
   become ``null``) and ``<stem>.md`` next to it. The endings are appended, so a stem such as
   ``run.v2`` keeps its name (``Path.with_suffix`` would replace ``.v2``).
@@ -30,12 +33,15 @@ import sys
 
 import torch
 
+from torchdeq_pcdeq.errors import InvalidInputError, UnknownNameError
+
 __all__ = [
     "positive_int",
     "positive_float",
     "nonnegative_int",
     "available_device",
     "command",
+    "run_as_command",
     "sanitized",
     "results_stem",
     "path_with",
@@ -131,3 +137,14 @@ def write_results(stem: pathlib.Path, payload, markdown: str) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     path_with(stem, ".json").write_text(json.dumps(sanitized(payload), indent=2, allow_nan=False) + "\n")
     path_with(stem, ".md").write_text(markdown.rstrip("\n") + "\n")
+
+
+def run_as_command(main, module: str) -> None:
+    """Run ``main()`` for ``python -m benchmarks.<module>``; a configuration error ends the run
+    with its message and status 2: :class:`~torchdeq_pcdeq.errors.InvalidInputError` and
+    :class:`~torchdeq_pcdeq.errors.UnknownNameError`. Any other exception keeps its traceback."""
+    try:
+        main()
+    except (InvalidInputError, UnknownNameError) as error:
+        print(f"{module}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -16,7 +16,7 @@ import pathlib
 import time
 
 from benchmarks import train
-from benchmarks.cli import available_device, positive_float, positive_int
+from benchmarks.cli import available_device, positive_float, positive_int, run_as_command
 
 OUT = pathlib.Path(__file__).parent / "results" / "demo"
 
@@ -60,4 +60,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "demo")

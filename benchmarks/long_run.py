@@ -22,7 +22,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cli import available_device, command, positive_float, positive_int, write_results
+from benchmarks.cli import (
+    available_device,
+    command,
+    positive_float,
+    positive_int,
+    run_as_command,
+    write_results,
+)
 from benchmarks.data import load
 from benchmarks.solver_overhead import hardware_line
 from torchdeq_pcdeq import NONNEGATIVITY_MODES, attach_projection
@@ -167,4 +174,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "long_run")

@@ -42,7 +42,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.baselines import KINDS, build
-from benchmarks.cli import available_device, command, positive_int, results_stem, write_results
+from benchmarks.cli import (
+    available_device,
+    command,
+    positive_int,
+    results_stem,
+    run_as_command,
+    write_results,
+)
 from benchmarks.data import load
 from benchmarks.memory import PeakMemory
 from benchmarks.solver_overhead import hardware_line, timed
@@ -383,4 +390,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "micro")

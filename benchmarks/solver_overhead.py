@@ -26,7 +26,14 @@ import torch
 from torch.nn.utils import parametrize
 from torchdeq.solver import get_solver
 
-from benchmarks.cli import available_device, command, positive_int, results_stem, write_results
+from benchmarks.cli import (
+    available_device,
+    command,
+    positive_int,
+    results_stem,
+    run_as_command,
+    write_results,
+)
 from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, pcdeq_fixed_point
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -183,4 +190,4 @@ def cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "solver_overhead")

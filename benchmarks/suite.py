@@ -24,7 +24,7 @@ import traceback
 import torch
 
 from benchmarks import certificates, long_run, micro, solver_overhead, train
-from benchmarks.cli import available_device
+from benchmarks.cli import available_device, run_as_command
 from benchmarks.solver_overhead import hardware_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -250,4 +250,4 @@ def _commit() -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "suite")

@@ -37,6 +37,7 @@ from benchmarks.cli import (
     positive_float,
     positive_int,
     results_stem,
+    run_as_command,
     write_results,
 )
 from benchmarks.data import DATASETS, augment, load
@@ -354,4 +355,4 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main, "train")

@@ -32,6 +32,20 @@ def test_a_missing_torchvision_dataset_names_the_directory(tmp_path):
         load("imagenet")
 
 
+def test_a_configuration_error_ends_the_command_like_a_bad_flag(tmp_path):
+    # python -m benchmarks.train: message and status 2, as argparse does, and no traceback
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train", "--dataset", "cifar10", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"train: error: Dataset 'cifar10' was not found in {tmp_path}")
+    assert "Traceback" not in run.stderr
+
+
 def test_synthetic_data_says_so_and_augmentation_keeps_shapes():
     data = load("synthetic-cifar10")
     assert data.synthetic and data.train_x.shape[1:] == (3, 32, 32) and data.model_dataset == "cifar10"
