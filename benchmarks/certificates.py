@@ -148,4 +148,4 @@ def _run(deq, layer, x, training, sradius) -> float:
 
 
 if __name__ == "__main__":
-    run_as_command(main, "certificates")
+    run_as_command(main)

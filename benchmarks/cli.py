@@ -7,7 +7,7 @@
 * ``command``: the command line that reproduces a run, recorded in its tables.
 * ``run_as_command``: how each entry point runs ``main()`` as ``python -m benchmarks.<name>``: a
   configuration error (a missing dataset, an unknown name) ends it as a bad flag does, with
-  ``<name>: error: <message>`` and status 2, not a traceback.
+  ``<name>.py: error: <message>`` and status 2, not a traceback.
 * ``results_stem`` and ``write_results``: ``<stem>.json`` (strict JSON: NaN and infinities
   become ``null``) and ``<stem>.md`` next to it. The endings are appended, so a stem such as
   ``run.v2`` keeps its name (``Path.with_suffix`` would replace ``.v2``).
@@ -139,12 +139,13 @@ def write_results(stem: pathlib.Path, payload, markdown: str) -> None:
     path_with(stem, ".md").write_text(markdown.rstrip("\n") + "\n")
 
 
-def run_as_command(main, module: str) -> None:
-    """Run ``main()`` for ``python -m benchmarks.<module>``; a configuration error ends the run
-    with its message and status 2: :class:`~torchdeq_pcdeq.errors.InvalidInputError` and
-    :class:`~torchdeq_pcdeq.errors.UnknownNameError`. Any other exception keeps its traceback."""
+def run_as_command(main) -> None:
+    """Run ``main()`` for ``python -m benchmarks.<name>``; a configuration error ends the run as
+    argparse ends one for a bad flag: ``<name>.py: error: <message>`` and status 2. Those are
+    :class:`~torchdeq_pcdeq.errors.InvalidInputError` and
+    :class:`~torchdeq_pcdeq.errors.UnknownNameError`; any other exception keeps its traceback."""
     try:
         main()
     except (InvalidInputError, UnknownNameError) as error:
-        print(f"{module}: error: {error}", file=sys.stderr)
+        print(f"{pathlib.Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)

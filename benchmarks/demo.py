@@ -60,4 +60,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_as_command(main, "demo")
+    run_as_command(main)

@@ -174,4 +174,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run_as_command(main, "long_run")
+    run_as_command(main)

@@ -390,4 +390,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_as_command(main, "micro")
+    run_as_command(main)

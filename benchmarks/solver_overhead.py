@@ -190,4 +190,4 @@ def cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    run_as_command(main, "solver_overhead")
+    run_as_command(main)

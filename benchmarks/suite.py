@@ -250,4 +250,4 @@ def _commit() -> str | None:
 
 
 if __name__ == "__main__":
-    run_as_command(main, "suite")
+    run_as_command(main)

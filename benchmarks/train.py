@@ -355,4 +355,4 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_as_command(main, "train")
+    run_as_command(main)

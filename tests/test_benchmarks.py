@@ -42,7 +42,7 @@ def test_a_configuration_error_ends_the_command_like_a_bad_flag(tmp_path):
         timeout=120,
     )
     assert run.returncode == 2
-    assert run.stderr.startswith(f"train: error: Dataset 'cifar10' was not found in {tmp_path}")
+    assert run.stderr.startswith(f"train.py: error: Dataset 'cifar10' was not found in {tmp_path}")
     assert "Traceback" not in run.stderr
 
 

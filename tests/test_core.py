@@ -306,13 +306,15 @@ def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
         ({"f_stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),
         ({"f_tol": "1e-4"}, InvalidInputError, "f_tol must be a positive finite number, got '1e-4'"),
         ({"eval_factor": "2"}, InvalidInputError, "eval_factor must be a positive finite number, got '2'"),
-        ({"eval_f_max_iter": 50.0}, InvalidInputError, r"eval_f_max_iter must be an integer .* got 50.0"),
+        ({"eval_f_max_iter": 50.5}, InvalidInputError, r"eval_f_max_iter must be an integer .* got 50.5"),
+        ({"eval_factor": 0, "f_max_iter": 10}, InvalidInputError, "eval_factor must be a positive finite"),
+        ({"tau": 0, "n_states": 2}, InvalidInputError, "tau must be a positive finite number, got 0"),
         ({"grad": 0}, InvalidInputError, r"grad \(the phantom gradient's steps\) must be an integer >= 1"),
         ({"grad": [2, 0.5]}, InvalidInputError, r"nonempty list of them.*got \[2, 0.5\]"),
         ({"grad": []}, InvalidInputError, r"nonempty list of them, got \[\]"),
-        ({"grad": [1, 2], "n_states": 3}, InvalidInputError, r"gives 2 .* for 3 returned states"),
-        ({"tau": 0}, InvalidInputError, "tau must be a positive finite number, got 0"),
-        ({"n_states": 0}, InvalidInputError, "n_states must be an integer >= 1, got 0"),
+        ({"grad": [1, 2], "n_states": 3}, InvalidInputError, r"gives 2 .* returns 3 states \(n_states=3"),
+        ({"n_states": 2.5}, InvalidInputError, "n_states .* must be an integer, got 2.5"),
+        ({"indexing": "5"}, InvalidInputError, r"indexing .* must be a list of integers, got '5'"),
         ({"indexing": [2.5]}, InvalidInputError, r"indexing .* must be a list of integers, got \[2.5\]"),
     ],
 )
@@ -321,18 +323,39 @@ def test_invalid_config_values(config, error, match):
         torchdeq.get_deq(core="pcdeq", **config)
 
 
-def test_numpy_and_tensor_integers_are_taken_as_ints():
+def test_numpy_tensor_and_whole_float_integers_are_taken_as_ints():
     deq = torchdeq.get_deq(
         core="pcdeq",
         f_max_iter=np.int64(30),
         b_max_iter=torch.tensor(20),
-        eval_f_max_iter=np.int32(40),
+        eval_f_max_iter=40.0,  # a config read from JSON
         n_states=np.int64(2),
         f_tol=np.float32(1e-3),
     )
     assert (deq.f_max_iter, deq.b_max_iter, deq.eval_f_max_iter, deq.indexing) == (30, 20, 40, [15, 15])
     assert all(type(value) is int for value in (deq.f_max_iter, deq.b_max_iter, deq.eval_f_max_iter))
     assert type(deq.f_tol) is float and deq.f_tol == pytest.approx(1e-3)
+    assert torchdeq.get_deq(core="pcdeq", indexing=np.array([5]), grad=(np.int64(2),)).indexing == [5, 195]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"n_states": 0},  # TorchDEQ: no split
+        {"n_states": -1},
+        {"indexing": None},  # TorchDEQ's default value, which its core cannot unpack
+        {"indexing": range(5, 6)},
+        {"eval_factor": 0, "eval_f_max_iter": 50},  # the factor is unused
+        {"tau": 0},  # unused by the implicit gradient of one state (warned about)
+    ],
+)
+def test_values_torchdeq_gives_a_meaning_stay_valid(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PcDEQWarning)
+        deq = torchdeq.get_deq(core="pcdeq", **config)
+    f, x = dense_instance(dtype=torch.float32)
+    z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    assert info["converged"].all() and len(z_out) == (2 if config.get("indexing") else 1)
 
 
 def test_per_call_solver_kwargs_are_checked_against_the_core():
@@ -344,14 +367,18 @@ def test_per_call_solver_kwargs_are_checked_against_the_core():
 
     with pytest.raises(InvalidInputError, match=r"'f_max_iter'\]=2 is split by n_states=3.*\[0, 0, 0\]"):
         call(f_max_iter=2)
-    with pytest.raises(InvalidInputError, match=r"\['f_max_iter'\] must be an integer >= 1, got 6.0"):
-        call(f_max_iter=6.0)
+    with pytest.raises(InvalidInputError, match=r"\['f_max_iter'\] must be an integer >= 1, got 6.5"):
+        call(f_max_iter=6.5)
     for key, instead in (("tol", "f_tol"), ("stop_mode", "f_stop_mode"), ("max_iter", "'f_max_iter': n")):
         with pytest.raises(InvalidInputError, match=rf"cannot hold '{key}'.*{instead}"):
             call(**{key: 1})
-    # a NumPy budget is used in training, where TorchDEQ reads only int and float budgets
-    z_out, info = call(f_max_iter=np.int64(6))
-    assert len(z_out) == 3 and int(info["trace_steps"][-1]) <= 2
+    # a NumPy budget is used in training, where TorchDEQ reads only int and float budgets; a
+    # whole float is TorchDEQ's own type; None keeps the configured budget
+    for budget in (np.int64(6), 6.0):
+        z_out, info = call(f_max_iter=budget)
+        assert len(z_out) == 3 and int(info["trace_steps"][-1]) <= 2
+    z_out, info = call(f_max_iter=None)
+    assert len(z_out) == 3 and info["converged"].all()
     assert deq.eval()(lambda z: f(z, x), torch.zeros_like(x), solver_kwargs={"f_max_iter": np.int64(1)})[1][
         "trace_steps"
     ].tolist() == [1]

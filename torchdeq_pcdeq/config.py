@@ -25,6 +25,7 @@ import functools
 import math
 import numbers
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torchdeq.utils import add_deq_args
@@ -354,28 +355,52 @@ def _warn_unused_phantom_options(config: dict) -> None:
 
 
 def as_integer(value: object) -> int | None:
-    """``value`` as an int if it is an integer (Python's, NumPy's, an integer 0-dim tensor)."""
+    """``value`` as an int if it is a whole number: an int (Python's, NumPy's, an integer 0-dim
+    tensor) or a whole float (``50.0``, as a config read from JSON may hold); else ``None``."""
     if isinstance(value, bool):
         return None
     try:
         return operator.index(value)
     except TypeError:
+        pass
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _integers(value: object) -> list[int] | None:
+    """``value`` as a list of ints if it is a sequence of whole numbers (a list, a tuple, a
+    range, a NumPy array), else ``None``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         return None
+    items = [as_integer(item) for item in value]
+    return None if None in items else items
 
 
 def _check_numbers(config: dict) -> None:
-    """Check TorchDEQ's numeric keys, before TorchDEQ reads them; store integers as ``int``.
+    """Check TorchDEQ's numeric keys where they are used, before TorchDEQ reads them; store whole
+    numbers as ``int``.
 
     TorchDEQ's core asserts on a bad ``grad`` only, and takes any other value as given: a string
     ``eval_factor`` would make a budget of repeated characters, a float budget would fail at the
-    first solve, a NumPy integer would be refused.
+    first solve, a NumPy integer would be refused, ``indexing=None`` would fail to unpack. Values
+    TorchDEQ gives a meaning to stay valid: ``n_states`` of 1 or less (no split), an
+    ``eval_factor`` or ``tau`` that the configuration does not use.
     """
-    for key in ("f_max_iter", "b_max_iter", "n_states"):
+    for key in ("f_max_iter", "b_max_iter"):
         if key in config:
             config[key] = _positive_int(key, config[key])
-    for key in ("f_tol", "b_tol", "eval_factor", "tau"):
+    for key in ("f_tol", "b_tol"):
         if key in config:
             config[key] = _positive_float(key, config[key])
+    if "n_states" in config:
+        n_states = as_integer(config["n_states"])
+        if n_states is None:
+            raise InvalidInputError(
+                f"n_states (the states training returns, split evenly) must be an integer, got "
+                f"{config['n_states']!r}."
+            )
+        config["n_states"] = n_states
     if "eval_f_max_iter" in config:
         budget = as_integer(config["eval_f_max_iter"])
         if budget is None:
@@ -384,32 +409,35 @@ def _check_numbers(config: dict) -> None:
                 f"as eval_factor x f_max_iter), got {config['eval_f_max_iter']!r}."
             )
         config["eval_f_max_iter"] = budget
-    indexing = config.get("indexing")
-    if indexing is not None:
-        if not isinstance(indexing, (list, tuple)) or any(as_integer(index) is None for index in indexing):
+    if config.get("eval_f_max_iter", 0) <= 0 and "eval_factor" in config:
+        config["eval_factor"] = _positive_float("eval_factor", config["eval_factor"])
+    if "indexing" in config:
+        indexing = [] if config["indexing"] is None else _integers(config["indexing"])
+        if indexing is None:
             raise InvalidInputError(
                 "indexing (the iterations at which training returns a state) must be a list of "
-                f"integers, got {indexing!r}."
+                f"integers, got {config['indexing']!r}."
             )
-        config["indexing"] = [as_integer(index) for index in indexing]
+        config["indexing"] = indexing
+    n_states = config.get("n_states", 1)
+    states = n_states if n_states > 1 else len(config.get("indexing", [])) + 1
+    if "tau" in config and (gradient_mode(config) == "phantom" or states > 1):
+        config["tau"] = _positive_float("tau", config["tau"])
     if "grad" in config:
         grad = config["grad"]
-        steps = grad if isinstance(grad, (list, tuple)) else [grad]
-        if not steps or any(as_integer(step) is None or as_integer(step) < 1 for step in steps):
+        steps = [grad] if as_integer(grad) is not None else _integers(grad)
+        if not steps or any(step < 1 for step in steps):
             raise InvalidInputError(
                 "grad (the phantom gradient's steps) must be an integer >= 1 or a nonempty list of "
                 f"them, got {grad!r}."
             )
-        n_states = config.get("n_states", 1)
-        states = n_states if n_states > 1 else len(config.get("indexing") or []) + 1
         if len(steps) not in (1, states):
             raise InvalidInputError(
-                f"grad={grad!r} gives {len(steps)} phantom-gradient steps for {states} returned states "
-                f"(n_states={config.get('n_states')!r}, indexing={config.get('indexing')!r}): give one "
-                "step for all of them, or one per state."
+                f"grad={grad!r} gives {len(steps)} phantom-gradient steps, but training returns "
+                f"{states} states (n_states={n_states}, indexing={config.get('indexing', [])!r}): "
+                "give one step for all of them, or one per state."
             )
-        steps = [as_integer(step) for step in steps]
-        config["grad"] = steps if isinstance(grad, (list, tuple)) else steps[0]
+        config["grad"] = steps[0] if as_integer(grad) is not None else steps
 
 
 def _positive_int(key: str, value: object) -> int:

@@ -5,9 +5,11 @@ iterations, and the adjoint products ``W^T y`` of the implicit gradient (``W^T``
 "same" convolution is the convolution with the kernel's channels swapped and its taps flipped).
 On CPU, PyTorch sends ``F.conv2d`` to oneDNN whenever oneDNN is built in. NNPACK, also built
 into PyTorch's CPU wheels, computes 3x3 convolutions with Winograd transforms and so with fewer
-multiplications: on the 2-core AVX2 machine of ``benchmarks/results`` it took 0.56x oneDNN's
-time for the MNIST single-conv layer (batch 64, 82 channels, 28x28), and 1.65x for 48 channels
-of 7x7.
+multiplications. Whether that wins depends on the machine and on the layout: on the 2-core AVX2
+machine of ``benchmarks/results/micro_cpu.md`` (MNIST single-conv layer, batch 64, 82 channels,
+28x28, channels-last states), NNPACK's ``W z`` took 51.2 ms with the conversion to NCHW against
+oneDNN's 49.0, and its ``W^T y`` 43.5 against 49.0; an earlier machine measured 0.56x for
+``W z``. Timing each product where it runs, as ``"auto"`` does, is what holds across machines.
 
 Winograd is not sign-preserving: its transforms subtract, so a product of a nonnegative kernel
 and a nonnegative state can come out negative, and its rounding error reaches tens of ulps of

@@ -165,7 +165,8 @@ class PcDEQCore(DEQSliced):
         return z_out, info
 
     def _checked_solver_kwargs(self, solver_kwargs) -> dict | None:
-        """A copy of the per-call ``solver_kwargs``, its ``f_max_iter`` an int that fits the states.
+        """A copy of the per-call ``solver_kwargs``, its ``f_max_iter`` an int that fits the states
+        (``None`` keeps the configured budget).
 
         TorchDEQ passes the solver ``x0``, ``max_iter``, ``tol`` and ``stop_mode`` itself (a second
         value is Python's "got multiple values" TypeError), and splits a per-call ``f_max_iter``
@@ -183,6 +184,8 @@ class PcDEQCore(DEQSliced):
                     f"solver_kwargs cannot hold {key!r}: the core passes it to the solver itself. {instead}"
                 )
         options = dict(solver_kwargs)
+        if options.get("f_max_iter", 0) is None:  # TorchDEQ ignores it in training: the budget stays
+            del options["f_max_iter"]
         if "f_max_iter" in options:
             budget = as_integer(options["f_max_iter"])
             if budget is None or budget < 1:
