@@ -11,7 +11,11 @@
   ``v`` and ``g`` clamped to >= 0 after each step, a forward solve that stops on the residual of
   the whole batch with a host sync per iteration (no flag when it does not converge), one extra
   tracked application of ``f``, and a backward tensor hook that solves the adjoint equation by
-  plain iteration from the incoming gradient.
+  plain iteration from the incoming gradient. Its layers are pcDEQ-1 (tanh, softplus_5
+  injection) or, for ``activation="sigmoid"``, pcDEQ-2 (sigmoid, relu injection): the two it has.
+
+Every kind stops at the same tolerance (``tol``, relative; :data:`TOL` unless the arithmetic
+cannot resolve it, see :func:`tolerance`) within the same budget.
 
 Every model returns ``(logits, infos)`` with per-sample ``nstep`` and ``converged`` in each info,
 and has ``after_step()`` for what must follow an optimizer step.
@@ -26,11 +30,25 @@ import torch.nn.functional as F
 import torchdeq
 from torch import autograd, nn
 
-from torchdeq_pcdeq.errors import check_choice
+from torchdeq_pcdeq.errors import InvalidInputError, check_choice
 from torchdeq_pcdeq.models import build_model
+from torchdeq_pcdeq.solver import resolution_floor
 
 KINDS = ("pcdeq", "torchdeq_anderson", "torchdeq_fixed_point", "reference")
 TOL, MAX_ITER = 1e-4, 200
+# The reference's activations and their injections (method.md, section 4).
+REFERENCE_VARIANTS = {
+    "tanh": (torch.tanh, lambda u: F.softplus(u, beta=5)),
+    "sigmoid": (torch.sigmoid, F.relu),
+}
+
+
+def tolerance(bf16: bool) -> float:
+    """The relative tolerance every kind stops at: :data:`TOL`, or under bfloat16 autocast the
+    coarsest a pcDEQ solve can resolve there (``resolution_floor``: 2 ulps, 1.6e-2), to which
+    the pcdeq core would raise its own. One tolerance for all keeps the iterations and the
+    convergence rates comparable."""
+    return max(TOL, resolution_floor(torch.bfloat16)) if bf16 else TOL
 
 
 def build(
@@ -40,13 +58,25 @@ def build(
     channels=None,
     deq: dict | None = None,
     activation: str = "tanh",
+    tol: float = TOL,
 ) -> nn.Module:
     """The ``kind`` model (see the module docstring) for ``architecture`` on ``dataset`` shapes.
 
-    ``activation`` applies to the pcDEQ kind; the baselines keep tanh, as their references do.
+    ``activation`` applies to the pcDEQ kind and the reference (tanh or sigmoid); TorchDEQ's
+    standard DEQ keeps tanh. ``tol`` is every kind's relative tolerance, forward and backward;
+    ``deq``'s ``f_max_iter`` / ``b_max_iter`` are every kind's budgets.
     """
     check_choice("model kind", kind, KINDS)
+    if kind == "reference" and activation not in REFERENCE_VARIANTS:
+        raise InvalidInputError(
+            f"The reference implementation has pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) layers, not "
+            f"{activation!r}. Leave the reference out of the kinds for other activations."
+        )
     deq = dict(deq or {})
+    budgets = {"f_max_iter": MAX_ITER, "b_max_iter": MAX_ITER}
+    budgets.update({k: v for k, v in deq.items() if k in budgets})
+    if kind == "pcdeq":
+        deq = {"f_tol": tol, "b_tol": tol, **deq}
     model = build_model(architecture, dataset, channels=channels, deq=deq, activation=activation)
     if kind == "pcdeq":
         model.after_step = lambda: None
@@ -54,8 +84,8 @@ def build(
     for i, layer in enumerate(model.layers):
         operator = _fresh_operator(layer.operator)
         if kind == "reference":
-            model.layers[i] = ReferenceLayer(operator)
-            model.cores[i] = ReferenceSolve()
+            model.layers[i] = ReferenceLayer(operator, activation)
+            model.cores[i] = ReferenceSolve(tol, budgets["f_max_iter"], budgets["b_max_iter"])
         else:
             model.layers[i] = StandardLayer(operator)
             solver = "anderson" if kind == "torchdeq_anderson" else "fixed_point_iter"
@@ -64,13 +94,11 @@ def build(
                 ift=True,
                 f_solver=solver,
                 b_solver=solver,
-                f_tol=TOL,
-                b_tol=TOL,
+                f_tol=tol,
+                b_tol=tol,
                 f_stop_mode="rel",
                 b_stop_mode="rel",
-                f_max_iter=MAX_ITER,
-                b_max_iter=MAX_ITER,
-                **{k: v for k, v in deq.items() if k in ("f_max_iter", "b_max_iter")},
+                **budgets,
             )
     model.after_step = lambda: [layer.project() for layer in model.layers if hasattr(layer, "project")]
     return model
@@ -111,10 +139,12 @@ class StandardLayer(nn.Module):
 
 
 class ReferenceLayer(nn.Module):
-    """The reference's pcDEQ-1 layer: hook-based weight norm, softplus_5 injection, tanh."""
+    """The reference's layer: hook-based weight norm; pcDEQ-1 (``"tanh"``, softplus_5
+    injection) or pcDEQ-2 (``"sigmoid"``, relu injection)."""
 
-    def __init__(self, operator: nn.Module):
+    def __init__(self, operator: nn.Module, activation: str = "tanh"):
         super().__init__()
+        self.activation, self.injection = REFERENCE_VARIANTS[activation]
         fan = operator.weight.shape[0] + operator.weight.shape[1]
         with torch.no_grad():
             operator.weight.uniform_(0, 1).mul_(1e-4**0.5 / fan**0.5)
@@ -123,10 +153,10 @@ class ReferenceLayer(nn.Module):
             self.operator = nn.utils.weight_norm(operator)
 
     def inject(self, u):
-        return F.softplus(u, beta=5)
+        return self.injection(u)
 
     def forward(self, z, x):
-        return torch.tanh(self.operator(z) + x)
+        return self.activation(self.operator(z) + x)
 
     def project(self):
         with torch.no_grad():
@@ -135,12 +165,16 @@ class ReferenceLayer(nn.Module):
 
 
 class ReferenceSolve(nn.Module):
-    """The reference's solver and hook-based implicit backward."""
+    """The reference's solver and hook-based implicit backward (``tol``: 1e-4 in the reference)."""
+
+    def __init__(self, tol: float = TOL, f_max_iter: int = MAX_ITER, b_max_iter: int = MAX_ITER):
+        super().__init__()
+        self.tol, self.f_max_iter, self.b_max_iter = tol, f_max_iter, b_max_iter
 
     def forward(self, func, z_init, backward_writer=None, **kwargs):
         with torch.no_grad():
-            z, steps, per_sample = _plain_iteration(func, z_init)
-        info = {"nstep": torch.full((z.shape[0],), float(steps)), "converged": per_sample <= TOL}
+            z, steps, per_sample = _plain_iteration(func, z_init, self.tol, self.f_max_iter)
+        info = {"nstep": torch.full((z.shape[0],), float(steps)), "converged": per_sample <= self.tol}
         if not self.training or not torch.is_grad_enabled():
             return [z], info
         z = func(z)  # the extra tracked application: gradients of the parameters and the input
@@ -149,7 +183,7 @@ class ReferenceSolve(nn.Module):
 
         def backward_hook(grad):
             adjoint = lambda y: autograd.grad(f0, z0, y, retain_graph=True)[0] + grad  # noqa: E731
-            y, steps, _ = _plain_iteration(adjoint, grad)
+            y, steps, _ = _plain_iteration(adjoint, grad, self.tol, self.b_max_iter)
             if backward_writer is not None:
                 backward_writer({"nstep": torch.full((grad.shape[0],), float(steps))})
             return y
@@ -158,17 +192,17 @@ class ReferenceSolve(nn.Module):
         return [z], info
 
 
-def _plain_iteration(func, z):
-    """Iterate until ``||z_{k+1} - z_k|| / (||z_{k+1}|| + 1e-5) < 1e-4`` over the whole batch.
+def _plain_iteration(func, z, tol: float, max_iter: int):
+    """Iterate until ``||z_{k+1} - z_k|| / (||z_{k+1}|| + 1e-5) < tol`` over the whole batch.
 
     Returns the state, the iterations, and (for the benchmark's statistics only, once per solve)
     the per-sample relative residual of the last step.
     """
     steps = 0
-    while steps < MAX_ITER:
+    while steps < max_iter:
         z_previous, z = z, func(z)
         steps += 1
-        if ((z - z_previous).norm() / (z.norm() + 1e-5)).item() < TOL:  # a host sync per iteration
+        if ((z - z_previous).norm() / (z.norm() + 1e-5)).item() < tol:  # a host sync per iteration
             break
     dims = tuple(range(1, z.dim()))  # not flatten(1): it would copy a channels-last state
     norm = torch.linalg.vector_norm

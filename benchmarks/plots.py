@@ -22,12 +22,13 @@ def training_curves(report: dict, path: pathlib.Path) -> None:
     _save(fig, [acc, its], path)
 
 
-def residual_traces(traces: dict, path: pathlib.Path, title: str) -> None:
-    """Mean relative residual against the iteration, one line per kind (log scale)."""
+def residual_traces(traces: dict, path: pathlib.Path, title: str, tol: float) -> None:
+    """Mean relative residual against the iteration (``kind -> (iterations, residuals)``), one
+    line per kind (log scale), and the tolerance ``tol``."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, values in traces.items():
-        ax.semilogy(range(1, len(values) + 1), values, marker=".", label=kind)
-    ax.axhline(1e-4, color="gray", linestyle="--", linewidth=1, label="tolerance")
+    for kind, (steps, values) in traces.items():
+        ax.semilogy(steps, values, marker=".", label=kind)
+    ax.axhline(tol, color="gray", linestyle="--", linewidth=1, label="tolerance")
     ax.set(xlabel="iteration", ylabel="mean relative residual", title=title)
     _save(fig, [ax], path)
 

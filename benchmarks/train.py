@@ -10,8 +10,12 @@ implementation's way). The kinds' epochs alternate (epoch 1 of every kind, then 
 each kind with its own data order and RNG, so timing drift hits them alike. Per epoch: train and
 test loss and accuracy, mean forward and backward iterations (calls of f per solve, whatever
 each solver's own ``nstep`` means), the fraction of solves (samples x equilibrium layers) that
-reached the tolerance, seconds per epoch and peak memory during the epoch's training (CUDA:
-allocated by tensors; CPU: resident set above the epoch's start, see ``benchmarks.memory``).
+reached the tolerance in training and at test (the table gives each one's worst epoch), seconds
+per epoch and peak memory during the epoch's training (CUDA: allocated by tensors; CPU: resident
+set above the epoch's start, see ``benchmarks.memory``). Every kind stops at one relative
+tolerance, 1e-4, or under ``--bf16`` the coarser one a bfloat16 pcDEQ solve can resolve
+(``benchmarks.baselines.tolerance``). A last training batch of one image joins the one before
+(batch normalization cannot train on one sample).
 Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json`` and ``.md``;
 ``--plots`` adds PNG plots next to them.
 """
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 import torchdeq
 from tqdm import tqdm
 
-from benchmarks.baselines import KINDS, TOL, build
+from benchmarks.baselines import KINDS, REFERENCE_VARIANTS, build, tolerance
 from benchmarks.cli import (
     available_device,
     command,
@@ -89,6 +93,13 @@ def parse(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.augment and not args.dataset.endswith("cifar10"):
         parser.error(f"--augment is the CIFAR-10 recipe (32x32 crops, flips); got --dataset {args.dataset}")
+    if "reference" in args.kinds and args.activation not in REFERENCE_VARIANTS:
+        parser.error(
+            f"the reference kind has pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) layers, not --activation "
+            f"{args.activation}; leave it out of --kinds"
+        )
+    args.milestone = args.milestone or max(1, (3 * args.epochs) // 4)
+    args.tol = tolerance(args.bf16)
     return args
 
 
@@ -107,7 +118,9 @@ def main(argv=None) -> dict:
     for kind in args.kinds:
         torch.manual_seed(args.seed)
         shapes = "cifar10_aug" if args.augment else data.model_dataset
-        model = build(kind, args.model, shapes, channels=channels, activation=args.activation).to(device)
+        model = build(
+            kind, args.model, shapes, channels=channels, activation=args.activation, tol=args.tol
+        ).to(device)
         print(
             f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters"
@@ -136,6 +149,10 @@ def main(argv=None) -> dict:
         "test_size": len(data.test_x),
         "batch_size": args.batch_size,
         "epochs": args.epochs,
+        "lr": args.lr,
+        "milestone": args.milestone,
+        "activation": args.activation,
+        "tolerance": args.tol,
         "bf16": args.bf16,
         "augment": args.augment,
         "seed": args.seed,
@@ -152,7 +169,7 @@ def main(argv=None) -> dict:
         plots.training_curves(report, path_with(stem, "_curves.png"))
         title = f"first equilibrium layer, trained {args.model}, 16 test images"
         plots.residual_traces(
-            {k: v for k, v in traces.items() if v}, path_with(stem, "_residuals.png"), title
+            {k: v for k, v in traces.items() if v[0]}, path_with(stem, "_residuals.png"), title, args.tol
         )
         if certified is not None:
             plots.enclosure_gap(
@@ -165,22 +182,28 @@ def main(argv=None) -> dict:
 
 
 @torch.no_grad()
-def residual_trace(model, kind: str, images) -> list[float]:
-    """Mean relative residual per iteration of the first equilibrium layer's solve."""
+def residual_trace(model, kind: str, images) -> tuple[list[int], list[float]]:
+    """Mean relative residual of the first equilibrium layer's solve, and the iterations (calls
+    of ``f``) they were measured at."""
     model.eval()
     core = model.cores[0]
     if kind == "pcdeq":
         every, core.check_every = core.check_every, 1
         try:
-            infos = model(images)[1]
+            info = model(images)[1][0]
         finally:
             core.check_every = every
-        return infos[0]["rel_trace"].mean(dim=0).tolist()
+        return info["trace_steps"].tolist(), info["rel_trace"].mean(dim=0).tolist()
     if kind.startswith("torchdeq"):
         info = model(images)[1][0]
-        steps = int(info["nstep"].max())
-        return info["rel_trace"][:, 1 : steps + 1].mean(dim=0).tolist()
-    return []  # the reference records no trace
+        # TorchDEQ's traces start with a placeholder column and, once the solve stops, repeat
+        # the lowest values up to the budget. fixed_point_iter's column j is call j; Anderson
+        # calls f twice before its first residual, so its column j is call j + 2.
+        offset = 2 if kind == "torchdeq_anderson" else 0
+        last = int(info["nstep"].max())
+        steps = list(range(1 + offset, last + 1))
+        return steps, info["rel_trace"][:, 1 : 1 + len(steps)].mean(dim=0).tolist()
+    return [], []  # the reference records no trace
 
 
 @torch.no_grad()
@@ -218,8 +241,7 @@ class Run:
         self.kind, self.model, self.data, self.args, self.device = kind, model, data, args, device
         weight_decay = WEIGHT_DECAY.get(data.model_dataset, 2e-2)
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=weight_decay)
-        milestone = args.milestone or max(1, (3 * args.epochs) // 4)
-        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=[milestone], gamma=0.1)
+        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=[args.milestone], gamma=0.1)
         self.gen = torch.Generator().manual_seed(args.seed)
         self.rng = self._rng_state()
         self.history: list[dict] = []
@@ -249,15 +271,16 @@ class Run:
     def _epoch(self, epoch: int) -> dict:
         model, data, args, device = self.model, self.data, self.args, self.device
         model.train()
-        stats = _Stats()
+        stats = _Stats(args.tol)
         memory = PeakMemory(device)
         memory.start()
         start = time.perf_counter()
         order = torch.randperm(len(data.train_x), generator=self.gen)
-        batches = range(0, len(order), args.batch_size)
         desc = f"{self.kind} epoch {epoch}"
-        for i in tqdm(batches, desc=desc, leave=False, disable=args.quiet or None):
-            idx = order[i : i + args.batch_size]
+        for batch in tqdm(
+            training_batches(len(order), args.batch_size), desc=desc, leave=False, disable=args.quiet or None
+        ):
+            idx = order[batch]
             images, labels = data.train_x[idx], data.train_y[idx]
             if args.augment:
                 images = augment(images, self.gen)
@@ -283,10 +306,19 @@ class Run:
         }
 
 
+def training_batches(n: int, size: int) -> list[slice]:
+    """Batches of ``size`` over ``n`` images; a last batch of one image joins the one before:
+    batch normalization cannot train on a single sample."""
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(start, end) for start, end in zip(starts, [*starts[1:], n], strict=True)]
+
+
 @torch.no_grad()
 def evaluate(model, data, args, device) -> dict:
     model.eval()
-    stats = _Stats()
+    stats = _Stats(args.tol)
     for i in range(0, len(data.test_x), args.batch_size):
         images = data.test_x[i : i + args.batch_size].to(device)
         labels = data.test_y[i : i + args.batch_size].to(device)
@@ -297,9 +329,11 @@ def evaluate(model, data, args, device) -> dict:
 
 
 class _Stats:
-    """Running means of one epoch; per-sample convergence over every equilibrium layer."""
+    """Running means of one epoch; per-sample convergence over every equilibrium layer (where a
+    solver reports no ``converged``, its lowest relative residual against ``tol``)."""
 
-    def __init__(self):
+    def __init__(self, tol: float):
+        self.tol = tol
         self.loss, self.correct, self.seen = 0.0, 0, 0
         self.forward, self.backward_steps, self.converged, self.solves = [], [], 0, 0
 
@@ -313,7 +347,7 @@ class _Stats:
         self.seen += n
         for info in infos:
             self.forward.append(iterations(info))
-            converged = info["converged"] if "converged" in info else info["rel_lowest"] <= TOL
+            converged = info["converged"] if "converged" in info else info["rel_lowest"] <= self.tol
             self.converged += int(converged.sum())
             self.solves += converged.numel()
 
@@ -333,23 +367,27 @@ def markdown(report: dict) -> str:
     lines = [
         f"Training: {report['model']} on {report['dataset']}{synthetic}, "
         f"{report['train_size']} train / {report['test_size']} test images, batch {report['batch_size']}, "
-        f"{report['epochs']} epochs, seed {report['seed']}"
+        f"{report['epochs']} epochs (lr {report['lr']:g}, x0.1 after epoch {report['milestone']}), "
+        f"seed {report['seed']}, pcDEQ activation {report['activation']}, every kind at relative "
+        f"tolerance {report['tolerance']:g}"
         f"{', bf16 autocast' if report['bf16'] else ''}{', augmented' if report['augment'] else ''}",
         f"Command: `{report['command']}`",
         f"Hardware: {report['hardware']}",
         "",
-        "| kind | test accuracy | train accuracy | fwd iterations | bwd iterations | solves converged "
+        "| kind | test accuracy | train accuracy | fwd iterations | bwd iterations "
+        "| solves converged, train (worst epoch) | test (worst epoch) "
         "| s / epoch (median) | peak memory MB (above epoch start) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, history in report["runs"].items():
         last = history[-1]
         seconds = statistics.median(row["seconds"] for row in history)
-        converged = min(row["train_converged"] for row in history)
+        converged = {split: min(row[f"{split}_converged"] for row in history) for split in ("train", "test")}
         lines.append(
             f"| {kind} | {100 * last['test_accuracy']:.2f}% | {100 * last['train_accuracy']:.2f}% | "
             f"{last['train_forward_iterations']:.1f} | {last['train_backward_iterations']:.1f} | "
-            f"{100 * converged:.2f}% | {seconds:.2f} | {max(row['peak_memory_mb'] for row in history):.1f} |"
+            f"{100 * converged['train']:.2f}% | {100 * converged['test']:.2f}% | {seconds:.2f} | "
+            f"{max(row['peak_memory_mb'] for row in history):.1f} |"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from benchmarks.baselines import KINDS
 from benchmarks.data import augment, load
 from torchdeq_pcdeq import InvalidInputError, PcDEQWarning, UnknownNameError
 
@@ -199,6 +200,7 @@ def _refusal(capsys, main, argv) -> str:
         (["--lr", "-1"], "--lr: expected a positive finite number, got -1.0"),
         (["--device", "tpu"], "expected a device such as cpu, cuda or cuda:0, got 'tpu'"),
         (["--augment"], "--augment is the CIFAR-10 recipe"),
+        (["--activation", "relu6"], "the reference kind has pcDEQ-1 (tanh) and pcDEQ-2 (sigmoid) layers"),
     ],
 )
 def test_train_refuses_bad_arguments_before_any_work(capsys, tmp_path, argument, message):
@@ -333,3 +335,60 @@ def test_the_cpu_hardware_line_names_the_model_and_the_vector_extensions(monkeyp
     assert solver_overhead.cpu_name() == "Example CPU 9000 @ 3.0GHz"
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert solver_overhead.cpu_name() in (platform.processor(), platform.machine())
+
+
+def test_every_kind_stops_at_one_tolerance_which_bf16_raises_to_what_pcdeq_can_resolve():
+    from benchmarks.baselines import TOL, build, tolerance
+
+    assert tolerance(False) == TOL and tolerance(True) == 2 * 2.0**-7  # bfloat16: 2 ulps
+    for tol in (TOL, tolerance(True)):
+        cores = {kind: build(kind, "linear", "digits", tol=tol).cores[0] for kind in KINDS}
+        assert cores["pcdeq"].f_tol == cores["pcdeq"].b_tol == tol
+        for kind in ("torchdeq_anderson", "torchdeq_fixed_point"):
+            assert cores[kind].f_tol == cores[kind].b_tol == tol
+        assert cores["reference"].tol == tol
+    # the budgets of deq apply to every kind (TorchDEQ's got them twice and failed)
+    deq = {"f_max_iter": 7, "b_max_iter": 9}
+    assert build("torchdeq_fixed_point", "linear", "digits", deq=deq).cores[0].f_max_iter == 7
+    reference = build("reference", "linear", "digits", deq=deq).cores[0]
+    assert (reference.f_max_iter, reference.b_max_iter) == (7, 9)
+
+
+def test_the_reference_is_pcdeq_2_for_the_sigmoid_and_refuses_what_it_does_not_have():
+    from benchmarks.baselines import build
+
+    layer = build("reference", "linear", "digits", activation="sigmoid").layers[0]
+    u = torch.tensor([[-1.0, 0.0, 2.0]])
+    assert torch.equal(layer.inject(u), torch.tensor([[0.0, 0.0, 2.0]]))  # relu: pcDEQ-2's injection
+    z = torch.zeros(1, layer.operator.weight.shape[1])
+    x = torch.zeros_like(z)
+    assert torch.allclose(layer(z, x), torch.full_like(z, 0.5))  # sigmoid(0)
+    with pytest.raises(InvalidInputError, match=r"pcDEQ-1 \(tanh\) and pcDEQ-2 \(sigmoid\).*'relu6'"):
+        build("reference", "linear", "digits", activation="relu6")
+
+
+def test_a_last_training_batch_of_one_image_joins_the_one_before():
+    from benchmarks.train import training_batches
+
+    spans = lambda n, size: [(b.start, b.stop) for b in training_batches(n, size)]  # noqa: E731
+    assert spans(65, 64) == [(0, 65)]
+    assert spans(129, 64) == [(0, 64), (64, 129)]
+    assert spans(128, 64) == [(0, 64), (64, 128)]
+    assert spans(130, 64) == [(0, 64), (64, 128), (128, 130)]
+    assert spans(1, 64) == [(0, 1)]
+
+
+def test_residual_traces_are_placed_at_the_calls_of_f_they_were_measured_at():
+    from benchmarks.baselines import build
+    from benchmarks.train import residual_trace
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, 8, 8)
+    for kind, first in (("pcdeq", 1), ("torchdeq_fixed_point", 1), ("torchdeq_anderson", 3)):
+        model = build(kind, "linear", "digits")
+        steps, values = residual_trace(model, kind, images)
+        last = int(
+            model(images)[1][0]["trace_steps"][-1] if kind == "pcdeq" else model(images)[1][0]["nstep"].max()
+        )
+        assert steps == list(range(first, last + 1)) and len(values) == len(steps), kind
+        assert values[-1] <= 1e-4 < values[0], kind  # ends at the tolerance, not on padding
