@@ -306,7 +306,7 @@ def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
         ({"f_stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),
         ({"f_tol": "1e-4"}, InvalidInputError, "f_tol must be a positive finite number, got '1e-4'"),
         ({"eval_factor": "2"}, InvalidInputError, "eval_factor must be a positive finite number, got '2'"),
-        ({"eval_f_max_iter": 50.5}, InvalidInputError, r"eval_f_max_iter must be an integer .* got 50.5"),
+        ({"eval_f_max_iter": 50.5}, InvalidInputError, r"eval_f_max_iter \(.*must be an integer, got 50.5"),
         ({"eval_factor": 0, "f_max_iter": 10}, InvalidInputError, "eval_factor must be a positive finite"),
         ({"tau": 0, "n_states": 2}, InvalidInputError, "tau must be a positive finite number, got 0"),
         ({"grad": 0}, InvalidInputError, r"grad \(the phantom gradient's steps\) must be an integer >= 1"),

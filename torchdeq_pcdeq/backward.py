@@ -255,13 +255,7 @@ class ImplicitGradient(_Producer):
 class _ImplicitGrad(autograd.Function):
     @staticmethod
     def forward(ctx, producer, trainer, func, z_pred, writer, autocast):
-        ctx.producer, ctx.trainer, ctx.func, ctx.writer, ctx.autocast = (
-            producer,
-            trainer,
-            func,
-            writer,
-            autocast,
-        )
+        _remember(ctx, producer=producer, trainer=trainer, func=func, writer=writer, autocast=autocast)
         ctx.save_for_backward(z_pred.detach())
         return z_pred
 
@@ -296,13 +290,7 @@ class _ImplicitGradOnGraph(autograd.Function):
     # them are caught.
     @staticmethod
     def forward(ctx, f_out, z_in, producer, trainer, func, writer, autocast):
-        ctx.producer, ctx.trainer, ctx.func, ctx.writer, ctx.autocast = (
-            producer,
-            trainer,
-            func,
-            writer,
-            autocast,
-        )
+        _remember(ctx, producer=producer, trainer=trainer, func=func, writer=writer, autocast=autocast)
         ctx.save_for_backward(f_out, z_in)
         return f_out.view_as(f_out)
 
@@ -316,6 +304,12 @@ class _ImplicitGradOnGraph(autograd.Function):
         # y flows on through f_out's graph to the parameters and the injection (and, one
         # unused product, to z_in: the price of sharing the graph with the adjoint solve).
         return y, *(None,) * 6
+
+
+def _remember(ctx, **values) -> None:
+    """Keep a forward's non-tensor arguments on ``ctx`` for its backward."""
+    for name, value in values.items():
+        setattr(ctx, name, value)
 
 
 def _graph_vjp(f_out: Tensor, z_in: Tensor) -> Callable[[Tensor], Tensor]:
@@ -370,13 +364,7 @@ class ClosedFormImplicitGradient(_Producer):
 class _ClosedFormImplicitGrad(autograd.Function):
     @staticmethod
     def forward(ctx, weight, x, z_in, z_out, layer, producer, trainer, writer, autocast):
-        ctx.layer, ctx.producer, ctx.trainer, ctx.writer, ctx.autocast = (
-            layer,
-            producer,
-            trainer,
-            writer,
-            autocast,
-        )
+        _remember(ctx, layer=layer, producer=producer, trainer=trainer, writer=writer, autocast=autocast)
         ctx.save_for_backward(weight, z_in, z_out)
         return z_out
 

@@ -393,22 +393,15 @@ def _check_numbers(config: dict) -> None:
     for key in ("f_tol", "b_tol"):
         if key in config:
             config[key] = _positive_float(key, config[key])
-    if "n_states" in config:
-        n_states = as_integer(config["n_states"])
-        if n_states is None:
-            raise InvalidInputError(
-                f"n_states (the states training returns, split evenly) must be an integer, got "
-                f"{config['n_states']!r}."
-            )
-        config["n_states"] = n_states
-    if "eval_f_max_iter" in config:
-        budget = as_integer(config["eval_f_max_iter"])
-        if budget is None:
-            raise InvalidInputError(
-                f"eval_f_max_iter must be an integer (the eval solve's budget; 0 or less derives it "
-                f"as eval_factor x f_max_iter), got {config['eval_f_max_iter']!r}."
-            )
-        config["eval_f_max_iter"] = budget
+    for key, meaning in (
+        ("n_states", "the states training returns, split evenly; 1 or less: one"),
+        ("eval_f_max_iter", "the eval solve's budget; 0 or less derives it as eval_factor x f_max_iter"),
+    ):
+        if key in config:
+            number = as_integer(config[key])
+            if number is None:
+                raise InvalidInputError(f"{key} ({meaning}) must be an integer, got {config[key]!r}.")
+            config[key] = number
     if config.get("eval_f_max_iter", 0) <= 0 and "eval_factor" in config:
         config["eval_factor"] = _positive_float("eval_factor", config["eval_factor"])
     if "indexing" in config:
