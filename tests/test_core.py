@@ -336,6 +336,8 @@ def test_numpy_tensor_and_whole_float_integers_are_taken_as_ints():
     assert all(type(value) is int for value in (deq.f_max_iter, deq.b_max_iter, deq.eval_f_max_iter))
     assert type(deq.f_tol) is float and deq.f_tol == pytest.approx(1e-3)
     assert torchdeq.get_deq(core="pcdeq", indexing=np.array([5]), grad=(np.int64(2),)).indexing == [5, 195]
+    for grad in (np.int64(2), 2.0):  # TorchDEQ asserts that a single step is an int
+        assert torchdeq.get_deq(core="pcdeq", ift=False, grad=grad).args.get("grad") == 2
 
 
 @pytest.mark.parametrize(

@@ -418,7 +418,8 @@ def _check_numbers(config: dict) -> None:
         config["tau"] = _positive_float("tau", config["tau"])
     if "grad" in config:
         grad = config["grad"]
-        steps = [grad] if as_integer(grad) is not None else _integers(grad)
+        single = as_integer(grad)
+        steps = [single] if single is not None else _integers(grad)
         if not steps or any(step < 1 for step in steps):
             raise InvalidInputError(
                 "grad (the phantom gradient's steps) must be an integer >= 1 or a nonempty list of "
@@ -430,7 +431,7 @@ def _check_numbers(config: dict) -> None:
                 f"{states} states (n_states={n_states}, indexing={config.get('indexing', [])!r}): "
                 "give one step for all of them, or one per state."
             )
-        config["grad"] = steps[0] if as_integer(grad) is not None else steps
+        config["grad"] = single if single is not None else steps
 
 
 def _positive_int(key: str, value: object) -> int:
