@@ -389,7 +389,7 @@ def _check_numbers(config: dict) -> None:
     """
     for key in ("f_max_iter", "b_max_iter"):
         if key in config:
-            config[key] = _positive_int(key, config[key])
+            config[key] = positive_int(key, config[key])
     for key in ("f_tol", "b_tol"):
         if key in config:
             config[key] = _positive_float(key, config[key])
@@ -434,7 +434,9 @@ def _check_numbers(config: dict) -> None:
         config["grad"] = single if single is not None else steps
 
 
-def _positive_int(key: str, value: object) -> int:
+def positive_int(key: str, value: object) -> int:
+    """``value`` as an int if it is a whole number >= 1 (see :func:`as_integer`), else a typed error
+    naming ``key``."""
     number = as_integer(value)
     if number is None or number < 1:
         raise InvalidInputError(f"{key} must be an integer >= 1, got {value!r}.")

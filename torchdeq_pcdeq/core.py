@@ -49,7 +49,7 @@ from torchdeq.core import DEQSliced
 
 from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
 from .certify import min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, as_integer, gradient_mode, resolve_core_config
+from .config import SOLVER_NAME, gradient_mode, positive_int, resolve_core_config
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
@@ -187,12 +187,9 @@ class PcDEQCore(DEQSliced):
         if options.get("f_max_iter", 0) is None:  # TorchDEQ ignores it in training: the budget stays
             del options["f_max_iter"]
         if "f_max_iter" in options:
-            budget = as_integer(options["f_max_iter"])
-            if budget is None or budget < 1:
-                raise InvalidInputError(
-                    f"solver_kwargs['f_max_iter'] must be an integer >= 1, got {options['f_max_iter']!r}."
-                )
-            options["f_max_iter"] = budget
+            budget = options["f_max_iter"] = positive_int(
+                "solver_kwargs['f_max_iter']", options["f_max_iter"]
+            )
             segments = self._compute_f_iter(budget)
             if self.training and min(segments) < 1:
                 raise InvalidInputError(
