@@ -348,6 +348,23 @@ def test_the_guard_keeps_watching_the_samples_that_did_not_diverge():
             )
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "report"])
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_a_sample_whose_fixed_point_is_zero_converges_with_a_zero_residual(stop_mode, nonfinite):
+    # sample 0 stays exactly 0 (0 / 0 in its relative residual), sample 1 converges to 2
+    f = lambda z: z * torch.tensor([[0.5], [0.5]]) + torch.tensor([[0.0], [1.0]])  # noqa: E731
+    z, _, info = pcdeq_fixed_point(
+        f, torch.zeros(2, 3), max_iter=100, tol=1e-6, stop_mode=stop_mode, guard="raise", nonfinite=nonfinite
+    )
+    assert info["converged"].tolist() == [True, True]
+    assert torch.equal(z[0], torch.zeros(3))
+    assert info["rel_trace"][0].tolist() == [0.0] * info["rel_trace"].shape[1]
+    assert info["abs_lowest"][0] == 0 and info["rel_lowest"][0] == 0
+    assert int(info["nstep"][0]) == int(info["trace_steps"][0])  # within tolerance from the first check
+    if nonfinite == "report":
+        assert info["diverged"].tolist() == [False, False]
+
+
 @pytest.mark.parametrize("stop_mode", ["rel", "abs"])
 def test_an_iterate_whose_norm_overflows_is_never_read_as_converged(stop_mode):
     # 5.43x per iteration: at iteration 26 ||f(z)|| overflows float32 while ||f(z) - z|| does

@@ -304,9 +304,12 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
 
 def _residuals(diff: Tensor, fz: Tensor, monitor: _Monitor) -> tuple[Tensor, Tensor]:
     """``||f(z) - z||_2`` and ``||f(z)||_2``, from ``diff = f(z) - z``."""
+    dims, acc = monitor.dims, monitor.acc
+    if fz.dtype == acc:  # (naming the dtype that is already the state's costs a conversion check)
+        return torch.linalg.vector_norm(diff, dim=dims), torch.linalg.vector_norm(fz, dim=dims)
     return (
-        torch.linalg.vector_norm(diff, dim=monitor.dims, dtype=monitor.acc),
-        torch.linalg.vector_norm(fz, dim=monitor.dims, dtype=monitor.acc),
+        torch.linalg.vector_norm(diff, dim=dims, dtype=acc),
+        torch.linalg.vector_norm(fz, dim=dims, dtype=acc),
     )
 
 
@@ -412,14 +415,15 @@ class _Monitor:
         then passed to ``report`` on the host.
         """
         # NaN where the state's norm overflowed (a diverging iteration, whose step's norm may
-        # still be finite): the measure must not read as 0, that is, as converged.
-        poison = scale * 0
+        # still be finite): the measure must not read as 0, that is, as converged. (inf - inf is
+        # NaN; an op between tensors costs about half of one with a Python number.)
+        poison = scale - scale
         if self.x0 is not None:  # nonfinite="report": growth past 1/eps^2 diverges too
             if self.growth_limit is None:
                 self.growth_limit = scale / torch.finfo(self.acc).eps ** 2
             else:
                 poison = poison.masked_fill(scale > self.growth_limit, math.nan)
-        rel_res = torch.addcdiv(poison, abs_res, scale + self.tiny)
+        rel_res = torch.addcdiv(poison, abs_res, scale.clamp_min(self.tiny))  # (0 for a zero sample)
         self.steps.append(k)
         self.abs.append(abs_res)
         self.rel.append(rel_res)
@@ -492,15 +496,15 @@ class _Monitor:
         within tolerance to the end (the last iteration if it ended above).
         """
         n = len(self.steps)
-        # One op for both traces; every other entry is a view of it or one reduction over it.
-        history = torch.stack(self.abs + self.rel, dim=1).view(-1, 2, n)  # (batch, abs|rel, check)
-        abs_trace, rel_trace = history.unbind(1)
+        # (abs|rel, check, sample) in one op: a stack would first unsqueeze every measure
+        history = torch.cat(self.abs + self.rel).view(2, n, -1)
         finite = history if self.diverged is None else history.nan_to_num(nan=math.inf, posinf=math.inf)
-        abs_lowest, rel_lowest = finite.amin(dim=2).unbind(1)
+        abs_lowest, rel_lowest = finite.amin(dim=1)
+        abs_trace, rel_trace = history.transpose(1, 2).contiguous()  # (sample, check) each
         if self.stop_mode == "rel":
-            ok = rel_trace <= self.rel_limit
+            ok = history[1] <= self.rel_limit
         else:
-            ok = abs_trace <= torch.stack(self.abs_limit, dim=1)
+            ok = history[0] <= torch.cat(self.abs_limit).view(n, -1)
         # nstep: the check after the sample's last failed one (the first check if none failed)
         marks = torch.tensor([*self.steps, k], dtype=history.dtype, device=device)
         entries = dict(
@@ -508,16 +512,16 @@ class _Monitor:
             rel_lowest=rel_lowest,
             abs_trace=abs_trace,
             rel_trace=rel_trace,
-            nstep=torch.where(ok, self.steps[0], marks[1:]).amax(dim=1),
+            nstep=torch.where(ok, marks[0], marks[1:, None]).amax(dim=0),
             sradius=torch.full((1,), -1.0, device=device),
             trace_steps=marks[:-1].long(),
-            converged=ok[:, -1],
+            converged=ok[-1],
         )
         if self.certified:
-            entries["error_bound"] = abs_trace[:, -1]
+            entries["error_bound"] = history[0, -1]
         if self.x0 is not None:  # nonfinite="report"
             if self.diverged is None:
-                entries["diverged"] = torch.zeros(history.shape[0], dtype=torch.bool, device=device)
+                entries["diverged"] = torch.zeros(history.shape[-1], dtype=torch.bool, device=device)
             else:  # a flagged sample's later measures may be finite (an overflowed norm)
                 entries["diverged"] = self.diverged
                 entries["converged"] = entries["converged"] & ~self.diverged
