@@ -8,7 +8,8 @@ off and once with the guard on (the pcdeq core's default); TorchDEQ's ``fixed_po
 ``K`` iterations. The last case never meets the tolerance within its budget, so every variant
 runs the same fixed number of iterations. All run under ``torch.no_grad()`` and
 ``parametrize.cached()``, as inside the pcdeq core. Timings are medians over ``--repeats``
-interleaved runs.
+interleaved rounds (each round runs every variant once, starting with another one each time); a
+ratio is the median over rounds of the variant's time over the bare loop's time in that round.
 
     python -m benchmarks.solver_overhead [--device cpu|cuda] [--repeats 9]
 """
@@ -96,14 +97,21 @@ def measure(layer, x, budget, repeats, device, bf16=False):
             "pcdeq_guard": lambda: pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=tol, guard="raise"),
             "torchdeq": lambda: torchdeq_fp(func, z0, max_iter=needed, tol=1e-30),
         }
-        runs = {name: [] for name in variants}
+        names = list(variants)
+        runs = {name: [] for name in names}
         for fn in variants.values():  # warm-up
             fn()
-        for _ in range(repeats):
-            for name, fn in variants.items():
-                runs[name].append(timed(fn, device))
+        for round_ in range(repeats):
+            # each round starts with another variant: none always runs right after the same one
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                runs[name].append(timed(variants[name], device))
     medians = {name: statistics.median(times) for name, times in runs.items()}
-    return needed, int(auto["trace_steps"][-1]), int(auto["trace_steps"].numel()), medians
+    # Each ratio is taken within a round, against the bare loop of that round: the shared
+    # machine's speed drifts between rounds, and a ratio of two medians would mix them.
+    ratios = {
+        name: statistics.median(t / bare for t, bare in zip(runs[name], runs["bare"])) for name in names
+    }
+    return needed, int(auto["trace_steps"][-1]), int(auto["trace_steps"].numel()), medians, ratios
 
 
 def main(argv=None):
@@ -122,7 +130,7 @@ def main(argv=None):
 
     rows = []
     for name, layer, x, budget in cases(device, args.fixed_iterations):
-        needed, iterations, checks, med = measure(layer, x, budget, args.repeats, device, args.bf16)
+        needed, iterations, checks, med, ratios = measure(layer, x, budget, args.repeats, device, args.bf16)
         rows.append(
             {
                 "case": name,
@@ -131,16 +139,15 @@ def main(argv=None):
                 "checks": checks,
                 "bare_ms": 1e3 * med["bare"],
                 **{f"{key}_ms": 1e3 * med[key] for key in ("pcdeq", "pcdeq_guard", "torchdeq")},
-                **{
-                    f"{key}_over_bare": med[key] / med["bare"] for key in ("pcdeq", "pcdeq_guard", "torchdeq")
-                },
+                **{f"{key}_over_bare": ratios[key] for key in ("pcdeq", "pcdeq_guard", "torchdeq")},
             }
         )
     hardware = hardware_line(device)
     run_command = command("benchmarks.solver_overhead", argv)
     lines = [
-        f"Solver overhead, median of {args.repeats}{', f under bf16 autocast' if args.bf16 else ''} "
-        f"(`{run_command}`)",
+        f"Solver overhead, median of {args.repeats} rounds{', f under bf16 autocast' if args.bf16 else ''} "
+        f"(`{run_command}`); each ratio is the median of the ratios within a round, each variant "
+        "against the bare loop of its round",
         f"Hardware: {hardware}",
         "",
         "| case | K needed | pcdeq iterations | checks | bare loop of K, ms | pcdeq_fixed_point | with guard "
