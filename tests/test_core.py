@@ -186,10 +186,11 @@ def test_parametrized_weights_are_computed_once_per_solve(monkeypatch, path):
     z_out, info = solve(deq, f, x, path=path)
     z_out[-1].sum().backward()
     assert info["nstep"].max() >= 3
-    if path == "closed_form":  # the no-grad solve, then the weight the gradient flows to
-        assert calls == [False, True]
-    else:  # the no-grad solve, the tracked step, the adjoint graph
-        assert calls == [False, True, True]
+    if path == "closed_form":  # once, tracked: the solve's weight is the one the gradient flows to
+        assert calls == [True]
+    else:  # the solve's (tracked too: whether the closed form applies is known only after
+        # it), the tracked step, the adjoint graph
+        assert calls == [True, True, True]
 
 
 # -- configuration ----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ options) with:
   diverges, growing past ``1/eps**2`` or overflowing (its samples get the one-step gradient,
   never NaN);
 * parametrized weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
-  instead of once per iteration;
+  instead of once per iteration (and, for the closed-form gradient, once per training step: the
+  solve's weight is computed tracked and differentiated);
 * from a zero initial state, the first iteration of the pcDEQ layers is ``sigma(x)``: the
   product with ``W``, exactly zero, is skipped (:func:`~torchdeq_pcdeq.layers.zero_state`).
 

@@ -143,6 +143,7 @@ class LastStep:
     x: Tensor
     z_in: Tensor
     out: Tensor
+    weight: Tensor  # the W of that step (in the pcdeq core's solve: tracked, see PcDEQLayer.forward)
 
 
 class LayerChain:
@@ -165,7 +166,7 @@ class LayerChain:
         self._x_version = 0
         self._versions: tuple[int, ...] = ()
 
-    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor) -> None:
+    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor, weight: Tensor) -> None:
         if self.broken:
             return
         if self._layer is None:
@@ -177,7 +178,7 @@ class LayerChain:
                 return
             self.calls = 0  # a restart from the initial state: the chain begins again
         self.calls += 1
-        self._last = (z, out)
+        self._last = (z, out, weight)
         self._versions = (z._version, out._version)
 
     def last_step(self, state: Tensor) -> LastStep | None:
@@ -188,7 +189,7 @@ class LayerChain:
         """
         if self.broken or self.calls < 2:
             return None
-        z_in, out = self._last
+        z_in, out, weight = self._last
         same = (
             state.data_ptr() == out.data_ptr()
             and state.shape == out.shape
@@ -198,7 +199,7 @@ class LayerChain:
         versions = (z_in._version, out._version)
         if not same or versions != self._versions or self._x._version != self._x_version:
             return None
-        return LastStep(self._layer, self._x, z_in, out)
+        return LastStep(self._layer, self._x, z_in, out, weight)
 
 
 @contextlib.contextmanager
@@ -420,10 +421,11 @@ class PcDEQLayer(nn.Module):
             InvalidInputError: wrong shape, dtype or device, or a non-admissible injection.
             NegativeWeightError: ``"project"`` mode and the weight has negative entries.
         """
-        weight = self.weight
+        context = None if torch.compiler.is_compiling() else _CONTEXT
+        weight = self._weight_in(context)
         if not (isinstance(x, Tensor) and isinstance(z, Tensor)):
             self._verify_call(z, x, weight, None)  # raises with the expected shape
-        if not torch.compiler.is_compiling():
+        if context is not None:
             # A solve calls f many times with one injection: the checks that need a host sync
             # (and those of dtypes and devices) run once per injection tensor and kind of state
             # (shape, dtype, device, with the weight's and autocast's); a cheap comparison covers
@@ -444,7 +446,6 @@ class PcDEQLayer(nn.Module):
             # any parametrization other than ours (looked up once per injection: it is slow).
             if self._check_weight or isinstance(weight, nn.Parameter):
                 self._verify_weight(weight)
-            context = _CONTEXT
             for seen in context.observers:
                 seen.setdefault(id(self), (self, x))
             if context.zero_states and _is_known_zero(z, x, context.zero_states):
@@ -455,9 +456,23 @@ class PcDEQLayer(nn.Module):
                 pre = self.apply_operator(z, weight) + x
             out = self.activation.function(pre)
             for chain in context.chains:
-                chain.record(self, z, x, out)
+                chain.record(self, z, x, out, weight)
             return out
         return self.activation.function(self.apply_operator(z, weight) + x)
+
+    def _weight_in(self, context: _SolveContext | None) -> Tensor:
+        """``W`` for a call made in ``context`` (``None``: while compiling).
+
+        In a solve that records its last step for the closed-form gradient (grad off, weights
+        cached for all its calls), the cache keeps the first ``W`` computed: it is computed
+        tracked, and the closed form differentiates that ``W`` (``LastStep.weight``) instead of
+        computing it again (a weight norm is about 10 operations forward).
+        """
+        recording = context is not None and context.chains
+        if recording and parametrize._cache_enabled and not torch.is_grad_enabled():
+            with torch.enable_grad():
+                return self.weight
+        return self.weight
 
     def _verify_call(self, z: Tensor, x: Tensor, weight: Tensor, key: tuple) -> None:
         self.check_state(z)
