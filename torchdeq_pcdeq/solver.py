@@ -505,16 +505,17 @@ class _Monitor:
             ok = history[1] <= self.rel_limit
         else:
             ok = history[0] <= torch.cat(self.abs_limit).view(n, -1)
-        # nstep: the check after the sample's last failed one (the first check if none failed)
-        marks = torch.tensor([*self.steps, k], dtype=history.dtype, device=device)
+        # nstep: the check after the sample's last failed one (the first check if none failed);
+        # a column of [first check, then the one after each check (k after the last)]
+        marks = torch.tensor([[step] for step in (*self.steps, k)], dtype=history.dtype, device=device)
         entries = dict(
             abs_lowest=abs_lowest,
             rel_lowest=rel_lowest,
             abs_trace=abs_trace,
             rel_trace=rel_trace,
-            nstep=torch.where(ok, marks[0], marks[1:, None]).amax(dim=0),
+            nstep=torch.where(ok, marks[:1], marks[1:]).amax(dim=0),
             sradius=torch.full((1,), -1.0, device=device),
-            trace_steps=marks[:-1].long(),
+            trace_steps=torch.tensor(self.steps, device=device),
             converged=ok[-1],
         )
         if self.certified:
