@@ -3,12 +3,14 @@ import copy
 import dataclasses
 import functools
 import itertools
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import torchdeq
+from torch.nn.utils import parametrize
 
 from conftest import (
     ACTIVATIONS,
@@ -191,6 +193,43 @@ def test_parametrized_weights_are_computed_once_per_solve(monkeypatch, path):
     else:  # the solve's (tracked too: whether the closed form applies is known only after
         # it), the tracked step, the adjoint graph
         assert calls == [True, True, True]
+
+
+def test_the_closed_form_differentiates_its_own_weight_whatever_another_thread_cached():
+    # torch's parametrize cache is one for the whole process: another thread caching an
+    # untracked W in the middle of a training solve must not cost this step its weight gradient
+    def gradients(race: bool):
+        torch.manual_seed(0)
+        f = PcDEQLinear(6)
+        u = torch.randn(3, 6, requires_grad=True)
+        x = f.inject(u)
+        entered, cached = threading.Event(), threading.Event()
+
+        def other():
+            assert entered.wait(timeout=60)
+            with parametrize.cached(), torch.no_grad():
+                _ = f.weight  # the process-wide cache now holds an untracked W
+                cached.set()
+
+        def func(z):
+            if not entered.is_set():  # the solve's first call: let the other thread cache first
+                entered.set()
+                assert cached.wait(timeout=60)
+            return f(z, x)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        if not race:  # the other thread's block ends before the solve begins
+            entered.set()
+            thread.join()
+        z_out, _ = torchdeq.get_deq(core="pcdeq")(func, torch.zeros_like(x))
+        thread.join()
+        z_out[-1].square().sum().backward()
+        return [p.grad for p in (*f.parameters(), u)]
+
+    for with_race, alone in zip(gradients(race=True), gradients(race=False)):
+        assert with_race is not None
+        torch.testing.assert_close(with_race, alone, rtol=0, atol=0)
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -629,6 +668,11 @@ def test_inference_mode_is_fine_for_a_plain_solve_and_refused_where_autograd_is_
             )
         with pytest.raises(InvalidInputError, match="sradius_mode with pcdeq_sradius='power'"):
             torchdeq.get_deq(core="pcdeq").eval()(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+        # a training-mode core with grad on: inference tensors have no version counter, so the
+        # last step is not differentiated in closed form (it was a RuntimeError from the chain)
+        with torch.enable_grad():
+            _, info = torchdeq.get_deq(core="pcdeq")(lambda z: f(z, x), torch.zeros_like(x))
+        assert info["converged"].all()
 
 
 def test_training_inside_an_outer_parametrize_cache_is_refused():

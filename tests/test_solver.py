@@ -34,7 +34,11 @@ def test_converges_to_a_fixed_point_with_torchdeq_info_keys_and_shapes():
     for key, shape in [("abs_lowest", (4,)), ("rel_lowest", (4,)), ("nstep", (4,)), ("converged", (4,))]:
         assert info[key].shape == shape, key
     assert info["abs_trace"].shape == info["rel_trace"].shape == (4, n)
+    assert info["abs_trace"].is_contiguous() and info["rel_trace"].is_contiguous()
     assert info["converged"].dtype == torch.bool and info["converged"].all()
+    assert info["trace_steps"].dtype == torch.int64
+    for key in ("abs_lowest", "rel_lowest", "nstep", "abs_trace", "rel_trace", "sradius"):
+        assert info[key].dtype == torch.float32, key
     residual = (f(z, x) - z).norm(dim=1) / f(z, x).norm(dim=1)
     assert (residual < 1e-5 * 1.5).all()
 

@@ -348,7 +348,7 @@ class ClosedFormImplicitGradient(_Producer):
     def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         step = trainer.take_last_step(z_pred)
         if step is not None and torch.is_grad_enabled():
-            weight = step.weight
+            weight = step.layer.weight if step.weight is None else step.weight
             autocast = _autocast_state(z_pred)
             if (
                 (weight.requires_grad or step.x.requires_grad)

@@ -143,7 +143,8 @@ class LastStep:
     x: Tensor
     z_in: Tensor
     out: Tensor
-    weight: Tensor  # the W of that step (in the pcdeq core's solve: tracked, see PcDEQLayer.forward)
+    # The W of that step where the chain computed it (see LayerChain.weights), else None
+    weight: Tensor | None = None
 
 
 class LayerChain:
@@ -165,21 +166,30 @@ class LayerChain:
         self._layer = self._x = self._last = self._first = None
         self._x_version = 0
         self._versions: tuple[int, ...] = ()
+        # The weight of each layer called without grad in the block, computed once and tracked
+        # (PcDEQLayer._weight_in): the closed form differentiates the W the solve used.
+        self.weights: dict[PcDEQLayer, Tensor] = {}
 
-    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor, weight: Tensor) -> None:
+    def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor) -> None:
         if self.broken:
+            return
+        if z.is_inference() or x.is_inference() or out.is_inference():
+            self._break()  # inference tensors have no version counter to tell an edit in place
             return
         if self._layer is None:
             self._layer, self._x, self._x_version, self._first = layer, x, x._version, z
         elif layer is not self._layer or x is not self._x or z is not self._last[1]:
             if not (layer is self._layer and x is self._x and z is self._first):
-                self.broken = True
-                self._layer = self._x = self._last = self._first = None  # keep no tensor alive
+                self._break()
                 return
             self.calls = 0  # a restart from the initial state: the chain begins again
         self.calls += 1
-        self._last = (z, out, weight)
+        self._last = (z, out)
         self._versions = (z._version, out._version)
+
+    def _break(self) -> None:
+        self.broken = True
+        self._layer = self._x = self._last = self._first = None  # keep no state alive
 
     def last_step(self, state: Tensor) -> LastStep | None:
         """The chain's last step if ``state`` is its last output (or a detached alias), unchanged.
@@ -189,7 +199,7 @@ class LayerChain:
         """
         if self.broken or self.calls < 2:
             return None
-        z_in, out, weight = self._last
+        z_in, out = self._last
         same = (
             state.data_ptr() == out.data_ptr()
             and state.shape == out.shape
@@ -199,7 +209,7 @@ class LayerChain:
         versions = (z_in._version, out._version)
         if not same or versions != self._versions or self._x._version != self._x_version:
             return None
-        return LastStep(self._layer, self._x, z_in, out, weight)
+        return LastStep(self._layer, self._x, z_in, out, self.weights.get(self._layer))
 
 
 @contextlib.contextmanager
@@ -456,23 +466,35 @@ class PcDEQLayer(nn.Module):
                 pre = self.apply_operator(z, weight) + x
             out = self.activation.function(pre)
             for chain in context.chains:
-                chain.record(self, z, x, out, weight)
+                chain.record(self, z, x, out)
             return out
         return self.activation.function(self.apply_operator(z, weight) + x)
 
     def _weight_in(self, context: _SolveContext | None) -> Tensor:
         """``W`` for a call made in ``context`` (``None``: while compiling).
 
-        In a solve that records its last step for the closed-form gradient (grad off, weights
-        cached for all its calls), the cache keeps the first ``W`` computed: it is computed
-        tracked, and the closed form differentiates that ``W`` (``LastStep.weight``) instead of
-        computing it again (a weight norm is about 10 operations forward).
+        Inside a no-grad solve that records its layer chain for the closed-form gradient, ``W``
+        is computed once per solve, tracked, and kept by the chain: the closed form then
+        differentiates the ``W`` the solve used instead of computing it again (a weight norm is
+        about 10 operations forward). It is computed from the parametrization itself, not
+        through ``parametrize.cached()``, whose cache is one for the whole process: another
+        thread's untracked ``W`` could sit there, or this thread's tracked one reach another.
         """
-        recording = context is not None and context.chains
-        if recording and parametrize._cache_enabled and not torch.is_grad_enabled():
+        if context is None or not context.chains or torch.is_grad_enabled():
+            return self.weight
+        for chain in reversed(context.chains):
+            weight = chain.weights.get(self)
+            if weight is not None:
+                return weight
+        operator = self.operator
+        if parametrize.is_parametrized(operator, "weight"):
             with torch.enable_grad():
-                return self.weight
-        return self.weight
+                weight = operator.parametrizations.weight()
+        else:
+            weight = operator.weight
+        for chain in context.chains:
+            chain.weights.setdefault(self, weight)
+        return weight
 
     def _verify_call(self, z: Tensor, x: Tensor, weight: Tensor, key: tuple) -> None:
         self.check_state(z)
