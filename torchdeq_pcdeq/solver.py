@@ -304,13 +304,10 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
 
 def _residuals(diff: Tensor, fz: Tensor, monitor: _Monitor) -> tuple[Tensor, Tensor]:
     """``||f(z) - z||_2`` and ``||f(z)||_2``, from ``diff = f(z) - z``."""
-    dims, acc = monitor.dims, monitor.acc
-    if fz.dtype == acc:  # (naming the dtype that is already the state's costs a conversion check)
-        return torch.linalg.vector_norm(diff, dim=dims), torch.linalg.vector_norm(fz, dim=dims)
-    return (
-        torch.linalg.vector_norm(diff, dim=dims, dtype=acc),
-        torch.linalg.vector_norm(fz, dim=dims, dtype=acc),
-    )
+    # (naming the dtype that is already the state's costs a conversion check)
+    widen = {} if fz.dtype == monitor.acc else {"dtype": monitor.acc}
+    norm = torch.linalg.vector_norm
+    return norm(diff, dim=monitor.dims, **widen), norm(fz, dim=monitor.dims, **widen)
 
 
 def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, monitor: _Monitor):
