@@ -5,9 +5,11 @@
   usage and exits with 2). ``available_device`` also refuses a CUDA device on a machine where
   torch sees none, before any work.
 * ``command``: the command line that reproduces a run, recorded in its tables.
-* ``run_as_command``: how each entry point runs ``main()`` as ``python -m benchmarks.<name>``: a
-  configuration error (a missing dataset, an unknown name) ends it as a bad flag does, with
-  ``<name>.py: error: <message>`` and status 2, not a traceback.
+* ``run_as_command`` and ``configuring``: how each entry point runs ``main()`` as
+  ``python -m benchmarks.<name>``. An error of the run's configuration (a missing dataset, an
+  unknown name), raised inside ``with configuring():``, ends it as a bad flag does, with
+  ``<name>.py: error: <message>`` and status 2, not a traceback. The same error types raised
+  once the run computes (a solver refusing a NaN injection in epoch 3) keep their traceback.
 * ``results_stem`` and ``write_results``: ``<stem>.json`` (strict JSON: NaN and infinities
   become ``null``) and ``<stem>.md`` next to it. The endings are appended, so a stem such as
   ``run.v2`` keeps its name (``Path.with_suffix`` would replace ``.v2``).
@@ -25,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
@@ -42,6 +45,7 @@ __all__ = [
     "available_device",
     "command",
     "run_as_command",
+    "configuring",
     "sanitized",
     "results_stem",
     "path_with",
@@ -140,12 +144,39 @@ def write_results(stem: pathlib.Path, payload, markdown: str) -> None:
 
 
 def run_as_command(main) -> None:
-    """Run ``main()`` for ``python -m benchmarks.<name>``; a configuration error ends the run as
-    argparse ends one for a bad flag: ``<name>.py: error: <message>`` and status 2. Those are
-    :class:`~torchdeq_pcdeq.errors.InvalidInputError` and
-    :class:`~torchdeq_pcdeq.errors.UnknownNameError`; any other exception keeps its traceback."""
+    """Run ``main()`` for ``python -m benchmarks.<name>``; an error raised inside
+    :func:`configuring` ends the run as argparse ends one for a bad flag:
+    ``<name>.py: error: <message>`` and status 2. Every other exception keeps its traceback."""
     try:
         main()
     except (InvalidInputError, UnknownNameError) as error:
+        if not getattr(error, _IN_CONFIGURATION, False):
+            raise
         print(f"{pathlib.Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+_IN_CONFIGURATION = "raised_while_configuring_the_run"
+
+
+@contextlib.contextmanager
+def configuring():
+    """Mark the :class:`~torchdeq_pcdeq.errors.InvalidInputError` and
+    :class:`~torchdeq_pcdeq.errors.UnknownNameError` raised inside as errors of the run's
+    configuration, for :func:`run_as_command`. The exception itself passes through unchanged, so
+    a caller of ``main()`` from Python catches the same types.
+
+    Example:
+        >>> from torchdeq_pcdeq.errors import InvalidInputError
+        >>> try:
+        ...     with configuring():
+        ...         raise InvalidInputError("no such file")
+        ... except InvalidInputError as error:
+        ...     print(getattr(error, _IN_CONFIGURATION))
+        True
+    """
+    try:
+        yield
+    except (InvalidInputError, UnknownNameError) as error:
+        setattr(error, _IN_CONFIGURATION, True)
+        raise

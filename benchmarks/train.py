@@ -36,6 +36,7 @@ from benchmarks.baselines import KINDS, REFERENCE_VARIANTS, build, tolerance
 from benchmarks.cli import (
     available_device,
     command,
+    configuring,
     nonnegative_int,
     path_with,
     positive_float,
@@ -108,24 +109,25 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    data = load(args.dataset, args.data_dir, args.download).subset(args.train_subset, args.test_subset)
-    channels = (
-        None
-        if args.channels is None
-        else (args.channels[0] if len(args.channels) == 1 else tuple(args.channels))
-    )
-    trainings = {}
-    for kind in args.kinds:
-        torch.manual_seed(args.seed)
-        shapes = "cifar10_aug" if args.augment else data.model_dataset
-        model = build(
-            kind, args.model, shapes, channels=channels, activation=args.activation, tol=args.tol
-        ).to(device)
-        print(
-            f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    with configuring():
+        data = load(args.dataset, args.data_dir, args.download).subset(args.train_subset, args.test_subset)
+        channels = (
+            None
+            if args.channels is None
+            else (args.channels[0] if len(args.channels) == 1 else tuple(args.channels))
         )
-        trainings[kind] = Run(kind, model, data, args, device)
+        trainings = {}
+        for kind in args.kinds:
+            torch.manual_seed(args.seed)
+            shapes = "cifar10_aug" if args.augment else data.model_dataset
+            model = build(
+                kind, args.model, shapes, channels=channels, activation=args.activation, tol=args.tol
+            ).to(device)
+            print(
+                f"{kind}: {args.model} on {data.name}{' (synthetic)' if data.synthetic else ''}, "
+                f"{sum(p.numel() for p in model.parameters()):,} parameters"
+            )
+            trainings[kind] = Run(kind, model, data, args, device)
     # The kinds' epochs alternate: a machine whose speed drifts during the run (shared CPUs,
     # clocks) then slows every kind alike, and the per-epoch times compare like with like.
     for epoch in range(1, args.epochs + 1):

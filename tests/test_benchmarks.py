@@ -47,6 +47,28 @@ def test_a_configuration_error_ends_the_command_like_a_bad_flag(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_only_a_configuration_error_loses_its_traceback(capsys, monkeypatch):
+    from benchmarks.cli import configuring, run_as_command
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+    def configure():
+        with configuring():
+            load("imagenet")
+
+    with pytest.raises(SystemExit) as ended:
+        run_as_command(configure)
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.startswith("train.py: error: Unknown dataset 'imagenet'")
+
+    def compute():  # the same error type, raised while the run computes, is a bug to debug
+        raise InvalidInputError("the injection has NaN in sample 3")
+
+    with pytest.raises(InvalidInputError, match="NaN in sample 3"):
+        run_as_command(compute)
+    assert capsys.readouterr().err == ""
+
+
 def test_synthetic_data_says_so_and_augmentation_keeps_shapes():
     data = load("synthetic-cifar10")
     assert data.synthetic and data.train_x.shape[1:] == (3, 32, 32) and data.model_dataset == "cifar10"
