@@ -7,6 +7,7 @@ from torchdeq_pcdeq import (
     Activation,
     ActivationCheckError,
     InvalidInputError,
+    PcDEQLinear,
     UnknownNameError,
     available_activations,
     get_activation,
@@ -106,6 +107,13 @@ def test_unknown_activation_lists_valid_names():
         assert repr(name) in message
     assert "Did you mean 'tanh'?" in message
     assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("name", [["tanh"], {}, None, 3])
+def test_an_activation_that_is_not_a_name_is_a_typed_error(name):
+    for refuse in (get_activation, unregister_activation, lambda n: PcDEQLinear(4, activation=n)):
+        with pytest.raises(InvalidInputError, match=f"a str, e.g. 'tanh'.*got {type(name).__name__}"):
+            refuse(name)
 
 
 def test_unregister(clean_activation_registry):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ActivationCheckError, InvalidInputError, UnknownNameError
+from .errors import ActivationCheckError, InvalidInputError, UnknownNameError, quote_all
 
 __all__ = [
     "Activation",
@@ -123,9 +123,11 @@ def get_activation(name: str | Activation) -> Activation:
 
     Raises:
         UnknownNameError: ``name`` is not registered; the message lists the valid names.
+        InvalidInputError: ``name`` is neither a string nor an :class:`Activation`.
     """
     if isinstance(name, Activation):
         return name
+    _check_is_name(name)
     if name not in _REGISTRY:
         raise UnknownNameError("activation", name, _REGISTRY)
     return _REGISTRY[name]
@@ -190,11 +192,20 @@ def register_activation(
 
 def unregister_activation(name: str) -> None:
     """Remove a user-registered activation (built-ins cannot be removed)."""
+    _check_is_name(name)
     if name in _BUILTINS:
         raise InvalidInputError(f"Activation {name!r} is a built-in and cannot be removed.")
     if name not in _REGISTRY:
         raise UnknownNameError("activation", name, _REGISTRY)
     del _REGISTRY[name]
+
+
+def _check_is_name(name: object) -> None:
+    if not isinstance(name, str):  # (a list or dict would fail the registry lookup with a TypeError)
+        raise InvalidInputError(
+            f"An activation is given by its registered name (a str, e.g. 'tanh') or its Activation "
+            f"record, got {type(name).__name__} {name!r}. Valid names: {quote_all(sorted(_REGISTRY))}."
+        )
 
 
 def check_activation(name: str, function: Callable[[Tensor], Tensor], supremum: float) -> float:
