@@ -232,6 +232,40 @@ def test_the_closed_form_differentiates_its_own_weight_whatever_another_thread_c
         torch.testing.assert_close(with_race, alone, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("nonnegativity", ["weight_norm", "parametrize"])
+def test_a_solve_in_another_thread_leaves_this_threads_weights_tracked(nonnegativity):
+    # The solve's weight cache is its thread's: while another thread is in the middle of an
+    # eval solve (its untracked W computed), this thread's training calls and steps are whole.
+    torch.manual_seed(0)
+    f = PcDEQLinear(6, nonnegativity=nonnegativity)
+    x = f.inject(torch.randn(3, 6))
+    computed, release = threading.Event(), threading.Event()
+
+    def func(z):
+        out = f(z, x)
+        if not computed.is_set():  # hold the solve after its first call of f
+            computed.set()
+            assert release.wait(timeout=60)
+        return out
+
+    def evaluate():
+        with torch.no_grad():
+            torchdeq.get_deq(core="pcdeq").eval()(func, torch.zeros_like(x))
+
+    thread = threading.Thread(target=evaluate)
+    thread.start()
+    try:
+        assert computed.wait(timeout=60)
+        assert f(torch.zeros_like(x), x).requires_grad  # a plain training-mode call
+        z_out, info = torchdeq.get_deq(core="pcdeq")(lambda z: f(z, x), torch.zeros_like(x))
+        z_out[-1].sum().backward()
+    finally:
+        release.set()
+        thread.join()
+    assert bool(info["converged"].all())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in f.parameters())
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ optimizer does; pick one by name (``NONNEGATIVITY_MODES``):
 
 The two parametrizations are safe with any optimizer, gradient accumulation, DDP,
 ``copy.deepcopy`` and ``state_dict``; their ``remove`` folds the weight back into a plain,
-nonnegative parameter.
+nonnegative parameter. Inside :func:`cached_weights` (the pcdeq core's solves) each computes its
+weight once, per thread and only while no gradient is recorded.
 
 Example:
     >>> import torch
@@ -29,7 +30,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 import torch
@@ -43,6 +46,9 @@ __all__ = [
     "NonNegative",
     "NonNegativeWeightNorm",
     "PcDEQNonnegNorm",
+    "cached_weights",
+    "cached_weight",
+    "active_weight_cache",
     "constrain_nonnegative",
     "is_nonnegative_by_construction",
     "attach_projection",
@@ -105,6 +111,109 @@ def _warn_if_negative(weight: Tensor, what: str) -> None:
         )
 
 
+class _WeightCaches(threading.local):
+    def __init__(self):
+        self.stack: list[dict] = []
+
+
+_CACHES = _WeightCaches()
+
+
+@contextlib.contextmanager
+def cached_weights() -> Iterator[dict]:
+    """Compute each constrained weight once inside the block, in this thread, while untracked.
+
+    A fixed-point solve calls ``f`` many times with the same weights; a parametrized weight would
+    be recomputed at each call (a weight norm is about 10 operations). Inside the block,
+    :class:`NonNegative` and :class:`NonNegativeWeightNorm` (and the pcDEQ layers) keep the
+    weight they computed and return it again, as long as gradient recording is off and their
+    raw parameters are the same tensors at the same version.
+
+    Unlike ``torch.nn.utils.parametrize.cached()``, whose cache and switch are one for the whole
+    process, this cache is per thread and never hands an untracked weight to a call that records
+    gradients: a solve in one thread cannot make another thread's weights silently stop training.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> lin = nn.Linear(4, 4, bias=False)
+        >>> _ = reference_init_(lin.weight)
+        >>> lin = constrain_nonnegative(lin, "weight_norm")
+        >>> with torch.no_grad(), cached_weights():
+        ...     lin.weight is lin.weight
+        True
+        >>> with cached_weights():  # recording gradients: computed at every access
+        ...     lin.weight is lin.weight, lin.weight.requires_grad
+        (False, True)
+    """
+    cache: dict = {}
+    _CACHES.stack.append(cache)
+    try:
+        yield cache
+    finally:
+        _CACHES.stack.pop()
+
+
+def active_weight_cache() -> dict | None:
+    """The cache of the innermost :func:`cached_weights` block of this thread, when a weight
+    computed now may be kept (no gradient recorded, not compiling); else ``None``."""
+    stack = _CACHES.stack
+    if not stack or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return stack[-1]
+
+
+def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """``getattr(module, name)``, computed once per :func:`cached_weights` block while it may be.
+
+    Faster than the parametrization's own cache on a hit (one lookup, no module calls); a raw
+    parameter changed in place since is seen by its version counter.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> lin = nn.Linear(4, 4, bias=False)
+        >>> _ = reference_init_(lin.weight)
+        >>> lin = constrain_nonnegative(lin, "parametrize")
+        >>> with torch.no_grad(), cached_weights():
+        ...     first = cached_weight(lin)
+        ...     _ = lin.parametrizations.weight.original.mul_(2)
+        ...     torch.equal(cached_weight(lin), 2 * first)
+        True
+    """
+    cache = active_weight_cache()
+    if cache is None:
+        return getattr(module, name)
+    key = (module, name)
+    hit = cache.get(key)
+    if hit is not None and hit[1] == _versions(hit[0]):
+        return hit[2]
+    if parametrize.is_parametrized(module, name):
+        raw = tuple(module.parametrizations[name].parameters(recurse=False))
+    else:
+        raw = ()  # a plain tensor: getattr returns the tensor itself, never a stale copy
+    weight = getattr(module, name)
+    cache[key] = (raw, _versions(raw), weight)
+    return weight
+
+
+def _cached(parametrization: nn.Module, raw: tuple[Tensor, ...], compute) -> Tensor:
+    """``compute(*raw)``, or what it returned for these tensors at these versions in this block."""
+    cache = active_weight_cache()
+    if cache is None:
+        return compute(*raw)
+    hit = cache.get(parametrization)
+    if hit is not None and all(a is b for a, b in zip(hit[0], raw)) and hit[1] == _versions(raw):
+        return hit[2]
+    weight = compute(*raw)
+    cache[parametrization] = (raw, _versions(raw), weight)
+    return weight
+
+
+def _versions(tensors: tuple[Tensor, ...]) -> list:
+    return [None if t.is_inference() else t._version for t in tensors]  # (inference: no counter)
+
+
 class NonNegative(nn.Module):
     """Parametrization ``W = |V|``: nonnegative whatever value ``V`` takes.
 
@@ -125,7 +234,7 @@ class NonNegative(nn.Module):
     """
 
     def forward(self, raw: Tensor) -> Tensor:
-        return raw.abs()
+        return _cached(self, (raw,), torch.abs)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         _warn_if_negative(weight, "NonNegative")
@@ -162,6 +271,9 @@ class NonNegativeWeightNorm(nn.Module):
         self.dim = dim
 
     def forward(self, scale: Tensor, direction: Tensor) -> Tensor:
+        return _cached(self, (scale, direction), self._weight)
+
+    def _weight(self, scale: Tensor, direction: Tensor) -> Tensor:
         # Squares of small half-precision entries are subnormal or zero: accumulate in float32.
         wide = direction.to(torch.promote_types(direction.dtype, torch.float32))
         squared = wide.square().sum(_reduce_dims(direction, self.dim), keepdim=True)

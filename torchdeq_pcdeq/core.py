@@ -19,9 +19,11 @@ options) with:
   ``pcdeq_nonconvergence``, warned about or raised; so is a backward solve whose adjoint
   diverges, growing past ``1/eps**2`` or overflowing (its samples get the one-step gradient,
   never NaN);
-* parametrized weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
-  instead of once per iteration (and, for the closed-form gradient, once per training step: the
-  solve's weight is computed tracked and differentiated);
+* constrained weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
+  instead of once per iteration, in a cache of the solve's thread
+  (:func:`~torchdeq_pcdeq.constraints.cached_weights`; other parametrizations compute theirs as
+  usual); for the closed-form gradient, once per training step (the solve's weight is
+  computed tracked and differentiated);
 * from a zero initial state, the first iteration of the pcDEQ layers is ``sigma(x)``: the
   product with ``W``, exactly zero, is skipped (:func:`~torchdeq_pcdeq.layers.zero_state`).
 
@@ -51,6 +53,7 @@ from torchdeq.core import DEQSliced
 from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, gradient_mode, positive_int, resolve_core_config
+from .constraints import cached_weights
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
@@ -226,9 +229,10 @@ class PcDEQCore(DEQSliced):
         _LAST_SOLVE.chain = None
         # The closed-form gradient needs the solve's last layer call (backward.ClosedFormImplicitGradient).
         chain = record_layer_chain() if self._closed_form_gradient() else contextlib.nullcontext()
-        # Inside the (no-grad) solve every parametrized weight is computed once, not per call;
+        # Inside the (no-grad) solve every constrained weight is computed once, not per call
+        # (per thread: parametrize.cached() would switch on one cache for the whole process);
         # the layers f calls report their activation and injection.
-        with parametrize.cached(), observe_layer_calls() as seen, chain as recorded:
+        with cached_weights(), observe_layer_calls() as seen, chain as recorded:
             if self.owns_f_solver:
                 options = {"guard": self.guard, "check_every": self.check_every}
                 if self.enclosure:
@@ -294,7 +298,7 @@ class PcDEQCore(DEQSliced):
                 if rate is not None:  # pcdeq_rate_bound took it at that state already
                     return rate.clone()
             _warn_if_above(below is z_star)
-            with parametrize.cached():
+            with cached_weights():
                 return rate_bound(deq_func, below)
         # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
         # eval-mode output a leaf that records graphs downstream; give it a copy instead.

@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from .activations import Activation, get_activation
 from .constraints import (
     NONNEGATIVITY_MODES,
+    cached_weight,
     constrain_nonnegative,
     is_nonnegative_by_construction,
     reference_init_,
@@ -476,12 +477,14 @@ class PcDEQLayer(nn.Module):
         Inside a no-grad solve that records its layer chain for the closed-form gradient, ``W``
         is computed once per solve, tracked, and kept by the chain: the closed form then
         differentiates the ``W`` the solve used instead of computing it again (a weight norm is
-        about 10 operations forward). It is computed from the parametrization itself, not
-        through ``parametrize.cached()``, whose cache is one for the whole process: another
-        thread's untracked ``W`` could sit there, or this thread's tracked one reach another.
+        about 10 operations forward). Inside any other no-grad solve it is computed once,
+        untracked, and kept in the solve's :func:`~torchdeq_pcdeq.constraints.cached_weights`
+        (per thread: unlike ``parametrize.cached()``, no other thread can read it).
         """
-        if context is None or not context.chains or torch.is_grad_enabled():
+        if context is None or torch.is_grad_enabled():
             return self.weight
+        if not context.chains:
+            return cached_weight(self.operator)
         for chain in reversed(context.chains):
             weight = chain.weights.get(self)
             if weight is not None:
