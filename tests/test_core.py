@@ -362,6 +362,20 @@ def test_every_unknown_keyword_override_is_reported_even_with_an_argparse_config
         PcDEQCore(argparse.Namespace(**vars(args), f_thresh=30))
 
 
+def test_sradius_mode_in_the_config_is_reported_as_a_call_argument():
+    deq = None
+    with pytest.warns(PcDEQWarning, match=r"ignored .* Pass it there: deq\(f, z0, sradius_mode=True\)"):
+        deq = torchdeq.get_deq(core="pcdeq", sradius_mode=True)
+    f = PcDEQLinear(4)
+    x = f.inject(torch.randn(2, 4))
+    with torch.no_grad():
+        assert torch.equal(deq.eval()(lambda z: f(z, x), torch.zeros_like(x))[1]["sradius"], torch.zeros(1))
+        assert deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)[1]["sradius"].shape == (2,)
+    with warnings.catch_warnings():  # a script's --sradius_mode flag is the script's to pass on
+        warnings.simplefilter("error")
+        PcDEQCore(parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--sradius_mode"]))
+
+
 def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
     with pytest.raises(UnknownNameError, match=r"'pcdeq_gaurd'.*Did you mean 'pcdeq_guard'"):
         torchdeq.get_deq({"core": "pcdeq", "pcdeq_gaurd": "off"})

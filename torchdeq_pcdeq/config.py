@@ -279,6 +279,11 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
     _check_unknown_keys(config, from_argparse, set(kwargs))
+    if config.get("sradius_mode") and not from_argparse:  # (a script's --sradius_mode is its own)
+        warn(
+            "sradius_mode=True in the core's config is ignored (by TorchDEQ's cores too): it is an "
+            "argument of each call. Pass it there: deq(f, z0, sradius_mode=True), in eval mode."
+        )
 
     for key, value in PCDEQ_CORE_DEFAULTS.items():
         if key not in explicit:

@@ -389,7 +389,8 @@ class _Monitor:
         """Raise the relative limit to what a contraction by ``rate`` can certify, once per solve.
 
         With ``q`` close to 1 (pcDEQ-1 units whose injection sits at the floor), rounding alone
-        keeps the certified bound above ``16 eps / (1 - q)`` relative to the state.
+        keeps the certified bound above ``16 eps / (1 - q)`` relative to the state; the limit
+        becomes twice that, ``32 eps / (1 - q)``, so that a converging solve can meet it.
         """
         if self.rate_floor is not None:
             return
