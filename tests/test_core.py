@@ -392,6 +392,8 @@ def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
         ({"f_max_iter": 0}, InvalidInputError, "f_max_iter must be an integer >= 1, got 0"),
         ({"b_tol": -1.0}, InvalidInputError, "b_tol must be a positive finite number"),
         ({"f_stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),
+        ({"ift": "False"}, InvalidInputError, "ift must be True or False, got 'False' \\(str\\)"),
+        ({"hook_ift": None}, InvalidInputError, "hook_ift must be True or False, got None"),
         ({"f_tol": "1e-4"}, InvalidInputError, "f_tol must be a positive finite number, got '1e-4'"),
         ({"eval_factor": "2"}, InvalidInputError, "eval_factor must be a positive finite number, got '2'"),
         ({"eval_f_max_iter": 50.5}, InvalidInputError, r"eval_f_max_iter \(.*must be an integer, got 50.5"),

@@ -245,6 +245,28 @@ def test_non_finite_iterates_stop_the_solve_whatever_the_guard():
     assert len(calls) < 10
 
 
+def test_whole_numbers_of_any_kind_are_iteration_counts_as_in_the_core():
+    numpy = pytest.importorskip("numpy")
+    given = dict(max_iter=numpy.int64(60), tol=numpy.float32(1e-5), check_every=numpy.int32(3))
+    _, states, info = pcdeq_fixed_point(lambda z: z / 2 + 1, torch.zeros(2, 3), indexing=[2.0], **given)
+    assert info["trace_steps"].tolist() == [3, 6, 9, 12, 15, 18] and len(states) == 1
+    torch.testing.assert_close(states[0], torch.full((2, 3), 1.5))  # the state of iteration 2
+    for bad in (dict(max_iter=2.5), dict(max_iter=True), dict(check_every=numpy.bool_(True))):
+        with pytest.raises(InvalidInputError, match=r"must be .*an integer >= 1, got"):
+            pcdeq_fixed_point(lambda z: z / 2 + 1, torch.zeros(2, 3), **bad)
+
+
+def test_a_non_finite_initial_state_is_named_as_the_cause():
+    start = torch.zeros(3, 4)
+    start[1, 2] = float("nan")
+    with pytest.raises(
+        NonFiniteError, match="initial state of the fixed-point solve holds NaN or Inf in 1 of 3"
+    ):
+        pcdeq_fixed_point(lambda z: z / 2 + 1, start, max_iter=50)
+    with pytest.raises(NonFiniteError, match=r"^Iterate 2 .* f produced non-finite values"):
+        pcdeq_fixed_point(lambda z: z * math.nan, torch.zeros(3, 4), max_iter=50)
+
+
 def _one_diverging_sample(calls: list):
     """Sample 0 grows 1e5-fold per iteration (Inf in float32 at the eighth), sample 1 converges to 2."""
     growth = torch.tensor([[1e5], [0.5]])

@@ -24,7 +24,6 @@ import difflib
 import functools
 import math
 import numbers
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ from torchdeq.utils.config import DEQConfig
 
 from .constraints import NONNEGATIVITY_MODES
 from .conv_kernels import CONV_ALGORITHMS
-from .errors import InvalidInputError, UnknownNameError, check_choice, warn
+from .errors import InvalidInputError, UnknownNameError, as_integer, check_choice, warn
 from .solver import GUARD_MODES
 
 __all__ = [
@@ -289,6 +288,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         if key not in explicit:
             config[key] = value
     _check_numbers(config)
+    _check_switches(config)
     gradient = gradient_mode(config)
     recorded = config.pop(_LEGACY_GRADIENT_KEY, gradient)
     if recorded != gradient:  # a config saved by an earlier version, edited since
@@ -359,20 +359,6 @@ def _warn_unused_phantom_options(config: dict) -> None:
         )
 
 
-def as_integer(value: object) -> int | None:
-    """``value`` as an int if it is a whole number: an int (Python's, NumPy's, an integer 0-dim
-    tensor) or a whole float (``50.0``, as a config read from JSON may hold); else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        pass
-    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-        return int(value)
-    return None
-
-
 def _integers(value: object) -> list[int] | None:
     """``value`` as a list of ints if it is a sequence of whole numbers (a list, a tuple, a
     range, a NumPy array), else ``None``."""
@@ -380,6 +366,18 @@ def _integers(value: object) -> list[int] | None:
         return None
     items = [as_integer(item) for item in value]
     return None if None in items else items
+
+
+def _check_switches(config: dict) -> None:
+    """``ift`` and ``hook_ift`` are True or False (or 1 or 0): TorchDEQ reads them by truthiness,
+    so the string ``"False"`` from a hand-written config would switch them on."""
+    for key in ("ift", "hook_ift"):
+        value = config.get(key, False)
+        if not (isinstance(value, bool) or (as_integer(value) in (0, 1) and not isinstance(value, float))):
+            raise InvalidInputError(
+                f"{key} must be True or False, got {value!r} ({type(value).__name__}); a string or "
+                f"another value would be read by its truthiness. Pass {key}=True or {key}=False."
+            )
 
 
 def _check_numbers(config: dict) -> None:

@@ -8,6 +8,9 @@ what was received and what to do.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import operator
 import os
 import sys
 import warnings
@@ -138,6 +141,20 @@ def did_you_mean(name: object, valid: Iterable[str]) -> str:
         return ""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def as_integer(value: object) -> int | None:
+    """``value`` as an int if it is a whole number: an int (Python's, NumPy's, an integer 0-dim
+    tensor) or a whole float (``50.0``, as a config read from JSON may hold); else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def check_choice(kind: str, value: object, valid: Iterable[str]) -> str:

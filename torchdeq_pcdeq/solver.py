@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -57,6 +58,7 @@ from .errors import (
     NonFiniteError,
     NonUniqueFixedPointError,
     NotPositiveMonotoneError,
+    as_integer,
     check_choice,
     warn,
 )
@@ -186,7 +188,9 @@ def pcdeq_fixed_point(
             "max_iter, tol, stop_mode, indexing, check_every, guard, enclosure, upper, weights, rate, "
             "nonfinite."
         )
-    _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing)
+    max_iter, tol, check_every, indexing = _validated(
+        x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing
+    )
     _validate_certificates(x0, enclosure, upper, weights, rate)
     check_choice("nonfinite mode", nonfinite, NONFINITE_MODES)
     if enclosure and nonfinite != "raise":
@@ -360,6 +364,7 @@ class _Monitor:
         self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool, report_nonfinite: bool
     ):
         self.tol, self.stop_mode, self.check_every, self.certified = tol, stop_mode, check_every, certified
+        self.start = x0  # (read only when an iterate is not finite, to say whether it began so)
         self.x0 = x0 if report_nonfinite else None  # a diverged sample is reported, a bad start raised
         self.diverged: Tensor | None = None  # per sample, once a check saw NaN measures (growth)
         self.acc, self.tiny = _dtype_constants(x0.dtype)
@@ -452,6 +457,8 @@ class _Monitor:
     def _nonfinite(self, k: int, measure: Tensor) -> float:
         """Raise, or flag the samples whose measure is NaN and return the worst of the others."""
         if self.x0 is None:
+            if not bool(torch.isfinite(self.start).all()):
+                raise NonFiniteError(_nonfinite_start_message(self.start))
             raise NonFiniteError(
                 f"Iterate {k} of the fixed-point solve holds NaN or Inf (or values so large that "
                 "their norm overflows): f produced non-finite values. Check the weights and the "
@@ -461,10 +468,8 @@ class _Monitor:
         lost = measure.isnan()
         if not bool(torch.isfinite(self.x0[lost]).all()):
             raise NonFiniteError(
-                f"The initial state of the fixed-point solve holds NaN or Inf in "
-                f"{int((~torch.isfinite(self.x0)).flatten(1).any(1).sum())} of {self.x0.shape[0]} "
-                "samples: their iterates were never finite, so they did not diverge. Start from a "
-                "finite state."
+                _nonfinite_start_message(self.x0) + " Their iterates were never finite, so they did "
+                "not diverge."
             )
         self.diverged = lost if self.diverged is None else self.diverged | lost
         # Samples that diverged cannot come back: the others decide when the solve ends.
@@ -668,6 +673,14 @@ class _Guard:
         warn(message)
 
 
+def _nonfinite_start_message(x0: Tensor) -> str:
+    bad = int((~torch.isfinite(x0)).flatten(1).any(1).sum())
+    return (
+        f"The initial state of the fixed-point solve holds NaN or Inf in {bad} of {x0.shape[0]} "
+        "samples. Start from a finite state (zeros, for a pcDEQ layer)."
+    )
+
+
 def _negative_message(k: int, fz: Tensor) -> str:
     return (
         f"pcDEQ guard: iterate {k} has {int((fz < 0).sum())} negative entries (min "
@@ -774,7 +787,10 @@ def _check_output(fz, z: Tensor) -> None:
         )
 
 
-def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing) -> None:
+def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
+    """``(max_iter, tol, check_every, indexing)`` as Python numbers (whole numbers, such as NumPy
+    integers or a config's ``50.0``, are accepted as the core accepts them); a typed error for
+    anything invalid."""
     if not isinstance(x0, Tensor):
         raise InvalidInputError(
             f"pcdeq_fixed_point expects the initial state as one tensor, got {type(x0).__name__}. "
@@ -792,17 +808,18 @@ def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing) -
             f"pcdeq_fixed_point got an empty state of shape {tuple(x0.shape)}; expected at least "
             "one sample with at least one entry."
         )
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    iterations = as_integer(max_iter)
+    if iterations is None or iterations < 1:
         raise InvalidInputError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0 < tol < math.inf):
         raise InvalidInputError(f"tol must be a positive finite number, got {tol!r}.")
     check_choice("stop_mode", stop_mode, STOP_MODES)
     check_choice("guard mode", guard, GUARD_MODES)
-    if check_every != "auto" and (
-        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
-    ):
+    every = check_every if check_every == "auto" else as_integer(check_every)
+    if every is None or (every != "auto" and every < 1):
         raise InvalidInputError(f"check_every must be 'auto' or an integer >= 1, got {check_every!r}.")
-    bad = [i for i in indexing or () if isinstance(i, bool) or not isinstance(i, int) or i < 1]
+    steps = [as_integer(i) for i in indexing or ()]
+    bad = [i for i, step in zip(indexing or (), steps) if step is None or step < 1]
     if bad:
         raise InvalidInputError(
             f"indexing holds iterations that no solve reaches: {bad}. Each entry is an iteration "
@@ -813,6 +830,7 @@ def _validate(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing) -
             f"pcdeq_fixed_point is undamped (tau=1.0); got tau={tau!r}. Plain iteration already "
             "converges for pcDEQ: drop tau."
         )
+    return iterations, float(tol), every, None if indexing is None else steps
 
 
 def _validate_certificates(x0, enclosure, upper, weights, rate) -> None:
