@@ -362,6 +362,26 @@ def test_every_unknown_keyword_override_is_reported_even_with_an_argparse_config
         PcDEQCore(argparse.Namespace(**vars(args), f_thresh=30))
 
 
+def test_torch_func_transforms_over_the_core_are_a_typed_error():
+    from torch.func import functional_call, grad, vmap
+
+    f = PcDEQLinear(4)
+    x = f.inject(torch.randn(3, 4))
+    deq, z0 = torchdeq.get_deq(core="pcdeq"), torch.zeros_like(x)  # z0 made outside the transform
+    params = {name: p.detach() for name, p in f.named_parameters()}
+
+    def loss(params):
+        return deq(lambda z: functional_call(f, params, (z, x)), z0)[0][-1].sum()
+
+    def solve(x):
+        return deq(lambda z: f(z, x), torch.zeros_like(x))[0][-1]
+
+    for transformed, argument in ((grad(loss), params), (vmap(solve), x.unsqueeze(1))):
+        with pytest.raises(InvalidInputError, match=r"under torch.func transforms .*loss\.backward\(\)"):
+            transformed(argument)
+    assert bool(deq(lambda z: f(z, x), z0)[1]["converged"].all())  # and nothing stays switched on
+
+
 def test_sradius_mode_in_the_config_is_reported_as_a_call_argument():
     deq = None
     with pytest.warns(PcDEQWarning, match=r"ignored .* Pass it there: deq\(f, z0, sradius_mode=True\)"):

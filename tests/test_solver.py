@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torchdeq
 from torchdeq import get_solver
 
 from conftest import ACTIVATIONS, dense_instance, upper_bound
@@ -109,6 +110,27 @@ def test_indexing_returns_the_requested_states():
     _, states, _ = pcdeq_fixed_point(lambda z: f(z, x), z0, max_iter=10, tol=1e-14, indexing=[2, 5])
     assert len(states) == 2
     assert torch.equal(states[0], bare_loop(f, x, z0, 2)) and torch.equal(states[1], bare_loop(f, x, z0, 5))
+
+
+def test_indexing_entries_after_the_solve_stopped_get_its_final_state():
+    # TorchDEQ's indexing core pairs states and gradients entry by entry: none may go missing
+    f, x = dense_instance(n=6, batch=2)
+    z0 = torch.zeros_like(x)
+    z, states, info = pcdeq_fixed_point(lambda z: f(z, x), z0, max_iter=40, indexing=[2, 40, 40])
+    assert int(info["trace_steps"][-1]) < 40 and len(states) == 3
+    assert torch.equal(states[0], bare_loop(f, x, z0, 2))
+    assert states[1] is z and states[2] is z
+
+
+def test_torchdeqs_indexing_core_gets_its_implicit_gradient_when_the_solve_stops_early():
+    f, x = dense_instance(n=6, batch=2)
+    deq = torchdeq.get_deq(
+        core="indexing", f_solver="pcdeq_fixed_point", b_solver="pcdeq_fixed_point", norm_type="none",
+        indexing=[2], ift=True, f_max_iter=40,
+    )  # fmt: skip
+    z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    assert int(info["nstep"].max()) < 40
+    assert [type(z.grad_fn).__name__ for z in z_out][-1] == "IFTGradBackward" and len(z_out) == 2
 
 
 def test_registered_and_usable_as_a_backward_solver_with_a_bare_lambda():

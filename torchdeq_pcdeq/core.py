@@ -424,12 +424,25 @@ def _states_setting(core: PcDEQCore) -> str:
     return f"n_states={n_states}" if n_states > 1 else f"indexing={core.args.get('indexing')!r}"
 
 
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform is running (the check is private API: absent, no)."""
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
 def _check_initial_state(z_init) -> bool:
     """Raise unless ``z_init`` is one finite, nonnegative state tensor; return whether it is zero."""
     if not isinstance(z_init, Tensor):
         raise InvalidInputError(
             f"The pcdeq core takes the initial state as one tensor, got {type(z_init).__name__}. "
             "For several states, concatenate them (or use one pcdeq core per layer)."
+        )
+    if _under_torch_func():
+        raise InvalidInputError(
+            "The pcdeq core cannot run under torch.func transforms (vmap, grad, jacrev, jvp): its "
+            "solver stops on the values of its iterates, which a transform does not expose. "
+            "Differentiate with loss.backward() (the core's implicit gradient) and batch along the "
+            "batch dimension instead."
         )
     if z_init.dim() < 2 or not z_init.is_floating_point():
         raise InvalidInputError(

@@ -129,7 +129,10 @@ def pcdeq_fixed_point(
             is raised to :func:`resolution_floor` (relative), with a warning; with ``"abs"``,
             a residual below that floor times the sample's ``||f(z)||`` counts as converged,
             per sample and without a warning.
-        indexing: iterations (each ``>= 1``) at which to return the state (TorchDEQ contract).
+        indexing: iterations (each ``>= 1``) at which to return the state (TorchDEQ contract):
+            one state per entry, in increasing order of iteration; an entry beyond the iteration
+            at which the solve stopped (converged, or ``max_iter``) gets the final state, so that
+            TorchDEQ's ``indexing`` core applies every gradient it was configured with.
         check_every: ``"auto"`` or a positive int: how often to evaluate convergence.
         guard: ``"off"`` (default), ``"warn"`` or ``"raise"``: at each check, look for iterates
             that a positive-monotone map cannot produce (negative values; from ``x0 = 0`` a
@@ -220,7 +223,7 @@ def pcdeq_fixed_point(
 
 
 def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
-    pending = sorted(set(indexing or ()))  # iterations whose state is returned
+    pending = sorted(indexing or ())  # iterations whose state is returned, one per entry
     states: list[Tensor] = []
     next_check = monitor.first_check(max_iter)
     next_event = 1  # the first call's output is validated
@@ -231,7 +234,7 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
         if k >= next_event:  # rare: keep the common path to one call and two comparisons
             if k == 1:
                 _check_output(fz, z)
-            if pending and pending[0] == k:
+            while pending and pending[0] == k:
                 states.append(fz)
                 pending.pop(0)
             if k in (next_check, max_iter):
@@ -253,8 +256,7 @@ def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
         z = fz
     if monitor.diverged is not None:  # rare: such samples restart where they began
         z = torch.where(_per_sample(monitor.diverged, z), x0, z)
-    if indexing and not states:
-        states.append(z)
+    states += [z] * len(pending)  # iterations after the solve stopped: its final state
     return z, states, monitor.stat(k, z.device)
 
 
@@ -270,7 +272,7 @@ def _without(samples: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
-    pending = sorted(set(indexing or ()))
+    pending = sorted(indexing or ())
     states: list[Tensor] = []
     next_check = monitor.first_check(max_iter)
     low, high, k = torch.zeros_like(x0), None, 0
@@ -281,7 +283,7 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
             high = torch.full_like(x0, _resolve_upper(upper))
         high_next = func(high)
         k += 1
-        if pending and pending[0] == k:
+        while pending and pending[0] == k:
             states.append((low_next + high_next) / 2)
             pending.pop(0)
         if k in (next_check, max_iter):
@@ -296,8 +298,7 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
             next_check = min(k + gap, max_iter)
         low, high = low_next, high_next
     z = (low + high) / 2
-    if indexing and not states:
-        states.append(z)
+    states += [z] * len(pending)
     info = monitor.stat(k, z.device)
     info["lower"], info["upper"] = low.detach(), high.detach()  # the certified bracket of z*
     return z, states, info
