@@ -232,6 +232,18 @@ def second_order_gradient():
     return lambda: torch.autograd.grad(z.square().sum(), u, create_graph=True), [f]
 
 
+def torch_func_transform():
+    from torch.func import vmap
+
+    f, x = dense_instance(dtype=torch.float32)
+    deq = _deq()
+    return lambda: vmap(lambda x: deq(lambda z: f(z, x), torch.zeros_like(x))[0][-1])(x.unsqueeze(1)), [f]
+
+
+def ift_that_is_not_a_bool():
+    return lambda: torchdeq.get_deq(core="pcdeq", ift="False"), []
+
+
 def tolerance_below_dtype_resolution(monkeypatch):
     monkeypatch.setattr(solver_module, "_warned_floors", set())  # warned once per process
     f, x = dense_instance(dtype=torch.float32)
@@ -269,6 +281,8 @@ CASES = {
     "loss gradient holds NaN (but under float16 autocast, see below)": nan_loss_gradient,
     "second-order gradient (`create_graph=True`)": second_order_gradient,
     "tolerance below the dtype's resolution": tolerance_below_dtype_resolution,
+    "`torch.func` transform over the core (`vmap`, `grad`, ...)": torch_func_transform,
+    "`ift` or `hook_ift` that is not True or False": ift_that_is_not_a_bool,
 }
 
 
