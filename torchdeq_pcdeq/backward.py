@@ -365,16 +365,13 @@ class _ClosedFormImplicitGrad(autograd.Function):
     @staticmethod
     def forward(ctx, weight, x, z_in, z_out, layer, producer, trainer, writer, autocast):
         _remember(ctx, layer=layer, producer=producer, trainer=trainer, writer=writer, autocast=autocast)
-        # The slope is read from z_out now and z_out itself is not kept: the caller may change
-        # the output in place (a ReLU(inplace=True) head). Returned as an alias, not as the
-        # input itself, which autograd would treat as a view that must not change in place.
-        ctx.save_for_backward(weight, z_in, layer.activation.slope(z_out))
-        return z_out.detach()
+        ctx.save_for_backward(weight, z_in, z_out)
+        return z_out
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_second_order()
-        weight, z_in, slope = ctx.saved_tensors
+        weight, z_in, z_out = ctx.saved_tensors
         layer = ctx.layer
 
         def vjp(y: Tensor) -> Tensor:
@@ -385,7 +382,7 @@ class _ClosedFormImplicitGrad(autograd.Function):
             # (NCHW for NNPACK's); converting the two fixed operands once keeps every
             # elementwise operation between products in one layout.
             layout = layer.adjoint_layout(z_in, weight)
-            slope = _in_layout(slope, layout, z_in)
+            slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
             y = ctx.producer.solve_adjoint(ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout)
             v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
             grad_weight = None
