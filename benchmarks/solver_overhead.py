@@ -9,7 +9,7 @@ off and once with the guard on (the pcdeq core's default); TorchDEQ's ``fixed_po
 per-sample stopping test needs at each check (the worst relative residual and one sync, no
 statistics): the floor of any solver that checks as often. The last case never meets the
 tolerance within its budget, so every variant runs the same fixed number of iterations. All run
-under ``torch.no_grad()`` and ``cached_weights()``, as inside the pcdeq core. Timings are
+under ``torch.no_grad()`` and ``weight_cache()``, as inside the pcdeq core. Timings are
 medians over ``--repeats`` interleaved rounds (each round runs every variant once, starting with
 another one each time); a ratio is the median over rounds of the variant's time over the bare
 loop's time in that round.
@@ -38,7 +38,7 @@ from benchmarks.cli import (
     write_results,
 )
 from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, PcDEQWarning, pcdeq_fixed_point
-from torchdeq_pcdeq.constraints import cached_weights
+from torchdeq_pcdeq.constraints import weight_cache
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 COMPARED = ("checked", "pcdeq", "pcdeq_guard", "torchdeq")  # each against the bare loop
@@ -82,7 +82,7 @@ def measure(layer, x, budget, repeats, device, bf16=False):
     z0 = torch.zeros_like(x)
     max_iter = budget or 200
     tol = 1e-30 if budget else 1e-4  # a budget case runs all its iterations
-    with torch.no_grad(), cached_weights(), warnings.catch_warnings():
+    with torch.no_grad(), weight_cache(), warnings.catch_warnings():
         warnings.simplefilter("ignore", PcDEQWarning)  # the unreachable tolerance of the budget case
         _, _, every = pcdeq_fixed_point(func, z0, max_iter=max_iter, tol=tol, check_every=1)
         needed = int(every["trace_steps"][-1])

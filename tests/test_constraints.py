@@ -16,8 +16,10 @@ from torchdeq_pcdeq import (
     UnknownNameError,
     attach_projection,
     constrain_nonnegative,
+    layers,
     reference_init_,
 )
+from torchdeq_pcdeq.constraints import weight_cache
 
 MODES = ["weight_norm", "parametrize", "project"]
 
@@ -262,3 +264,52 @@ def test_weight_norm_right_inverse_keeps_float16_weights():
     layer = PcDEQLinear(1000, dtype=torch.float16)  # the reference initialisation, in float16
     scale = layer.linear.parametrizations.weight.original0.float().flatten()
     torch.testing.assert_close(scale, layer.weight.float().norm(dim=1), rtol=2e-3, atol=0)
+
+
+# -- the solves' weight cache --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["weight_norm", "parametrize"])
+def test_the_weight_cache_computes_once_and_again_only_when_the_raw_weight_changed(mode, monkeypatch):
+    parametrization = {"weight_norm": NonNegativeWeightNorm, "parametrize": NonNegative}[mode]
+    computed = []
+    compute = parametrization._weight
+    monkeypatch.setattr(
+        parametrization, "_weight", lambda self, *raw: computed.append(1) or compute(self, *raw)
+    )
+    layer = PcDEQLinear(4, nonnegativity=mode)
+    lin = nn.Linear(4, 4, bias=False)
+    reference_init_(lin.weight)
+    constrain_nonnegative(lin, mode)
+    chain = lin.parametrizations.weight
+    raw = chain.original if mode == "parametrize" else chain.original0  # |V|, or the scale |g|
+    for read in (lambda: layer._weight_in(layers._CONTEXT), lambda: lin.weight):
+        computed.clear()
+        with torch.no_grad(), weight_cache():
+            first = [read() for _ in range(5)]
+            assert len(computed) == 1 and all(w is first[0] for w in first)
+            with torch.enable_grad():  # recording: computed every time, tracked
+                assert read().requires_grad and read().requires_grad and len(computed) == 3
+        with torch.no_grad():
+            read()  # outside a block: computed every time
+        assert len(computed) == 4
+    with torch.no_grad(), weight_cache():
+        before = lin.weight
+        raw.mul_(2)  # changed in place (|2 V|, or the scale |2 g|): computed again
+        assert torch.equal(lin.weight, 2 * before)
+
+
+@pytest.mark.parametrize("mode", ["weight_norm", "parametrize"])
+def test_the_weight_cache_follows_parameters_swapped_in_by_functional_call(mode):
+    # e.g. f averaging one layer over two parameter sets: each call must use its own set
+    layer = PcDEQLinear(4, nonnegativity=mode)
+    z, x = torch.rand(2, 4), layer.inject(torch.randn(2, 4))
+    first = {name: p.detach().clone() for name, p in layer.named_parameters()}  # version 0, as second
+    second = {name: 3 * p for name, p in first.items()}
+    with torch.no_grad():
+        expected = [torch.func.functional_call(layer, params, (z, x)) for params in (first, second)]
+        with weight_cache():
+            got = [torch.func.functional_call(layer, params, (z, x)) for params in (first, second) * 2]
+    assert not torch.equal(expected[0], expected[1])
+    for out, want in zip(got, expected * 2):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)

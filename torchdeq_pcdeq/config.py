@@ -369,15 +369,24 @@ def _integers(value: object) -> list[int] | None:
 
 
 def _check_switches(config: dict) -> None:
-    """``ift`` and ``hook_ift`` are True or False (or 1 or 0): TorchDEQ reads them by truthiness,
-    so the string ``"False"`` from a hand-written config would switch them on."""
+    """``ift`` and ``hook_ift`` equal True or False (1, 0, NumPy's bools): TorchDEQ reads them by
+    truthiness, so the string ``"False"`` from a hand-written config would switch them on."""
     for key in ("ift", "hook_ift"):
         value = config.get(key, False)
-        if not (isinstance(value, bool) or (as_integer(value) in (0, 1) and not isinstance(value, float))):
+        if not _is_switch(value):
             raise InvalidInputError(
                 f"{key} must be True or False, got {value!r} ({type(value).__name__}); a string or "
                 f"another value would be read by its truthiness. Pass {key}=True or {key}=False."
             )
+
+
+def _is_switch(value: object) -> bool:
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        return bool(value in (True, False))
+    except (TypeError, ValueError, RuntimeError):  # e.g. an array of several values
+        return False
 
 
 def _check_numbers(config: dict) -> None:

@@ -14,7 +14,7 @@ optimizer does; pick one by name (``NONNEGATIVITY_MODES``):
 
 The two parametrizations are safe with any optimizer, gradient accumulation, DDP,
 ``copy.deepcopy`` and ``state_dict``; their ``remove`` folds the weight back into a plain,
-nonnegative parameter. Inside :func:`cached_weights` (the pcdeq core's solves) each computes its
+nonnegative parameter. Inside :func:`weight_cache` (the pcdeq core's solves) each computes its
 weight once, per thread and only while no gradient is recorded.
 
 Example:
@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
@@ -46,9 +47,8 @@ __all__ = [
     "NonNegative",
     "NonNegativeWeightNorm",
     "PcDEQNonnegNorm",
-    "cached_weights",
+    "weight_cache",
     "cached_weight",
-    "active_weight_cache",
     "constrain_nonnegative",
     "is_nonnegative_by_construction",
     "attach_projection",
@@ -120,7 +120,7 @@ _CACHES = _WeightCaches()
 
 
 @contextlib.contextmanager
-def cached_weights() -> Iterator[dict]:
+def weight_cache() -> Iterator[dict]:
     """Compute each constrained weight once inside the block, in this thread, while untracked.
 
     A fixed-point solve calls ``f`` many times with the same weights; a parametrized weight would
@@ -139,10 +139,10 @@ def cached_weights() -> Iterator[dict]:
         >>> lin = nn.Linear(4, 4, bias=False)
         >>> _ = reference_init_(lin.weight)
         >>> lin = constrain_nonnegative(lin, "weight_norm")
-        >>> with torch.no_grad(), cached_weights():
+        >>> with torch.no_grad(), weight_cache():
         ...     lin.weight is lin.weight
         True
-        >>> with cached_weights():  # recording gradients: computed at every access
+        >>> with weight_cache():  # recording gradients: computed at every access
         ...     lin.weight is lin.weight, lin.weight.requires_grad
         (False, True)
     """
@@ -154,8 +154,8 @@ def cached_weights() -> Iterator[dict]:
         _CACHES.stack.pop()
 
 
-def active_weight_cache() -> dict | None:
-    """The cache of the innermost :func:`cached_weights` block of this thread, when a weight
+def _active_cache() -> dict | None:
+    """The cache of the innermost :func:`weight_cache` block of this thread, when a weight
     computed now may be kept (no gradient recorded, not compiling); else ``None``."""
     stack = _CACHES.stack
     if not stack or torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -164,10 +164,11 @@ def active_weight_cache() -> dict | None:
 
 
 def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
-    """``getattr(module, name)``, computed once per :func:`cached_weights` block while it may be.
+    """``getattr(module, name)``, computed once per :func:`weight_cache` block while it may be.
 
-    Faster than the parametrization's own cache on a hit (one lookup, no module calls); a raw
-    parameter changed in place since is seen by its version counter.
+    Faster than the parametrization's own cache on a hit (no module calls). The weight is
+    computed again when a raw parameter changed in place (its version counter) or was replaced
+    (``load_state_dict(assign=True)``, ``torch.func.functional_call`` with other parameters).
 
     Example:
         >>> import torch
@@ -175,39 +176,57 @@ def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
         >>> lin = nn.Linear(4, 4, bias=False)
         >>> _ = reference_init_(lin.weight)
         >>> lin = constrain_nonnegative(lin, "parametrize")
-        >>> with torch.no_grad(), cached_weights():
+        >>> with torch.no_grad(), weight_cache():
         ...     first = cached_weight(lin)
         ...     _ = lin.parametrizations.weight.original.mul_(2)
         ...     torch.equal(cached_weight(lin), 2 * first)
         True
     """
-    cache = active_weight_cache()
-    if cache is None:
-        return getattr(module, name)
+    cache = _active_cache()
+    # (the dicts behind module.parametrizations[name], read directly: a hit costs microseconds)
+    chains = module._modules.get("parametrizations")
+    parametrizations = None if chains is None else chains._modules.get(name)
+    if cache is None or parametrizations is None:
+        return getattr(module, name)  # (a plain tensor is returned as it is: nothing to keep)
+    raw = _originals(parametrizations)
     key = (module, name)
     hit = cache.get(key)
-    if hit is not None and hit[1] == _versions(hit[0]):
+    if hit is not None and _unchanged(hit, raw):
         return hit[2]
-    if parametrize.is_parametrized(module, name):
-        raw = tuple(module.parametrizations[name].parameters(recurse=False))
-    else:
-        raw = ()  # a plain tensor: getattr returns the tensor itself, never a stale copy
     weight = getattr(module, name)
     cache[key] = (raw, _versions(raw), weight)
     return weight
 
 
+def _originals(parametrizations: nn.Module) -> tuple[Tensor, ...]:
+    """The raw tensors a ``ParametrizationList`` computes its weight from, as they are now."""
+    names = ("original",) if parametrizations.is_tensor else _original_names(parametrizations.ntensors)
+    # an original is a parameter, or a buffer where the weight was a plain tensor
+    held = parametrizations._parameters
+    return tuple(held[n] if n in held else parametrizations._buffers[n] for n in names)
+
+
+@functools.cache
+def _original_names(count: int) -> tuple[str, ...]:
+    return tuple(f"original{i}" for i in range(count))
+
+
 def _cached(parametrization: nn.Module, raw: tuple[Tensor, ...], compute) -> Tensor:
     """``compute(*raw)``, or what it returned for these tensors at these versions in this block."""
-    cache = active_weight_cache()
+    cache = _active_cache()
     if cache is None:
         return compute(*raw)
     hit = cache.get(parametrization)
-    if hit is not None and all(a is b for a, b in zip(hit[0], raw)) and hit[1] == _versions(raw):
+    if hit is not None and _unchanged(hit, raw):
         return hit[2]
     weight = compute(*raw)
     cache[parametrization] = (raw, _versions(raw), weight)
     return weight
+
+
+def _unchanged(hit: tuple, raw: tuple[Tensor, ...]) -> bool:
+    """Whether a cache entry ``(raw tensors, their versions, weight)`` was computed from ``raw``."""
+    return len(hit[0]) == len(raw) and all(a is b for a, b in zip(hit[0], raw)) and hit[1] == _versions(raw)
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> list:
@@ -234,7 +253,10 @@ class NonNegative(nn.Module):
     """
 
     def forward(self, raw: Tensor) -> Tensor:
-        return _cached(self, (raw,), torch.abs)
+        return _cached(self, (raw,), self._weight)
+
+    def _weight(self, raw: Tensor) -> Tensor:
+        return raw.abs()
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         _warn_if_negative(weight, "NonNegative")

@@ -21,7 +21,7 @@ options) with:
   never NaN);
 * constrained weights (the pcDEQ layers, ``pcdeq_nonneg``) computed once per forward solve
   instead of once per iteration, in a cache of the solve's thread
-  (:func:`~torchdeq_pcdeq.constraints.cached_weights`; other parametrizations compute theirs as
+  (:func:`~torchdeq_pcdeq.constraints.weight_cache`; other parametrizations compute theirs as
   usual); for the closed-form gradient, once per training step (the solve's weight is
   computed tracked and differentiated);
 * from a zero initial state, the first iteration of the pcDEQ layers is ``sigma(x)``: the
@@ -53,7 +53,7 @@ from torchdeq.core import DEQSliced
 from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
 from .certify import min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, gradient_mode, positive_int, resolve_core_config
-from .constraints import cached_weights
+from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
@@ -208,9 +208,10 @@ class PcDEQCore(DEQSliced):
         tracked = self.training and torch.is_grad_enabled()
         if tracked and getattr(parametrize, "_cache_enabled", 0):
             raise InvalidInputError(
-                "The pcdeq core was called in training inside torch.nn.utils.parametrize.cached(): "
-                "cached weights carry no gradient, so the weights would silently not train. Call "
-                "it outside the cached() block (the core caches weights inside its solve itself)."
+                "The pcdeq core was called in training while torch.nn.utils.parametrize.cached() is "
+                "active, in this thread or another (its cache is one for the whole process): cached "
+                "weights carry no gradient, so the weights would silently not train. Call it outside "
+                "any cached() block (the core caches weights inside its solve itself, per thread)."
             )
         if torch.is_inference_mode_enabled():
             needs = []
@@ -232,7 +233,7 @@ class PcDEQCore(DEQSliced):
         # Inside the (no-grad) solve every constrained weight is computed once, not per call
         # (per thread: parametrize.cached() would switch on one cache for the whole process);
         # the layers f calls report their activation and injection.
-        with cached_weights(), observe_layer_calls() as seen, chain as recorded:
+        with weight_cache(), observe_layer_calls() as seen, chain as recorded:
             if self.owns_f_solver:
                 options = {"guard": self.guard, "check_every": self.check_every}
                 if self.enclosure:
@@ -298,7 +299,7 @@ class PcDEQCore(DEQSliced):
                 if rate is not None:  # pcdeq_rate_bound took it at that state already
                     return rate.clone()
             _warn_if_above(below is z_star)
-            with cached_weights():
+            with weight_cache():
                 return rate_bound(deq_func, below)
         # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
         # eval-mode output a leaf that records graphs downstream; give it a copy instead.
@@ -440,9 +441,9 @@ def _check_initial_state(z_init) -> bool:
     if _under_torch_func():
         raise InvalidInputError(
             "The pcdeq core cannot run under torch.func transforms (vmap, grad, jacrev, jvp): its "
-            "solver stops on the values of its iterates, which a transform does not expose. "
-            "Differentiate with loss.backward() (the core's implicit gradient) and batch along the "
-            "batch dimension instead."
+            "implicit gradient is an autograd.Function without torch.func rules, and its solver "
+            "reads the iterates' values to stop, which vmap hides. Differentiate with "
+            "loss.backward() (the core's implicit gradient) and batch along the batch dimension."
         )
     if z_init.dim() < 2 or not z_init.is_floating_point():
         raise InvalidInputError(

@@ -478,7 +478,7 @@ class PcDEQLayer(nn.Module):
         is computed once per solve, tracked, and kept by the chain: the closed form then
         differentiates the ``W`` the solve used instead of computing it again (a weight norm is
         about 10 operations forward). Inside any other no-grad solve it is computed once,
-        untracked, and kept in the solve's :func:`~torchdeq_pcdeq.constraints.cached_weights`
+        untracked, and kept in the solve's :func:`~torchdeq_pcdeq.constraints.weight_cache`
         (per thread: unlike ``parametrize.cached()``, no other thread can read it).
         """
         if context is None or torch.is_grad_enabled():

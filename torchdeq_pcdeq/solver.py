@@ -819,8 +819,12 @@ def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
     every = check_every if check_every == "auto" else as_integer(check_every)
     if every is None or (every != "auto" and every < 1):
         raise InvalidInputError(f"check_every must be 'auto' or an integer >= 1, got {check_every!r}.")
-    steps = [as_integer(i) for i in indexing or ()]
-    bad = [i for i, step in zip(indexing or (), steps) if step is None or step < 1]
+    try:
+        entries = [] if indexing is None else list(indexing)  # (a NumPy array has no truth value)
+    except TypeError:
+        entries = [indexing]
+    steps = [as_integer(i) for i in entries]
+    bad = [i for i, step in zip(entries, steps) if step is None or step < 1]
     if bad:
         raise InvalidInputError(
             f"indexing holds iterations that no solve reaches: {bad}. Each entry is an iteration "
