@@ -313,3 +313,28 @@ def test_the_weight_cache_follows_parameters_swapped_in_by_functional_call(mode)
     assert not torch.equal(expected[0], expected[1])
     for out, want in zip(got, expected * 2):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_a_weight_chained_with_another_parametrization_is_not_kept_by_the_layer():
+    # The other parametrization may hold state of its own (here a scale): its weight is computed
+    # at each call, and ours, first in the chain, still comes from the cache.
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, weight):
+            return self.s * weight
+
+    layer = PcDEQLinear(4)
+    parametrize.register_parametrization(layer.linear, "weight", Scale())
+    base = layer.weight.detach().clone()
+    with torch.no_grad(), weight_cache():
+        for gain in (0.5, 0.25):
+            params = {"linear.parametrizations.weight.1.s": torch.tensor(gain)}
+            torch.testing.assert_close(
+                torch.func.functional_call(layer, params, (torch.ones(1, 4), torch.ones(1, 4))),
+                torch.tanh(torch.ones(1, 4) @ (gain * base).T + 1),
+            )
+        layer.linear.parametrizations.weight[1].s.fill_(0.1)
+        torch.testing.assert_close(layer._weight_in(layers._CONTEXT), 0.1 * base)

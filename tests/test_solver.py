@@ -275,6 +275,8 @@ def test_whole_numbers_of_any_kind_are_iteration_counts_as_in_the_core():
     torch.testing.assert_close(states[0], torch.full((2, 3), 1.5))  # the state of iteration 2
     _, from_array, _ = pcdeq_fixed_point(lambda z: z / 2 + 1, torch.zeros(2, 3), indexing=numpy.array([2]))
     assert torch.equal(from_array[0], states[0])
+    with pytest.raises(InvalidInputError, match=r"indexing must be a sequence .* pass \[3\]"):
+        pcdeq_fixed_point(lambda z: z / 2 + 1, torch.zeros(2, 3), indexing=3)
     for bad in (dict(max_iter=2.5), dict(max_iter=True), dict(check_every=numpy.bool_(True))):
         with pytest.raises(InvalidInputError, match=r"must be .*an integer >= 1, got"):
             pcdeq_fixed_point(lambda z: z / 2 + 1, torch.zeros(2, 3), **bad)

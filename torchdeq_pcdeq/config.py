@@ -369,8 +369,9 @@ def _integers(value: object) -> list[int] | None:
 
 
 def _check_switches(config: dict) -> None:
-    """``ift`` and ``hook_ift`` equal True or False (1, 0, NumPy's bools): TorchDEQ reads them by
-    truthiness, so the string ``"False"`` from a hand-written config would switch them on."""
+    """``ift`` and ``hook_ift`` equal True or False (so 1, 0, 1.0, NumPy's bools and one-element
+    tensors pass; strings do not): TorchDEQ reads them by truthiness, so the string ``"False"``
+    from a hand-written config would switch them on."""
     for key in ("ift", "hook_ift"):
         value = config.get(key, False)
         if not _is_switch(value):

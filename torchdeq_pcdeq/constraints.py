@@ -167,8 +167,10 @@ def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
     """``getattr(module, name)``, computed once per :func:`weight_cache` block while it may be.
 
     Faster than the parametrization's own cache on a hit (no module calls). The weight is
-    computed again when a raw parameter changed in place (its version counter) or was replaced
-    (``load_state_dict(assign=True)``, ``torch.func.functional_call`` with other parameters).
+    computed again when a raw parameter was replaced (``load_state_dict(assign=True)``,
+    ``torch.func.functional_call`` with other parameters) or changed in place, as its version
+    counter shows (edits through ``.data`` do not show). Only a weight that one of this module's
+    parametrizations computes alone is kept: with others chained to it, ``getattr`` runs.
 
     Example:
         >>> import torch
@@ -186,8 +188,11 @@ def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
     # (the dicts behind module.parametrizations[name], read directly: a hit costs microseconds)
     chains = module._modules.get("parametrizations")
     parametrizations = None if chains is None else chains._modules.get(name)
-    if cache is None or parametrizations is None:
-        return getattr(module, name)  # (a plain tensor is returned as it is: nothing to keep)
+    if cache is None or not _ours_alone(parametrizations):
+        # A plain tensor is returned as it is; a chain with other parametrizations, which may
+        # hold state of their own (a scale, a spectral norm's vectors), is computed at each
+        # call, ours in it from the cache.
+        return getattr(module, name)
     raw = _originals(parametrizations)
     key = (module, name)
     hit = cache.get(key)
@@ -196,6 +201,15 @@ def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
     weight = getattr(module, name)
     cache[key] = (raw, _versions(raw), weight)
     return weight
+
+
+def _ours_alone(parametrizations: nn.Module | None) -> bool:
+    """Whether a ``ParametrizationList`` is one of our parametrizations, whose weight depends on
+    the originals alone."""
+    chain = None if parametrizations is None else parametrizations._modules
+    return (
+        chain is not None and len(chain) == 1 and isinstance(chain["0"], (NonNegative, NonNegativeWeightNorm))
+    )
 
 
 def _originals(parametrizations: nn.Module) -> tuple[Tensor, ...]:
@@ -225,12 +239,19 @@ def _cached(parametrization: nn.Module, raw: tuple[Tensor, ...], compute) -> Ten
 
 
 def _unchanged(hit: tuple, raw: tuple[Tensor, ...]) -> bool:
-    """Whether a cache entry ``(raw tensors, their versions, weight)`` was computed from ``raw``."""
-    return len(hit[0]) == len(raw) and all(a is b for a, b in zip(hit[0], raw)) and hit[1] == _versions(raw)
+    """Whether a cache entry ``(raw tensors, their versions, weight)`` was computed from ``raw``
+    (an inference tensor has no version counter: never assumed unchanged)."""
+    versions = _versions(raw)
+    return (
+        None not in versions
+        and len(hit[0]) == len(raw)
+        and all(a is b for a, b in zip(hit[0], raw))
+        and hit[1] == versions
+    )
 
 
 def _versions(tensors: tuple[Tensor, ...]) -> list:
-    return [None if t.is_inference() else t._version for t in tensors]  # (inference: no counter)
+    return [None if t.is_inference() else t._version for t in tensors]
 
 
 class NonNegative(nn.Module):

@@ -822,7 +822,10 @@ def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
     try:
         entries = [] if indexing is None else list(indexing)  # (a NumPy array has no truth value)
     except TypeError:
-        entries = [indexing]
+        raise InvalidInputError(
+            f"indexing must be a sequence of iterations (ints >= 1), got {indexing!r}; for one "
+            f"iteration pass [{indexing!r}]."
+        ) from None
     steps = [as_integer(i) for i in entries]
     bad = [i for i, step in zip(entries, steps) if step is None or step < 1]
     if bad:
