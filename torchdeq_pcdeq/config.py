@@ -23,7 +23,6 @@ import argparse
 import difflib
 import functools
 import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,7 +31,15 @@ from torchdeq.utils.config import DEQConfig
 
 from .constraints import NONNEGATIVITY_MODES
 from .conv_kernels import CONV_ALGORITHMS
-from .errors import InvalidInputError, UnknownNameError, as_integer, check_choice, warn
+from .errors import (
+    InvalidInputError,
+    UnknownNameError,
+    as_integer,
+    check_choice,
+    positive_float,
+    positive_int,
+    warn,
+)
 from .solver import GUARD_MODES
 
 __all__ = [
@@ -405,7 +412,7 @@ def _check_numbers(config: dict) -> None:
             config[key] = positive_int(key, config[key])
     for key in ("f_tol", "b_tol"):
         if key in config:
-            config[key] = _positive_float(key, config[key])
+            config[key] = positive_float(key, config[key])
     for key, meaning in (
         ("n_states", "the states training returns, split evenly; 1 or less: one"),
         ("eval_f_max_iter", "the eval solve's budget; 0 or less derives it as eval_factor x f_max_iter"),
@@ -416,7 +423,7 @@ def _check_numbers(config: dict) -> None:
                 raise InvalidInputError(f"{key} ({meaning}) must be an integer, got {config[key]!r}.")
             config[key] = number
     if config.get("eval_f_max_iter", 0) <= 0 and "eval_factor" in config:
-        config["eval_factor"] = _positive_float("eval_factor", config["eval_factor"])
+        config["eval_factor"] = positive_float("eval_factor", config["eval_factor"])
     if "indexing" in config:
         indexing = [] if config["indexing"] is None else _integers(config["indexing"])
         if indexing is None:
@@ -428,7 +435,7 @@ def _check_numbers(config: dict) -> None:
     n_states = config.get("n_states", 1)
     states = n_states if n_states > 1 else len(config.get("indexing", [])) + 1
     if "tau" in config and (gradient_mode(config) == "phantom" or states > 1):
-        config["tau"] = _positive_float("tau", config["tau"])
+        config["tau"] = positive_float("tau", config["tau"])
     if "grad" in config:
         grad = config["grad"]
         single = as_integer(grad)
@@ -445,18 +452,3 @@ def _check_numbers(config: dict) -> None:
                 "give one step for all of them, or one per state."
             )
         config["grad"] = single if single is not None else steps
-
-
-def positive_int(key: str, value: object) -> int:
-    """``value`` as an int if it is a whole number >= 1 (see :func:`as_integer`), else a typed error
-    naming ``key``."""
-    number = as_integer(value)
-    if number is None or number < 1:
-        raise InvalidInputError(f"{key} must be an integer >= 1, got {value!r}.")
-    return number
-
-
-def _positive_float(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < math.inf):
-        raise InvalidInputError(f"{key} must be a positive finite number, got {value!r}.")
-    return float(value)

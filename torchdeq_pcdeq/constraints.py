@@ -193,14 +193,7 @@ def cached_weight(module: nn.Module, name: str = "weight") -> Tensor:
         # hold state of their own (a scale, a spectral norm's vectors), is computed at each
         # call, ours in it from the cache.
         return getattr(module, name)
-    raw = _originals(parametrizations)
-    key = (module, name)
-    hit = cache.get(key)
-    if hit is not None and _unchanged(hit, raw):
-        return hit[2]
-    weight = getattr(module, name)
-    cache[key] = (raw, _versions(raw), weight)
-    return weight
+    return _kept(cache, (module, name), _originals(parametrizations), lambda: getattr(module, name))
 
 
 def _ours_alone(parametrizations: nn.Module | None) -> bool:
@@ -230,28 +223,26 @@ def _cached(parametrization: nn.Module, raw: tuple[Tensor, ...], compute) -> Ten
     cache = _active_cache()
     if cache is None:
         return compute(*raw)
-    hit = cache.get(parametrization)
-    if hit is not None and _unchanged(hit, raw):
-        return hit[2]
-    weight = compute(*raw)
-    cache[parametrization] = (raw, _versions(raw), weight)
-    return weight
+    return _kept(cache, parametrization, raw, lambda: compute(*raw))
 
 
-def _unchanged(hit: tuple, raw: tuple[Tensor, ...]) -> bool:
-    """Whether a cache entry ``(raw tensors, their versions, weight)`` was computed from ``raw``
-    (an inference tensor has no version counter: never assumed unchanged)."""
-    versions = _versions(raw)
-    return (
-        None not in versions
+def _kept(cache: dict, key, raw: tuple[Tensor, ...], compute) -> Tensor:
+    """``cache[key]``'s weight if it was computed from these very ``raw`` tensors at their current
+    versions (an inference tensor has no version counter: never assumed unchanged); else
+    ``compute()``, kept under ``key``."""
+    versions = [None if t.is_inference() else t._version for t in raw]
+    hit = cache.get(key)
+    if (
+        hit is not None
+        and None not in versions
+        and hit[1] == versions
         and len(hit[0]) == len(raw)
         and all(a is b for a, b in zip(hit[0], raw))
-        and hit[1] == versions
-    )
-
-
-def _versions(tensors: tuple[Tensor, ...]) -> list:
-    return [None if t.is_inference() else t._version for t in tensors]
+    ):
+        return hit[2]
+    weight = compute()
+    cache[key] = (raw, versions, weight)
+    return weight
 
 
 class NonNegative(nn.Module):

@@ -52,10 +52,10 @@ from torchdeq.core import DEQSliced
 
 from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
 from .certify import min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, gradient_mode, positive_int, resolve_core_config
+from .config import SOLVER_NAME, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
-from .errors import ConvergenceError, InvalidInputError, warn
+from .errors import ConvergenceError, InvalidInputError, positive_int, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
 

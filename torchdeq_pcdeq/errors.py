@@ -157,6 +157,22 @@ def as_integer(value: object) -> int | None:
     return None
 
 
+def positive_int(key: str, value: object) -> int:
+    """``value`` as an int if it is a whole number >= 1 (see :func:`as_integer`), else a typed error
+    naming ``key``."""
+    number = as_integer(value)
+    if number is None or number < 1:
+        raise InvalidInputError(f"{key} must be an integer >= 1, got {value!r}.")
+    return number
+
+
+def positive_float(key: str, value: object) -> float:
+    """``value`` as a float if it is a positive finite number, else a typed error naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < math.inf):
+        raise InvalidInputError(f"{key} must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
 def check_choice(kind: str, value: object, valid: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``valid``; raise :class:`UnknownNameError` otherwise."""
     valid = list(valid)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -60,6 +59,8 @@ from .errors import (
     NotPositiveMonotoneError,
     as_integer,
     check_choice,
+    positive_float,
+    positive_int,
     warn,
 )
 from .reductions import extremes, sample_dims
@@ -809,11 +810,7 @@ def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
             f"pcdeq_fixed_point got an empty state of shape {tuple(x0.shape)}; expected at least "
             "one sample with at least one entry."
         )
-    iterations = as_integer(max_iter)
-    if iterations is None or iterations < 1:
-        raise InvalidInputError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0 < tol < math.inf):
-        raise InvalidInputError(f"tol must be a positive finite number, got {tol!r}.")
+    iterations, tol = positive_int("max_iter", max_iter), positive_float("tol", tol)
     check_choice("stop_mode", stop_mode, STOP_MODES)
     check_choice("guard mode", guard, GUARD_MODES)
     every = check_every if check_every == "auto" else as_integer(check_every)
@@ -838,7 +835,7 @@ def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
             f"pcdeq_fixed_point is undamped (tau=1.0); got tau={tau!r}. Plain iteration already "
             "converges for pcDEQ: drop tau."
         )
-    return iterations, float(tol), every, None if indexing is None else steps
+    return iterations, tol, every, None if indexing is None else steps
 
 
 def _validate_certificates(x0, enclosure, upper, weights, rate) -> None:
