@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh [ARCHIVE]      # default: gpu_check.tgz in the repository root
 #
-# TESTS_TIMEOUT and SUITE_TIMEOUT (seconds; default 120 and 420) fit it into a shorter lease.
+# TESTS_TIMEOUT and SUITE_TIMEOUT (seconds; default 120 and 420) fit it into a shorter lease;
+# BENCH_COMMIT names the commit measured when the tree was copied without its git metadata.
 #
 # Needs a CUDA GPU and torch, torchdeq, mlxtend, matplotlib, tqdm and pytest importable (with
 # the repository root on PYTHONPATH when the package is not installed). About 5 minutes on one

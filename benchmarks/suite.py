@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import time
@@ -227,7 +228,13 @@ def _driver() -> str | None:
 
 
 def _commit() -> str | None:
-    """The code measured: the checkout's commit, with "+changes" when the tree differs from it."""
+    """The code measured: the checkout's commit, with "+changes" when the tree differs from it.
+
+    ``BENCH_COMMIT`` in the environment names it instead, for a tree copied to another machine
+    whose git metadata may be missing or stale.
+    """
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30, cwd=ROOT

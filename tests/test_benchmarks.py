@@ -166,6 +166,15 @@ def test_the_suite_runs_on_after_a_failed_benchmark_and_exits_nonzero(monkeypatc
     assert runs["broken"]["error"] == "RuntimeError: out of memory" and "error" not in runs["fine"]
 
 
+def test_bench_commit_names_the_code_of_a_tree_copied_without_its_git_metadata(monkeypatch):
+    from benchmarks import suite
+
+    monkeypatch.setenv("BENCH_COMMIT", "f0da435")
+    assert suite._commit() == "f0da435"
+    monkeypatch.setenv("BENCH_COMMIT", "")  # empty: the checkout's own commit
+    assert suite._commit() is None or suite._commit().startswith(_head()[:7])
+
+
 def _head() -> str:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else ""
