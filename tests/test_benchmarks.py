@@ -125,6 +125,19 @@ def test_the_micro_benchmark_times_pcdeq_with_both_convolution_kernels():
 
 
 @pytest.mark.cuda
+def test_a_steps_gpu_kernels_and_busy_time_are_counted_on_cuda():
+    from benchmarks import micro
+
+    a = torch.rand(1024, 1024, device="cuda")
+    a @ a  # cuBLAS's first product sets up its workspace
+    once = micro.device_work(lambda: a @ a)
+    thrice = micro.device_work(lambda: (a @ a, a @ a, a @ a))
+    assert once["gpu_ops"] >= 1 and thrice["gpu_ops"] == 3 * once["gpu_ops"]
+    # 2 GFLOP a product: microseconds on any GPU, and the sum grows with the products
+    assert 0 < once["gpu_busy_ms"] < 100 and thrice["gpu_busy_ms"] > 2 * once["gpu_busy_ms"]
+
+
+@pytest.mark.cuda
 def test_the_gpu_suite_smoke_runs_on_cuda():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.suite", "--smoke", "--device", "cuda"],
@@ -263,6 +276,14 @@ def test_the_suite_plans_the_gpu_runs_for_any_cuda_device():
     names = lambda device: [name for name, _, _ in suite.plan(device, False, False)]  # noqa: E731
     assert names("cuda:0") == names("cuda") != names("cpu")
     assert "train multi conv, CIFAR-10 shapes" in names("cuda:1")
+    # float32 suites add a bfloat16 run, to its own files; a --bf16 suite is bfloat16 throughout
+    bf16 = {name: argv for name, _, argv in suite.plan("cuda:1", False, False)}[
+        "train single conv, bf16 autocast"
+    ]
+    assert "--bf16" in bf16 and bf16[bf16.index("--out") + 1].endswith(
+        "train_single_conv_mnist_subset_cuda_bf16"
+    )
+    assert "train single conv, bf16 autocast" not in [name for name, _, _ in suite.plan("cuda", False, True)]
 
 
 def test_results_are_strict_json_written_under_the_stem_as_given(tmp_path):
