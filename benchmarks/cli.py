@@ -104,9 +104,24 @@ def available_device(text: str) -> torch.device:
 
 
 def command(module: str, argv: list[str] | None) -> str:
-    """``python -m <module> <arguments>``: ``argv`` as given, or the process's own arguments."""
+    """``python -m <module> <arguments>``: ``argv`` as given, or the process's own arguments.
+
+    An absolute path under the working directory is written relative to it (the suite passes
+    absolute ones), so that the command reads as typed and reruns from another checkout.
+
+    Example:
+        >>> command("benchmarks.train", ["--out", str(pathlib.Path.cwd() / "results" / "run")])
+        'python -m benchmarks.train --out results/run'
+    """
     arguments = sys.argv[1:] if argv is None else argv
-    return " ".join(["python -m", module, shlex.join(arguments)]).strip()
+    return " ".join(["python -m", module, shlex.join(map(_relative, arguments))]).strip()
+
+
+def _relative(argument: str) -> str:
+    path = pathlib.Path(argument)
+    if path.is_absolute() and path.is_relative_to(pathlib.Path.cwd()):
+        return str(path.relative_to(pathlib.Path.cwd()))
+    return argument
 
 
 def sanitized(value):
