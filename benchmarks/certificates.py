@@ -119,7 +119,7 @@ def main(argv=None):
         )
     print("\n".join(lines))
     out = results_stem(
-        args.out, (RESULTS / "smoke" if args.smoke else RESULTS) / f"certificates_{device.type}"
+        args.out, (RESULTS / "smoke" if args.smoke else RESULTS) / f"certificates_{device.type}", args.bf16
     )
     payload = {
         "command": run_command,

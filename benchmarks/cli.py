@@ -104,24 +104,43 @@ def available_device(text: str) -> torch.device:
 
 
 def command(module: str, argv: list[str] | None) -> str:
-    """``python -m <module> <arguments>``: ``argv`` as given, or the process's own arguments.
-
-    An absolute path under the working directory is written relative to it (the suite passes
-    absolute ones), so that the command reads as typed and reruns from another checkout.
+    """``python -m <module> <arguments>``: ``argv`` as given, or the process's own arguments,
+    each through :func:`as_typed`.
 
     Example:
         >>> command("benchmarks.train", ["--out", str(pathlib.Path.cwd() / "results" / "run")])
         'python -m benchmarks.train --out results/run'
     """
     arguments = sys.argv[1:] if argv is None else argv
-    return " ".join(["python -m", module, shlex.join(map(_relative, arguments))]).strip()
+    return " ".join(["python -m", module, shlex.join(as_typed(arguments))]).strip()
 
 
-def _relative(argument: str) -> str:
-    path = pathlib.Path(argument)
-    if path.is_absolute() and path.is_relative_to(pathlib.Path.cwd()):
-        return str(path.relative_to(pathlib.Path.cwd()))
-    return argument
+def as_typed(arguments: list[str]) -> list[str]:
+    """``arguments`` with each absolute path inside the working directory (alone, or as the
+    value of ``--name=path``) made relative to it, as a user would type it there: the suite
+    passes absolute paths, and a recorded command should rerun from any checkout.
+
+    Example:
+        >>> here = pathlib.Path.cwd()
+        >>> as_typed(["--out", str(here / "a"), f"--out={here / 'b'}", "-", "--quiet"])
+        ['--out', 'a', '--out=b', '-', '--quiet']
+        >>> outside = str(here / ".." / "c")  # not inside, though it starts like it
+        >>> as_typed([outside]) == [outside]
+        True
+    """
+    try:
+        cwd = pathlib.Path.cwd()
+    except OSError:  # the working directory was removed: nothing to be relative to
+        return list(arguments)
+    return [_relative_within(argument, cwd) for argument in arguments]
+
+
+def _relative_within(argument: str, cwd: pathlib.Path) -> str:
+    name, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
+    path = pathlib.Path(value)
+    if not path.is_absolute() or ".." in path.parts or path == cwd or not path.is_relative_to(cwd):
+        return argument
+    return f"{name}{equals}{path.relative_to(cwd)}"
 
 
 def sanitized(value):
@@ -135,10 +154,16 @@ def sanitized(value):
     return value
 
 
-def results_stem(out: str | None, default: pathlib.Path) -> pathlib.Path:
-    """The stem of ``--out`` (a trailing ``.json`` or ``.md`` dropped), or ``default``."""
+def results_stem(out: str | None, default: pathlib.Path, bf16: bool = False) -> pathlib.Path:
+    """The stem of ``--out`` (a trailing ``.json`` or ``.md`` dropped), or ``default``, named
+    ``<default>_bf16`` for a ``--bf16`` run so that it keeps the float32 results.
+
+    Example:
+        >>> results_stem(None, pathlib.Path("results/micro_cuda"), bf16=True).name
+        'micro_cuda_bf16'
+    """
     if out is None:
-        return default
+        return default.with_name(f"{default.name}_bf16") if bf16 else default
     stem = pathlib.Path(out)
     for ending in (".json", ".md"):
         if stem.name.endswith(ending) and len(stem.name) > len(ending):

@@ -16,8 +16,8 @@
   product, forward or one gradient output of its backward; see :class:`WorkCounter`). Time
   follows the passes for the convolutional models and the operation count for the small linear
   one.
-* ``GPU busy`` (CUDA): the kernels and copies of one profiled step and their summed device
-  time (:func:`device_work`); a step far longer than its busy time is launch-bound.
+* ``GPU busy`` (CUDA): the kernels, copies and memsets of the counted step and their summed
+  device time (:func:`device_work`); a step far longer than its busy time is launch-bound.
 * ``memory``: peak memory of one pcDEQ training step with ``f_max_iter`` 10 and 100 on a layer
   that needs more than 10 iterations. Implicit differentiation keeps no graph of the solve, so the
   two must match. CUDA: peak bytes allocated by tensors. CPU: the peak resident set of a fresh
@@ -98,11 +98,17 @@ def step_times(model_name: str, device, repeats: int, batch: int, bf16: bool, ki
     counts, work = {}, {}
     for kind, setup in setups.items():
         step(*setup)  # the first step also creates the optimizer's state: not counted
-        with WorkCounter() as counter:
-            counts[kind] = iterations(step(*setup)[0])  # the iterations of the counted step
-        work[kind] = counter.totals()
-        if device.type == "cuda":
-            work[kind].update(device_work(lambda setup=setup: step(*setup)))
+
+        def counted(setup=setup) -> tuple[float, dict]:
+            with WorkCounter() as counter:
+                infos = step(*setup)
+            return iterations(infos[0]), counter.totals()  # the iterations of the counted step
+
+        if device.type == "cuda":  # the GPU's share of the same step
+            (counts[kind], work[kind]), gpu = device_work(counted, device)
+            work[kind].update(gpu)
+        else:
+            counts[kind], work[kind] = counted()
     times = {kind: [] for kind in setups}
     for _ in range(repeats):
         for kind, setup in setups.items():
@@ -184,19 +190,29 @@ class WorkCounter(TorchDispatchMode):
         return {"ops": self.ops, "passes": self.passes}
 
 
-def device_work(run) -> dict:
-    """What the GPU does in one call of ``run``: its kernels and copies (``gpu_ops``) and the sum
-    of their device times in ms (``gpu_busy_ms``), from PyTorch's profiler.
+def device_work(run, device: torch.device) -> tuple[object, dict]:
+    """``run()``'s result, and what the GPU ``device`` did in it: its kernels, copies and memsets
+    (``gpu_ops``) and the sum of their device times in ms (``gpu_busy_ms``), from PyTorch's
+    profiler; both ``None`` where the profiler saw no GPU activity (no CUPTI).
 
     A step whose time is far above its busy time leaves the GPU waiting on the host: the
     dispatch of its operations, not their arithmetic, sets its pace (launch-bound).
     """
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
-        run()
-        torch.cuda.synchronize()
-    on_gpu = [event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    return {"gpu_ops": len(on_gpu), "gpu_busy_ms": sum(event.device_time_total for event in on_gpu) / 1e3}
+        result = run()
+        torch.cuda.synchronize(device)
+    # A record_function range (the optimizer's step has one) also appears as a GPU event that
+    # spans its kernels and the gaps between them: not work of its own.
+    on_gpu = [
+        event
+        for event in profile.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(event, "is_user_annotation", False)
+    ]
+    if not on_gpu:
+        return result, {"gpu_ops": None, "gpu_busy_ms": None}
+    return result, {"gpu_ops": len(on_gpu), "gpu_busy_ms": sum(e.device_time_total for e in on_gpu) / 1e3}
 
 
 def iterations(info: dict) -> float:
@@ -316,11 +332,12 @@ def kernel_lines() -> list[str]:
     ]
 
 
-_GPU_HEADER = " GPU kernels and copies / step | GPU busy ms / step |"
+_GPU_HEADER = " GPU operations / step | GPU busy ms / step |"
 _GPU_NOTE = (
-    "GPU busy: the summed device time of one profiled step's kernels and copies "
-    "(`torch.profiler`). Where it is a small part of the step's time, the GPU waits on the host's "
-    "dispatch of small operations (launch-bound), and the step's pace is the count of operations."
+    "GPU operations and busy time: the kernels, copies and memsets of the counted step, and "
+    "their summed device time (`torch.profiler`). Where it is a small part of the step's time, "
+    "the GPU waits on the host's dispatch of small operations (launch-bound), and the step's "
+    "pace is the count of operations."
 )
 
 
@@ -375,7 +392,11 @@ def main(argv=None):
             above = "-"
             if base and base > floor and kind in ("pcdeq", PYTORCH_CONV, "reference"):
                 above = f"{(row['ms'] - floor) / (base - floor):.2f}x"
-            gpu = f" {row['gpu_ops']} | {row['gpu_busy_ms']:.2f} |" if cuda else ""
+            gpu = ""
+            if cuda and row["gpu_ops"] is None:
+                gpu = " - | - |"
+            elif cuda:
+                gpu = f" {row['gpu_ops']} | {row['gpu_busy_ms']:.2f} |"
             lines.append(
                 f"| {name} | {kind} | {row['iterations']:.1f} | {row['ops']} | {row['passes']} "
                 f"| {row['ms']:.1f} | {ratio} | {above} |{gpu}"
@@ -406,7 +427,7 @@ def main(argv=None):
         f"(least peaks), {ratio_max:.3f}x (most) (run took {time.perf_counter() - start:.0f} s)"
     )
     print("\n".join(lines))
-    out = results_stem(args.out, RESULTS / f"micro_{device.type}")
+    out = results_stem(args.out, RESULTS / f"micro_{device.type}", args.bf16)
     result = {
         "command": run_command,
         "hardware": hardware,

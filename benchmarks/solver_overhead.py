@@ -180,7 +180,7 @@ def main(argv=None):
         counts = f"{r['needed']} | {r['iterations']} | {r['checks']}"
         lines.append(f"| {r['case']} | {counts} | {r['bare_ms']:.2f} | {ratios} |")
     print("\n".join(lines))
-    out = results_stem(args.out, RESULTS / f"solver_overhead_{device.type}")
+    out = results_stem(args.out, RESULTS / f"solver_overhead_{device.type}", args.bf16)
     payload = {
         "command": run_command,
         "hardware": hardware,

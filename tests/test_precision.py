@@ -318,7 +318,7 @@ def test_an_overflowed_loss_gradient_under_float16_reaches_gradscaler(device, mo
             scaler.scale(loss).backward()
             # GradScaler's own test: every gradient. One layer's can overflow while another's is
             # finite (on CUDA at 2^20 the encoder's was finite, the layer's weight gradient was not).
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
             scales.append(scaler.get_scale())
             scaler.step(optimizer)
             scaler.update()
@@ -330,7 +330,10 @@ def test_an_overflowed_loss_gradient_under_float16_reaches_gradscaler(device, mo
     assert len([m for m in said if "GradScaler skips the step" in m]) == 1
     assert [m for m in said if "GradScaler" not in m and not m.startswith("tol=")] == []
     assert finite and len(scales) > 1 and scales[-1] < 2.0**30
-    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    # the step taken trained the layers on both sides of the solve
+    changed = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
+    names = [name for name, _ in model.named_parameters()]
+    assert changed[names.index("encoder.weight")] and changed[names.index("f.linear.weight")]
 
 
 def test_the_float16_solve_in_range_scales_each_sample_by_its_own_power_of_two():
