@@ -177,10 +177,18 @@ def path_with(stem: pathlib.Path, ending: str) -> pathlib.Path:
 
 
 def write_results(stem: pathlib.Path, payload, markdown: str) -> None:
-    """Write ``<stem>.json`` (strict JSON) and ``<stem>.md``, creating the folder."""
+    """Write ``<stem>.json`` (strict JSON) and ``<stem>.md``, creating the folder, and say so on
+    stderr (a short trial run replaces the results of the same name)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     path_with(stem, ".json").write_text(json.dumps(sanitized(payload), indent=2, allow_nan=False) + "\n")
     path_with(stem, ".md").write_text(markdown.rstrip("\n") + "\n")
+    said_written(path_with(stem, ".json"), path_with(stem, ".md"))
+
+
+def said_written(*paths: pathlib.Path) -> None:
+    """``wrote <path>`` on stderr for each of ``paths``, as typed from the working directory."""
+    for path in as_typed([str(path) for path in paths]):
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def run_as_command(main) -> None:

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks.cli import said_written
+
 
 def training_curves(report: dict, path: pathlib.Path) -> None:
     """Test accuracy and forward iterations per epoch, one line per kind."""
@@ -49,3 +51,4 @@ def _save(fig, axes, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    said_written(path)

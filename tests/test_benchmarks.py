@@ -328,19 +328,22 @@ def test_recorded_commands_write_paths_inside_the_working_directory_as_typed_the
     assert as_typed(["--out", inside]) == ["--out", inside]
 
 
-def test_results_are_strict_json_written_under_the_stem_as_given(tmp_path):
+def test_results_are_strict_json_written_under_the_stem_as_given(tmp_path, capsys):
     from benchmarks import train
 
     stem = tmp_path / "run.v2"
     argv = ["--dataset", "digits", "--kinds", "pcdeq", "--epochs", "1", "--train-subset", "32"]
     train.main([*argv, "--test-subset", "16", "--quiet", "--plots", "--out", str(stem)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    written = [
         "run.v2.json",
         "run.v2.md",
         "run.v2_curves.png",
         "run.v2_enclosure.png",
         "run.v2_residuals.png",
     ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wrote ")]
+    assert sorted(said) == [f"wrote {tmp_path / name}" for name in written]  # each file, once
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")

@@ -78,6 +78,23 @@ def test_registering_on_negative_weights_warns_and_uses_absolute_values():
     torch.testing.assert_close(lin.weight, original.abs())
 
 
+def test_a_default_initialised_weight_made_nonnegative_is_said_to_saturate_the_activation():
+    """PyTorch's default init of a 64-unit layer, made |W|: rows summing to about 4, z* near 1."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    gain = lin.weight.detach().abs().sum(1).max().item()
+    with pytest.warns(PcDEQWarning, match=rf"rows sum to up to {gain:.3g}: above 1.*gradients vanish"):
+        constrain_nonnegative(lin, "weight_norm")
+    small = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        small.weight.copy_(
+            reference_init_(torch.empty(64, 64)) * torch.where(torch.rand(64, 64) < 0.5, -1, 1)
+        )
+    with pytest.warns(PcDEQWarning, match="negative entries") as caught:
+        constrain_nonnegative(small, "weight_norm")
+    assert "rows sum" not in str(caught[0].message)  # a small weight does not saturate anything
+
+
 def test_constrain_nonnegative_rejects_unknown_mode_and_double_registration():
     lin = nn.Linear(3, 3, bias=False)
     reference_init_(lin.weight)

@@ -267,6 +267,13 @@ def test_non_finite_iterates_stop_the_solve_whatever_the_guard():
     assert len(calls) < 10
 
 
+def test_iterates_growing_without_bound_are_named_as_a_cause_of_the_non_finite_error():
+    """relu with rows of W summing to 2: no fixed point, the iterates double until they overflow."""
+    weight = torch.full((4, 4), 0.5)
+    with pytest.raises(NonFiniteError, match=r"grew without bound.*unbounded one \(relu\)"):
+        pcdeq_fixed_point(lambda z: torch.relu(z @ weight.T + 1), torch.zeros(2, 4), max_iter=500)
+
+
 def test_whole_numbers_of_any_kind_are_iteration_counts_as_in_the_core():
     numpy = pytest.importorskip("numpy")
     given = dict(max_iter=numpy.int64(60), tol=numpy.float32(1e-5), check_every=numpy.int32(3))

@@ -103,12 +103,24 @@ def _trainable(magnitude: Tensor) -> Tensor:
 
 def _warn_if_negative(weight: Tensor, what: str) -> None:
     negative = int((weight < 0).sum())
-    if negative:
-        warn(
-            f"{what}: the weight has {negative} negative entries (min {weight.min().item():.3g}); "
-            "the constrained weight uses their absolute values. Initialise with "
-            "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start."
-        )
+    if not negative:
+        return
+    # A signed initialisation (PyTorch's default) made nonnegative keeps its magnitudes: the rows
+    # of |W| then sum to about sqrt(3 fan_in) / 2, 4 for 64 inputs, which saturates a bounded
+    # activation. The model converges at every solve yet cannot learn: say so here.
+    gain = weight.detach().abs().flatten(1).sum(1).max().item() if weight.dim() > 1 else 0.0
+    saturates = (
+        f" Its rows sum to up to {gain:.3g}: above 1, a bounded activation such as tanh sits near "
+        "its supremum at the fixed point, where its slope and the gradients vanish, and training "
+        "can stay at chance although every solve converges."
+        if gain > 1
+        else ""
+    )
+    warn(
+        f"{what}: the weight has {negative} negative entries (min {weight.min().item():.3g}); "
+        f"the constrained weight uses their absolute values.{saturates} Initialise with "
+        "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start."
+    )
 
 
 class _WeightCaches(threading.local):

@@ -463,9 +463,11 @@ class _Monitor:
                 raise NonFiniteError(_nonfinite_start_message(self.start))
             raise NonFiniteError(
                 f"Iterate {k} of the fixed-point solve holds NaN or Inf (or values so large that "
-                "their norm overflows): f produced non-finite values. Check the weights and the "
-                "injection for NaN (a diverged optimizer step, often from a too large learning "
-                "rate) and the data for Inf."
+                "their norm overflows): f produced non-finite values. Either the iterates grew "
+                "without bound, which a bounded activation (tanh, relu6) rules out and an "
+                "unbounded one (relu) allows once rows of W sum to 1 or more, or NaN reached f: "
+                "check the weights and the injection for NaN (a diverged optimizer step, often "
+                "from a too large learning rate) and the data for Inf."
             )
         lost = measure.isnan()
         if not bool(torch.isfinite(self.x0[lost]).all()):
