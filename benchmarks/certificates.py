@@ -68,7 +68,9 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny layers, written under results/smoke/")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument(
-        "--out", default=None, help="results path stem (default results/[smoke/]certificates_<device>)"
+        "--out",
+        default=None,
+        help="results path stem (default benchmarks/results/[smoke/]certificates_<device>)",
     )
     args = parser.parse_args(argv)
     device = args.device

@@ -357,7 +357,9 @@ def main(argv=None):
     parser.add_argument(
         "--memory-processes", type=positive_int, default=5, help="fresh processes per budget (CPU)"
     )
-    parser.add_argument("--out", default=None, help="results path stem (default results/micro_<device>)")
+    parser.add_argument(
+        "--out", default=None, help="results path stem (default benchmarks/results/micro_<device>)"
+    )
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = args.device

@@ -144,7 +144,7 @@ def main(argv=None):
     parser.add_argument("--fixed-iterations", type=positive_int, default=100)
     parser.add_argument("--bf16", action="store_true", help="run f under bfloat16 autocast")
     parser.add_argument(
-        "--out", default=None, help="results path stem (default results/solver_overhead_<device>)"
+        "--out", default=None, help="results path stem (default benchmarks/results/solver_overhead_<device>)"
     )
     args = parser.parse_args(argv)
     device = args.device

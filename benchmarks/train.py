@@ -87,7 +87,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
     parser.add_argument(
-        "--out", default=None, help="results path stem (default results/train_<model>_<dataset>_<device>)"
+        "--out",
+        default=None,
+        help="results path stem (default benchmarks/results/train_<model>_<dataset>_<device>)",
     )
     parser.add_argument("--plots", action="store_true", help="write PNG plots next to the results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -689,7 +689,8 @@ def _negative_message(k: int, fz: Tensor) -> str:
     return (
         f"pcDEQ guard: iterate {k} has {int((fz < 0).sum())} negative entries (min "
         f"{fz.min().item():.3g}); a positive map never produces them. Likely causes: a negative "
-        "or non-admissible injection (compute it with layer.inject(u)), a negative weight (use "
+        "or non-admissible injection (compute it with layer.inject(u), or in a plain f as "
+        "softplus(u, beta=5) + 1e-6 for tanh, softsign and relu6), a negative weight (use "
         "the pcDEQ layers or --norm_type pcdeq_nonneg), a bias or a normalization layer "
         "(BatchNorm, GroupNorm, LayerNorm) inside f, whose outputs can be negative (move them "
         "into the injection), an activation that is negative on [0, inf), or a negative "
