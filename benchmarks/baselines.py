@@ -7,7 +7,7 @@
   PyTorch's default initialisation, TorchDEQ's weight norm, ``core="sliced"`` with implicit
   differentiation, and the same tolerance (relative 1e-4) and budget (200) as the pcDEQ.
 * ``reference``: the reference implementation's way of doing pcDEQ, written here from its
-  description (method.md, section 4): ``torch.nn.utils.weight_norm`` recomputed at every call,
+  description (docs/method.md, section 4): ``torch.nn.utils.weight_norm`` recomputed at every call,
   ``v`` and ``g`` clamped to >= 0 after each step, a forward solve that stops on the residual of
   the whole batch with a host sync per iteration (no flag when it does not converge), one extra
   tracked application of ``f``, and a backward tensor hook that solves the adjoint equation by
@@ -36,7 +36,7 @@ from torchdeq_pcdeq.solver import resolution_floor
 
 KINDS = ("pcdeq", "torchdeq_anderson", "torchdeq_fixed_point", "reference")
 TOL, MAX_ITER = 1e-4, 200
-# The reference's activations and their injections (method.md, section 4).
+# The reference's activations and their injections (docs/method.md, section 4).
 REFERENCE_VARIANTS = {
     "tanh": (torch.tanh, lambda u: F.softplus(u, beta=5)),
     "sigmoid": (torch.sigmoid, F.relu),

@@ -13,7 +13,7 @@ The splits do not depend on a run's seed: runs with different seeds are tested o
 images.
 
 Images are float32 tensors ``(N, C, H, W)``, unnormalized in [0, 1] for MNIST (as the reference),
-standardized for SVHN and CIFAR-10 (method.md, section 4).
+standardized for SVHN and CIFAR-10 (docs/method.md, section 4).
 
 Example:
     >>> from benchmarks.data import load
@@ -41,7 +41,7 @@ SYNTHETIC = tuple(f"synthetic-{name}" for name in ("mnist", "svhn", "cifar10"))
 DATASETS = OFFLINE + TORCHVISION + SYNTHETIC
 SPLIT_SEED = 0  # the fixed seed of the offline splits and of the synthetic tensors
 
-# Normalization of the reference (method.md, section 4).
+# Normalization of the reference (docs/method.md, section 4).
 _STATS = {
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -37,7 +37,7 @@ from torchdeq_pcdeq.models import build_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 REFERENCE_LR = 5e-4
-WEIGHT_DECAY = 1.5e-2  # the reference's for MNIST (method.md)
+WEIGHT_DECAY = 1.5e-2  # the reference's for MNIST (docs/method.md)
 
 
 def long_run(

@@ -51,7 +51,7 @@ from benchmarks.micro import iterations
 from benchmarks.solver_overhead import hardware_line
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-WEIGHT_DECAY = {"mnist": 1.5e-2, "digits": 1.5e-2}  # 2e-2 for SVHN and CIFAR-10 (method.md)
+WEIGHT_DECAY = {"mnist": 1.5e-2, "digits": 1.5e-2}  # 2e-2 for SVHN and CIFAR-10 (docs/method.md)
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Train a small pcDEQ classifier on the 8x8 digits shipped with scikit-learn.
 
-The model mirrors the reference linear pcDEQ (method.md, section 4) at digit size:
+The model mirrors the reference linear pcDEQ (docs/method.md, section 4) at digit size:
 Linear(64, 64) -> BatchNorm -> admissible injection -> pcDEQ[tanh, W >= 0] -> BatchNorm -> Linear(64, 10),
 trained with AdamW and implicit differentiation. Each epoch prints accuracy, forward and
 backward iterations, the worst final residual and the fraction of converged solves.

@@ -6,7 +6,7 @@ import torch
 from torchdeq_pcdeq import InvalidInputError, PcDEQConv2d, PcDEQLinear, UnknownNameError
 from torchdeq_pcdeq.models import ModelConfig, build_model
 
-# Parameter counts of the reference (method.md, section 4), weight-norm scale included.
+# Parameter counts of the reference (docs/method.md, section 4), weight-norm scale included.
 COUNTS = [
     ("linear", "mnist", 70_410),
     ("single_conv", "mnist", 69_136),

@@ -1,7 +1,7 @@
 """Activations admissible in a pcDEQ layer, and their registry.
 
 A pcDEQ activation ``sigma`` must be nonnegative, nondecreasing and concave on ``[0, inf)``
-(method.md, section 1). Each one is described by an :class:`Activation` record that also
+(docs/method.md, section 1). Each one is described by an :class:`Activation` record that also
 carries what the rest of the package needs to know about it:
 
 * ``value_at_zero``: ``sigma(0)``. It decides the variant: pcDEQ-1 (``sigma(0) = 0``) needs a

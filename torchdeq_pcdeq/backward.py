@@ -2,7 +2,7 @@
 
 At the fixed point ``z* = f(z*)`` the loss gradient ``g`` is pulled back through
 ``y = J*^T y + g`` with ``J* = df/dz (z*)``. For a pcDEQ layer ``J* >= 0`` and its spectral
-radius is below 1 (method.md, section 3), so plain iteration on ``y`` converges.
+radius is below 1 (docs/method.md, section 3), so plain iteration on ``y`` converges.
 
 Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, writer=None)``:
 

@@ -3,7 +3,7 @@
 * :func:`rate_bound`: for ``f`` with a nonnegative Jacobian ``J`` at a positive state ``z``,
   ``q = max_i (J z)_i / z_i`` bounds the spectral radius of ``J`` (Collatz-Wielandt), hence the
   local rate of the forward iteration and of the adjoint iteration ``y = J^T y + g``, which
-  contracts by ``q`` in the ``z``-weighted l1 norm (method.md, section 3). One forward-mode
+  contracts by ``q`` in the ``z``-weighted l1 norm (docs/method.md, section 3). One forward-mode
   Jacobian-vector product; ``q < 1`` for a valid pcDEQ.
 * :func:`upper_bound` and :func:`min_injection` read what the pcDEQ layers called by ``f``
   reported (:func:`~torchdeq_pcdeq.layers.observe_layer_calls`): the activation's supremum,

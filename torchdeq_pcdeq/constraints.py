@@ -58,14 +58,14 @@ __all__ = [
 
 NONNEGATIVITY_MODES = ("weight_norm", "parametrize", "project")
 
-# The scale of the reference initialisation (method.md, section 4).
+# The scale of the reference initialisation (docs/method.md, section 4).
 _REFERENCE_INIT_SCALE = 1e-4**0.5
 
 
 def reference_init_(weight: Tensor) -> Tensor:
     """Fill ``weight`` in place with the reference initialisation and return it.
 
-    ``U[0, 1) * sqrt(1e-4) / sqrt(fan_out + fan_in)``, kernel size ignored (method.md,
+    ``U[0, 1) * sqrt(1e-4) / sqrt(fan_out + fan_in)``, kernel size ignored (docs/method.md,
     section 4): the layer starts near ``sigma(x)`` and converges in a handful of iterations.
 
     Example:

@@ -1,4 +1,4 @@
-"""The reference pcDEQ architectures (method.md, section 4), built from a config.
+"""The reference pcDEQ architectures (docs/method.md, section 4), built from a config.
 
 Three architectures, each for pcDEQ-1 (``activation="tanh"``, injection ``softplus_5``) or
 pcDEQ-2 (``activation="sigmoid"``, injection ``relu``), built only from the public API: pcDEQ
@@ -12,7 +12,7 @@ layers, their ``inject``, and the ``pcdeq`` core.
   AvgPool2d(4), Flatten, Linear(C3, 10).
 
 Default channels per dataset follow the reference; with the weight norm (the layers' default,
-scale ``g`` counted) the parameter counts are those of method.md: MNIST 70,410 / 69,136 /
+scale ``g`` counted) the parameter counts are those of docs/method.md: MNIST 70,410 / 69,136 /
 41,278; SVHN and CIFAR-10 164,760 (single) and 130,950 (multi); CIFAR-10 with augmentation
 661,470 (multi).
 

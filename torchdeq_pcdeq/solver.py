@@ -1,7 +1,7 @@
 """``pcdeq_fixed_point``: plain fixed-point iteration under TorchDEQ's solver contract.
 
 For a pcDEQ layer plain iteration ``z_{k+1} = f(z_k)`` converges from every ``z_0 >= 0``
-(method.md, section 2); this solver does exactly that and reports, per sample, whether and when
+(docs/method.md, section 2); this solver does exactly that and reports, per sample, whether and when
 it reached the tolerance. It is also usable as the implicit backward solver: ``func`` is only
 ever called as ``func(z)``.
 
@@ -10,7 +10,7 @@ Three ways to measure convergence, all per sample:
 * residual (default): ``||f(z) - z||`` and ``||f(z) - z|| / ||f(z)||`` in the 2-norm;
 * certified enclosure (``enclosure=True``): iterate from ``0`` and from ``upper * 1`` together;
   the two sequences bracket the fixed point, the midpoint is returned and
-  ``info["error_bound"]`` bounds ``max_i |z_i - z*_i|`` (method.md, section 3);
+  ``info["error_bound"]`` bounds ``max_i |z_i - z*_i|`` (docs/method.md, section 3);
 * certified contraction (``weights=w, rate=q``): for a map that contracts by ``q`` in the
   ``w``-weighted l1 norm (the adjoint of a pcDEQ layer, with ``w = z*``), the a-posteriori bound
   ``q / (1 - q) ||y_k - y_{k-1}||_w`` on ``||y_k - y*||_w`` is ``info["error_bound"]``.
