@@ -84,3 +84,23 @@ def test_a_compiled_conv_layer_alone_matches_eager():
     x = f.inject(torch.randn(2, 4, 6, 6))
     z = torch.rand(2, 4, 6, 6)
     torch.testing.assert_close(torch.compile(f)(z, x), f(z, x))
+
+
+def test_importing_the_package_leaves_the_compiler_unloaded_until_a_core_is_built():
+    """torch._dynamo takes seconds to import: the solve's compile marker waits for the first core."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torchdeq, torchdeq_pcdeq\n"
+        "from torchdeq_pcdeq.core import PcDEQCore\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "torchdeq.get_deq(core='pcdeq'), torchdeq.get_deq(core='pcdeq')\n"
+        "marked = PcDEQCore.__dict__['forward']\n"
+        "print(getattr(marked, '_torchdynamo_disable', False))\n"
+        "from torchdeq_pcdeq.core import _EAGER_FORWARD\n"
+        "print(getattr(marked, '_torchdynamo_orig_callable', None) is _EAGER_FORWARD)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    # unloaded on import; once built, the solve is marked once (not a wrapper of a wrapper)
+    assert out.stdout.split() == ["False", "True", "True"]

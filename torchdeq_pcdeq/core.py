@@ -73,6 +73,20 @@ def _run_eagerly_under_compile(method):
         return torch.compiler.disable(method)
 
 
+_EAGER_FORWARD_LOCK = threading.Lock()
+
+
+def _make_forward_eager_under_compile() -> None:
+    """Wrap :meth:`PcDEQCore.forward` with :func:`_run_eagerly_under_compile`, once per process,
+    when the first core is built: ``torch.compiler.disable`` imports ``torch._dynamo``, 2.4 s on
+    2 CPU cores, which importing the package (and a script's error for a bad flag) need not pay.
+    No forward can run before a core exists."""
+    with _EAGER_FORWARD_LOCK:
+        if "forward" not in PcDEQCore.__dict__ or PcDEQCore.__dict__["forward"] is not _EAGER_FORWARD:
+            return
+        PcDEQCore.forward = _run_eagerly_under_compile(_EAGER_FORWARD)
+
+
 COMPILE_REASON = (
     "torchdeq_pcdeq: the pcdeq core's fixed-point solve runs eagerly under torch.compile (its "
     "iteration count and convergence checks depend on the data). The layers around it compile; "
@@ -99,6 +113,7 @@ class PcDEQCore(DEQSliced):
     """
 
     def __init__(self, args=None, **kwargs):
+        _make_forward_eager_under_compile()
         config = resolve_core_config(args, kwargs)
         super().__init__(config)
         self.guard = config["pcdeq_guard"]
@@ -124,8 +139,7 @@ class PcDEQCore(DEQSliced):
 
     # The solve's length and its checks depend on the data (a host sync per convergence check),
     # which a compiled graph cannot express: torch.compile runs the solve, and every call of
-    # `func` inside it, eagerly and compiles the model around it.
-    @_run_eagerly_under_compile
+    # `func` inside it, eagerly and compiles the model around it (_make_forward_eager_under_compile).
     def forward(
         self,
         func,
@@ -329,6 +343,9 @@ class PcDEQCore(DEQSliced):
         if self.nonconvergence == "raise":
             raise ConvergenceError(message)
         warn(message)
+
+
+_EAGER_FORWARD = PcDEQCore.forward  # the solve itself, wrapped when the first core is built
 
 
 def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str, budget: str) -> str:
