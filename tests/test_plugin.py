@@ -11,7 +11,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import torchdeq_pcdeq
-from torchdeq_pcdeq import PcDEQCore, PcDEQNonnegNorm, PcDEQWarning, pcdeq_fixed_point, reference_init_
+from torchdeq_pcdeq import (
+    PcDEQCore,
+    PcDEQNonnegNorm,
+    PcDEQWarning,
+    UnknownNameError,
+    pcdeq_fixed_point,
+    reference_init_,
+)
 
 
 def test_import_registers_core_solver_and_norm():
@@ -88,6 +95,42 @@ def test_runner_passes_arguments_and_registers_before_the_script_runs(tmp_path):
     assert result.stdout.strip() == "__main__ ['--core', 'pcdeq', '-x'] True"
     result = run_module("-m", "json.tool", "--help")
     assert result.returncode == 0 and "json.tool" in result.stdout
+
+
+def test_runner_takes_the_cores_options_and_hands_the_script_its_own_arguments(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import argparse, sys, torchdeq\n"
+        "from torchdeq_pcdeq import add_pcdeq_args\n"
+        "print(sys.argv[1:])\n"
+        "core = torchdeq.get_deq(core='pcdeq')\n"
+        "print(core.guard, core.enclosure, core.check_every)\n"
+        "kept = torchdeq.get_deq(core='pcdeq', pcdeq_guard='raise')\n"  # the call's own value stays
+        "print(kept.guard)\n"
+        "parser = add_pcdeq_args(argparse.ArgumentParser())\n"  # its flags left at their defaults
+        "torchdeq.utils.add_deq_args(parser)\n"
+        "print(torchdeq.get_deq(parser.parse_args(['--core', 'pcdeq'])).guard)\n"
+    )
+    flags = ["--pcdeq_guard", "warn", "--lr", "3", "--pcdeq_enclosure", "--pcdeq_check_every=2"]
+    result = run_module(str(script), *flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:4] == ["['--lr', '3']", "warn True 2", "raise", "warn"]
+
+
+def test_runner_refuses_an_unknown_or_invalid_pcdeq_option_before_the_script_runs(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text("print('ran')\n")
+    result = run_module(str(script), "--pcdeq_gaurd", "warn")
+    assert result.returncode == 2 and "ran" not in result.stdout
+    assert "Unknown pcdeq option 'pcdeq_gaurd'" in result.stderr and "pcdeq_guard" in result.stderr
+    result = run_module(str(script), "--pcdeq_guard", "loud")
+    assert result.returncode == 2 and "'loud'" in result.stderr and "'warn'" in result.stderr
+    result = run_module(str(script), "--pcdeq_check_every")
+    assert result.returncode == 2 and "expects a value" in result.stderr
+    # a layer option is the script's (add_pcdeq_args): it stays among the script's arguments
+    script.write_text("import sys\nprint(sys.argv[1:])\n")
+    result = run_module(str(script), "--pcdeq_nonnegativity", "project")
+    assert result.returncode == 0 and result.stdout.strip() == "['--pcdeq_nonnegativity', 'project']"
 
 
 def test_runner_registers_the_plugin_in_spawned_worker_processes(tmp_path):
@@ -196,3 +239,16 @@ def test_a_warning_in_a_script_run_as_a_module_is_shown_not_an_import_error(tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ran"
     assert f"{package / 'run.py'}:3: PcDEQWarning: tol=1e-12" in result.stderr
+
+
+def test_runner_options_fill_only_what_the_config_leaves_unset(monkeypatch):
+    from torchdeq_pcdeq.config import RUNNER_OPTIONS_ENV, resolve_core_config
+
+    monkeypatch.setenv(RUNNER_OPTIONS_ENV, '{"pcdeq_guard": "off", "pcdeq_rate_bound": true}')
+    assert resolve_core_config({}, {})["pcdeq_guard"] == "off"
+    assert resolve_core_config({}, {})["pcdeq_rate_bound"] is True
+    assert resolve_core_config({"pcdeq_guard": "raise"}, {})["pcdeq_guard"] == "raise"  # set in the dict
+    assert resolve_core_config({}, {"pcdeq_guard": "warn"})["pcdeq_guard"] == "warn"  # set in the call
+    monkeypatch.setenv(RUNNER_OPTIONS_ENV, '{"pcdeq_guard": "loud"}')  # validated like any value
+    with pytest.raises(UnknownNameError, match="'loud'"):
+        resolve_core_config({}, {})

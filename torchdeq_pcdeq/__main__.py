@@ -8,13 +8,19 @@ Processes the script starts (``torch.multiprocessing.spawn``, DDP workers, Pytho
 register the plugin too, as soon as they import torchdeq: the runner puts a small
 ``sitecustomize`` (``torchdeq_pcdeq/_autoload``) on their ``PYTHONPATH``.
 
+The runner takes the pcdeq core's options as flags of its own, among the script's arguments
+(``--pcdeq_guard warn``, ``--pcdeq_enclosure``, ...; see ``torchdeq_pcdeq.config.CORE_OPTIONS``):
+it removes them before the script parses its arguments, and every pcdeq core the script or its
+child processes build takes them where the script's config leaves an option at its default.
+
 Example:
-    python -m torchdeq_pcdeq train.py --core pcdeq --norm_type pcdeq_nonneg
+    python -m torchdeq_pcdeq train.py --core pcdeq --norm_type pcdeq_nonneg --pcdeq_guard warn
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import runpy
 import sys
@@ -23,7 +29,10 @@ USAGE = """usage: python -m torchdeq_pcdeq SCRIPT [ARGS...]
        python -m torchdeq_pcdeq -m MODULE [ARGS...]
 
 Registers the pcDEQ plugin into TorchDEQ, then runs SCRIPT (or MODULE) as __main__ with ARGS,
-so that an unmodified TorchDEQ script accepts --core pcdeq --norm_type pcdeq_nonneg."""
+so that an unmodified TorchDEQ script accepts --core pcdeq --norm_type pcdeq_nonneg. The pcdeq
+core's options (--pcdeq_guard, --pcdeq_nonconvergence, --pcdeq_check_every, --pcdeq_enclosure,
+--pcdeq_enclosure_upper, --pcdeq_rate_bound, --pcdeq_sradius) may be given among ARGS: the
+runner takes them out and every pcdeq core of the script uses them."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if not argv else 0
 
     import torchdeq_pcdeq  # noqa: F401  (registers into TorchDEQ)
+    from torchdeq_pcdeq.config import RUNNER_OPTIONS_ENV, parse_runner_options
+    from torchdeq_pcdeq.errors import PcDEQError
 
+    try:
+        options, argv = parse_runner_options(argv)
+    except PcDEQError as error:
+        print(f"torchdeq_pcdeq: {error}", file=sys.stderr)
+        return 2
+    if options:
+        os.environ[RUNNER_OPTIONS_ENV] = json.dumps(options)
     _register_in_child_processes()
 
     if argv[0] == "-m":

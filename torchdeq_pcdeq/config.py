@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -204,6 +206,68 @@ PCDEQ_OPTIONS: dict[str, Option] = {
 }
 
 
+# The options of the core itself (the others configure pcDEQ layers built with args=...).
+CORE_OPTIONS = (
+    "pcdeq_guard",
+    "pcdeq_nonconvergence",
+    "pcdeq_check_every",
+    "pcdeq_enclosure",
+    "pcdeq_enclosure_upper",
+    "pcdeq_rate_bound",
+    "pcdeq_sradius",
+)
+# Set by the runner (python -m torchdeq_pcdeq) from its --pcdeq_* flags, as JSON, so that the
+# script's processes and their children read them.
+RUNNER_OPTIONS_ENV = "TORCHDEQ_PCDEQ_OPTIONS"
+
+
+def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
+    """Split the runner's ``--pcdeq_<core option>`` flags (``--key value``, ``--key=value``, a
+    bare ``--key`` for True/False options) from the script's arguments; return (validated
+    options, the script's arguments). The layer options (``--pcdeq_nonnegativity``, ...)
+    configure layers the script builds: they stay among its arguments, for its
+    ``add_pcdeq_args``.
+
+    Raises:
+        UnknownNameError / InvalidInputError: an unknown ``--pcdeq_`` option or an invalid value.
+
+    Example:
+        >>> parse_runner_options(["--lr", "1", "--pcdeq_guard=warn", "--pcdeq_enclosure"])
+        ({'pcdeq_guard': 'warn', 'pcdeq_enclosure': True}, ['--lr', '1'])
+    """
+    options: dict = {}
+    rest: list[str] = []
+    tokens = iter(arguments)
+    for token in tokens:
+        if not token.startswith("--pcdeq_"):
+            rest.append(token)
+            continue
+        key, given, value = token[2:].partition("=")
+        if key not in PCDEQ_OPTIONS:
+            raise UnknownNameError("pcdeq option", key, PCDEQ_OPTIONS)
+        if key not in CORE_OPTIONS:  # a layer option: the script's, through add_pcdeq_args
+            rest.append(token)
+            continue
+        option = PCDEQ_OPTIONS[key]
+        if option.kind == "flag":
+            if given and value not in ("true", "false", "True", "False"):
+                raise InvalidInputError(f"--{key} takes no value or =true / =false, got {value!r}.")
+            options[key] = not given or value in ("true", "True")
+            continue
+        if not given:
+            value = next(tokens, None)
+            if value is None:
+                raise InvalidInputError(f"--{key} expects a value; got none at the end of the arguments.")
+        options[key] = option.convert(key, value)
+    return options, rest
+
+
+def runner_options() -> dict:
+    """The core options the runner was given (:func:`parse_runner_options`), else ``{}``."""
+    text = os.environ.get(RUNNER_OPTIONS_ENV)
+    return json.loads(text) if text else {}
+
+
 def registered_norms() -> list[str]:
     """Values ``torchdeq.apply_norm`` accepts as ``norm_type``."""
     from .plugin import norm_names
@@ -306,6 +370,13 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         )
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
+    for key, value in runner_options().items():
+        # the runner's flags set what the script left at its default (its own argparse flags
+        # from add_pcdeq_args included); a value the script or the call set stays
+        if key not in kwargs and (
+            key not in source or (from_argparse and source[key] == PCDEQ_OPTIONS[key].default)
+        ):
+            config[key] = value
     for key, option in PCDEQ_OPTIONS.items():
         config[key] = option.convert(key, config.get(key, option.default))
 
