@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import sys
 import threading
 import warnings
 
@@ -292,6 +293,17 @@ def test_argparse_flags_get_pcdeq_defaults_and_the_namespace_is_not_modified():
     assert deq.f_solver is torchdeq.get_solver("pcdeq_fixed_point")
     assert deq.b_solver is torchdeq.get_solver("pcdeq_fixed_point")
     assert deq.gradient == "ift"
+
+
+def test_a_flag_typed_on_the_command_line_wins_even_at_torchdeqs_default(monkeypatch):
+    argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_max_iter", "40", "--f_tol=1e-3"]
+    argv += ["--f_stop_mode", "abs"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    deq = torchdeq.get_deq(parse(argv))
+    assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode, deq.b_max_iter) == (40, 1e-3, "abs", 200)
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the same values, not typed: pcDEQ's defaults
+    deq = torchdeq.get_deq(parse(argv))
+    assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode) == (200, 1e-4, "rel")
 
 
 def test_explicit_flags_and_dict_keys_win_and_the_dict_is_not_modified():

@@ -8,7 +8,9 @@ Which keys count as "set by the user" decides whether a pcDEQ default replaces t
 
 * in a dict (or keyword arguments), every present key is set;
 * a config carrying every key of ``torchdeq.add_deq_args`` was built by argparse, which fills
-  every flag: there a key counts as set only when its value differs from TorchDEQ's default.
+  every flag: there a key counts as set when its value differs from TorchDEQ's default, or when
+  its flag is on the process's command line (``--f_max_iter 40``: typed, though it is the
+  default).
 
 Example:
     >>> from torchdeq_pcdeq.config import resolve_core_config
@@ -25,6 +27,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -310,7 +313,14 @@ def _explicit_keys(config: dict) -> set[str]:
     defaults = torchdeq_argparse_defaults()
     if not set(defaults) <= set(config):
         return set(config)
-    return {k for k, v in config.items() if k not in defaults or v != defaults[k]}
+    return {k for k, v in config.items() if k not in defaults or v != defaults[k]} | _typed_flags(defaults)
+
+
+def _typed_flags(keys: Iterable[str]) -> set[str]:
+    """The keys among ``keys`` whose flag is on this process's command line (``--key value`` or
+    ``--key=value``): typed, so set, even to TorchDEQ's default value."""
+    given = {token[2:].partition("=")[0] for token in sys.argv[1:] if token.startswith("--")}
+    return given & set(keys)
 
 
 def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> None:
