@@ -156,10 +156,12 @@ def _torchvision(name: str, root: pathlib.Path, download: bool) -> Data:
             told = str(exc).lower()  # torchvision's "Dataset not found", "Error downloading ..."
             if isinstance(exc, RuntimeError) and "not found" not in told and "download" not in told:
                 raise _unreadable(name, root, exc) from exc  # e.g. a truncated file's reshape
+            # (torchvision's own advice, "use download=True", is its Python API's: ours is --download)
+            said = str(exc).replace(" You can use download=True to download it", "").strip()
             raise InvalidInputError(
-                f"Dataset {name!r} was not found in {root.resolve()} ({exc}). Put the torchvision "
-                f"files there, pass --data-dir to where they are, or --download when the network "
-                "allows. The offline datasets mnist_subset and digits need no files."
+                f"Dataset {name!r} was not found in {root.resolve()}. Put the torchvision files "
+                "there, pass --data-dir to where they are, or --download when the network allows. "
+                f"The offline datasets mnist_subset and digits need no files. (torchvision: {said})"
             ) from exc
         except (AssertionError, ValueError, EOFError) as exc:  # torchvision's readers on a bad file
             raise _unreadable(name, root, exc) from exc

@@ -46,6 +46,7 @@ def test_a_configuration_error_ends_the_command_like_a_bad_flag(tmp_path):
     assert run.returncode == 2
     assert run.stderr.startswith(f"train.py: error: Dataset 'cifar10' was not found in {tmp_path}")
     assert "Traceback" not in run.stderr
+    assert "--download" in run.stderr and "download=True" not in run.stderr  # the CLI's advice only
 
 
 def test_only_a_configuration_error_loses_its_traceback(capsys, monkeypatch):
