@@ -1,8 +1,10 @@
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 import torchdeq
 import torchdeq.core
 import torchdeq.norm.base_norm
@@ -252,3 +254,31 @@ def test_runner_options_fill_only_what_the_config_leaves_unset(monkeypatch):
     monkeypatch.setenv(RUNNER_OPTIONS_ENV, '{"pcdeq_guard": "loud"}')  # validated like any value
     with pytest.raises(UnknownNameError, match="'loud'"):
         resolve_core_config({}, {})
+
+
+def test_pcdeq_nonneg_can_start_each_weight_from_the_reference_init(monkeypatch, recwarn):
+    from torchdeq_pcdeq.config import RUNNER_OPTIONS_ENV
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Conv2d(3, 8, 3, bias=False))
+    torchdeq.apply_norm(f, args={"norm_type": "pcdeq_nonneg", "pcdeq_nonneg_init": "reference"})
+    for module, fan in ((f[0], 64 + 64), (f[1], 8 + 3)):  # the reference scale: 1e-2 / sqrt(fans)
+        assert bool((module.weight >= 0).all()) and module.weight.max() <= 1e-2 / fan**0.5
+        assert module.weight.min() < module.weight.max()  # drawn, not constant
+    assert not [w for w in recwarn if issubclass(w.category, PcDEQWarning)]  # nothing negative to say
+    # from the runner (an argparse config leaves it at "keep"): the same start
+    monkeypatch.setenv(RUNNER_OPTIONS_ENV, '{"pcdeq_nonneg_init": "reference"}')
+    g = nn.Linear(64, 64, bias=False)
+    parser = torchdeq_pcdeq.add_pcdeq_args(argparse.ArgumentParser())
+    torchdeq.utils.add_deq_args(parser)
+    torchdeq.apply_norm(g, args=parser.parse_args(["--norm_type", "pcdeq_nonneg"]))
+    assert g.weight.sum(1).max() < 0.1  # not the default init's rows of about 4
+    # "keep", the default: the magnitudes stay, and the warning says what that does
+    monkeypatch.delenv(RUNNER_OPTIONS_ENV)
+    h = nn.Linear(64, 64, bias=False)
+    before = h.weight.detach().abs().clone()
+    with pytest.warns(PcDEQWarning, match="--pcdeq_nonneg_init reference"):
+        torchdeq.apply_norm(h, args={"norm_type": "pcdeq_nonneg"})
+    torch.testing.assert_close(h.weight, before)
+    with pytest.raises(UnknownNameError, match="'reference'"):
+        torchdeq.apply_norm(nn.Linear(2, 2), args={"norm_type": "pcdeq_nonneg", "pcdeq_nonneg_init": "small"})

@@ -8,10 +8,12 @@ Processes the script starts (``torch.multiprocessing.spawn``, DDP workers, Pytho
 register the plugin too, as soon as they import torchdeq: the runner puts a small
 ``sitecustomize`` (``torchdeq_pcdeq/_autoload``) on their ``PYTHONPATH``.
 
-The runner takes the pcdeq core's options as flags of its own, among the script's arguments
-(``--pcdeq_guard warn``, ``--pcdeq_enclosure``, ...; see ``torchdeq_pcdeq.config.CORE_OPTIONS``):
-it removes them before the script parses its arguments, and every pcdeq core the script or its
-child processes build takes them where the script's config leaves an option at its default.
+The runner takes the options of the pcdeq core and of the norm ``pcdeq_nonneg`` as flags of
+its own, among the script's arguments (``--pcdeq_guard warn``, ``--pcdeq_enclosure``,
+``--pcdeq_nonneg_init reference``, ...; see ``torchdeq_pcdeq.config.RUNNER_OPTIONS``): it
+removes them before the script parses its arguments, and every pcdeq core and ``pcdeq_nonneg``
+norm the script or its child processes build take them where the script's config leaves an
+option at its default.
 
 Example:
     python -m torchdeq_pcdeq train.py --core pcdeq --norm_type pcdeq_nonneg --pcdeq_guard warn
@@ -31,8 +33,9 @@ USAGE = """usage: python -m torchdeq_pcdeq SCRIPT [ARGS...]
 Registers the pcDEQ plugin into TorchDEQ, then runs SCRIPT (or MODULE) as __main__ with ARGS,
 so that an unmodified TorchDEQ script accepts --core pcdeq --norm_type pcdeq_nonneg. The pcdeq
 core's options (--pcdeq_guard, --pcdeq_nonconvergence, --pcdeq_check_every, --pcdeq_enclosure,
---pcdeq_enclosure_upper, --pcdeq_rate_bound, --pcdeq_sradius) may be given among ARGS: the
-runner takes them out and every pcdeq core of the script uses them."""
+--pcdeq_enclosure_upper, --pcdeq_rate_bound, --pcdeq_sradius) and the norm's
+(--pcdeq_nonneg_init keep|reference) may be given among ARGS: the runner takes them out and the
+script's pcdeq cores and pcdeq_nonneg norms use them."""
 
 
 def main(argv: list[str] | None = None) -> int:

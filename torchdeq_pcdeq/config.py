@@ -186,6 +186,14 @@ PCDEQ_OPTIONS: dict[str, Option] = {
         "(an estimate) or the certified 'rate_bound' (an upper bound, one product)",
         ("power", "rate_bound"),
     ),
+    "pcdeq_nonneg_init": Option(
+        "keep",
+        "how norm_type='pcdeq_nonneg' starts each weight it constrains: 'keep' its magnitudes "
+        "(|W|: a signed default initialisation gives rows summing to about sqrt(3 fan_in) / 2, "
+        "which saturates a bounded activation) or 'reference' (torchdeq_pcdeq.reference_init_: "
+        "small and nonnegative, the reference's start)",
+        ("keep", "reference"),
+    ),
     "pcdeq_nonnegativity": Option(
         "weight_norm",
         "how pcDEQ layers built with args=... keep W >= 0",
@@ -209,8 +217,9 @@ PCDEQ_OPTIONS: dict[str, Option] = {
 }
 
 
-# The options of the core itself (the others configure pcDEQ layers built with args=...).
-CORE_OPTIONS = (
+# The options of the core and of the norm pcdeq_nonneg, which act on a script's TorchDEQ calls
+# (get_deq, apply_norm); the others configure pcDEQ layers built with args=...
+RUNNER_OPTIONS = (
     "pcdeq_guard",
     "pcdeq_nonconvergence",
     "pcdeq_check_every",
@@ -218,6 +227,7 @@ CORE_OPTIONS = (
     "pcdeq_enclosure_upper",
     "pcdeq_rate_bound",
     "pcdeq_sradius",
+    "pcdeq_nonneg_init",
 )
 # Set by the runner (python -m torchdeq_pcdeq) from its --pcdeq_* flags, as JSON, so that the
 # script's processes and their children read them.
@@ -225,9 +235,9 @@ RUNNER_OPTIONS_ENV = "TORCHDEQ_PCDEQ_OPTIONS"
 
 
 def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
-    """Split the runner's ``--pcdeq_<core option>`` flags (``--key value``, ``--key=value``, a
-    bare ``--key`` for True/False options) from the script's arguments; return (validated
-    options, the script's arguments). The layer options (``--pcdeq_nonnegativity``, ...)
+    """Split the runner's ``--pcdeq_<option>`` flags (:data:`RUNNER_OPTIONS`; ``--key value``,
+    ``--key=value``, a bare ``--key`` for True/False options) from the script's arguments;
+    return (validated options, the script's arguments). The layer options (``--pcdeq_nonnegativity``, ...)
     configure layers the script builds: they stay among its arguments, for its
     ``add_pcdeq_args``.
 
@@ -248,7 +258,7 @@ def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
         key, given, value = token[2:].partition("=")
         if key not in PCDEQ_OPTIONS:
             raise UnknownNameError("pcdeq option", key, PCDEQ_OPTIONS)
-        if key not in CORE_OPTIONS:  # a layer option: the script's, through add_pcdeq_args
+        if key not in RUNNER_OPTIONS:  # a layer option: the script's, through add_pcdeq_args
             rest.append(token)
             continue
         option = PCDEQ_OPTIONS[key]
@@ -266,9 +276,34 @@ def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
 
 
 def runner_options() -> dict:
-    """The core options the runner was given (:func:`parse_runner_options`), else ``{}``."""
+    """The options the runner was given (:func:`parse_runner_options`), else ``{}``."""
     text = os.environ.get(RUNNER_OPTIONS_ENV)
     return json.loads(text) if text else {}
+
+
+def _with_runner_options(config: dict, source: dict, from_argparse: bool, overrides: dict) -> None:
+    """Fill ``config`` with the runner's options where neither the call (``overrides``) nor the
+    script's config (``source``) set them; an argparse config's default counts as unset (the
+    script's own ``add_pcdeq_args`` flags, which the runner took out)."""
+    for key, value in runner_options().items():
+        unset = key not in source or (from_argparse and source[key] == PCDEQ_OPTIONS[key].default)
+        if key not in overrides and unset:
+            config[key] = value
+
+
+def nonneg_init(deq_args) -> str:
+    """``pcdeq_nonneg_init`` for ``apply_norm(..., norm_type="pcdeq_nonneg", args=deq_args)``:
+    from ``deq_args``, else from the runner, else ``"keep"``.
+
+    Example:
+        >>> nonneg_init({"pcdeq_nonneg_init": "reference"}), nonneg_init(None)
+        ('reference', 'keep')
+    """
+    source = DEQConfig(deq_args).config if deq_args is not None else {}
+    config = dict(source)
+    _with_runner_options(config, source, set(torchdeq_argparse_defaults()) <= set(source), {})
+    key = "pcdeq_nonneg_init"
+    return PCDEQ_OPTIONS[key].convert(key, config.get(key, PCDEQ_OPTIONS[key].default))
 
 
 def registered_norms() -> list[str]:
@@ -380,13 +415,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         )
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
-    for key, value in runner_options().items():
-        # the runner's flags set what the script left at its default (its own argparse flags
-        # from add_pcdeq_args included); a value the script or the call set stays
-        if key not in kwargs and (
-            key not in source or (from_argparse and source[key] == PCDEQ_OPTIONS[key].default)
-        ):
-            config[key] = value
+    _with_runner_options(config, source, from_argparse, kwargs)
     for key, option in PCDEQ_OPTIONS.items():
         config[key] = option.convert(key, config.get(key, option.default))
 

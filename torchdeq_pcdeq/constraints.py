@@ -119,7 +119,8 @@ def _warn_if_negative(weight: Tensor, what: str) -> None:
     warn(
         f"{what}: the weight has {negative} negative entries (min {weight.min().item():.3g}); "
         f"the constrained weight uses their absolute values.{saturates} Initialise with "
-        "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start."
+        "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start (with "
+        "norm_type='pcdeq_nonneg', the flag --pcdeq_nonneg_init reference does it)."
     )
 
 
@@ -447,7 +448,9 @@ class PcDEQNonnegNorm:
     """The TorchDEQ norm ``pcdeq_nonneg``: :class:`NonNegativeWeightNorm` under TorchDEQ's norm API.
 
     ``apply_norm(model, norm_type="pcdeq_nonneg")`` installs it on every ``nn.Linear`` and
-    ``nn.Conv1d/2d/3d`` (exact types, TorchDEQ's rule) of ``model``. Unlike TorchDEQ's own
+    ``nn.Conv1d/2d/3d`` (exact types, TorchDEQ's rule) of ``model``, keeping the magnitudes of
+    each weight, or, with ``pcdeq_nonneg_init="reference"`` in ``args``, starting it from
+    :func:`reference_init_`. Unlike TorchDEQ's own
     weight norm it is a :mod:`torch.nn.utils.parametrize` parametrization, so modules stay
     deep-copyable, gradient accumulation works, and ``reset_norm`` has nothing to recompute
     (``__call__`` is a no-op kept for the contract).
@@ -487,7 +490,12 @@ class PcDEQNonnegNorm:
                         f"norm_type='pcdeq_nonneg' does not support {key}={deq_args.get(key)!r}; "
                         "the scale is always learnt and never clipped. Drop the option."
                     )
+        from .config import nonneg_init  # (config imports this module)
+
+        reference_start = nonneg_init(deq_args) == "reference"
         for name, dim in zip(names, dims):
+            if reference_start:
+                reference_init_(getattr(module, name))
             constrain_nonnegative(module, "weight_norm", name=name, dim=dim)
         return cls(names, dims)
 
