@@ -34,6 +34,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
+def _training(model: str, dataset: str, epochs: int, *more: str) -> list[str]:
+    """The arguments of a quiet ``benchmarks.train`` run, ``more`` after the common ones."""
+    return ["--model", model, "--dataset", dataset, "--epochs", str(epochs), "--quiet", *more]
+
+
 def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[str]]]:
     """(name, module, argv) of each run."""
     dev = ["--device", device]
@@ -77,22 +82,15 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
             (
                 "train",
                 train,
-                [
-                    "--model",
+                _training(
                     "linear",
-                    "--dataset",
                     "digits",
-                    "--epochs",
-                    "1",
-                    "--train-subset",
-                    "128",
-                    "--test-subset",
-                    "64",
-                    "--quiet",
+                    1,
+                    *("--train-subset", "128", "--test-subset", "64"),
                     "--plots",
                     *dev,
                     *out,
-                ],
+                ),
             ),
             ("certificates", certificates, [*dev, "--repeats", "1", "--smoke"]),
             (
@@ -111,35 +109,20 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
         (
             "train linear",
             train,
-            [
-                "--model",
-                "linear",
-                "--dataset",
-                "mnist_subset",
-                "--epochs",
-                "5" if cuda else "10",
-                "--quiet",
-                "--plots",
-                *dev,
-                *half,
-            ],
+            _training("linear", "mnist_subset", 5 if cuda else 10, "--plots", *dev, *half),
         ),
         (
             "train single conv",
             train,
-            [
-                "--model",
+            _training(
                 "single_conv",
-                "--dataset",
                 "mnist_subset",
-                "--epochs",
-                "2",
-                "--quiet",
+                2,
                 "--plots",
                 *dev,
                 *half,
                 *([] if cuda else ["--train-subset", "1024", "--test-subset", "512"]),
-            ],
+            ),
         ),
     ]
     # On GPU a shorter run keeps the suite within its 5 minutes; the CPU run has the 2,000 steps.
@@ -149,26 +132,15 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
             (
                 "train multi conv, CIFAR-10 shapes",
                 train,
-                [
-                    "--model",
+                _training(
                     "multi_conv",
-                    "--dataset",
                     "synthetic-cifar10",
-                    "--epochs",
-                    "1",
-                    "--kinds",
-                    "pcdeq",
-                    "reference",
-                    "--train-subset",
-                    "4096",
-                    "--test-subset",
-                    "1024",
-                    "--batch-size",
-                    "128",
-                    "--quiet",
+                    1,
+                    *("--kinds", "pcdeq", "reference", "--batch-size", "128"),
+                    *("--train-subset", "4096", "--test-subset", "1024"),
                     *dev,
                     *half,
-                ],
+                ),
             )
         )
         if not bf16:  # the float32 suite also shows bfloat16 autocast on the paper's model
@@ -176,20 +148,10 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 (
                     "train single conv, bf16 autocast",
                     train,
-                    [
-                        "--model",
-                        "single_conv",
-                        "--dataset",
-                        "mnist_subset",
-                        "--epochs",
-                        "3",
-                        "--kinds",
-                        "pcdeq",
-                        "reference",
-                        "--quiet",
-                        *dev,
-                        "--bf16",  # written to train_single_conv_mnist_subset_cuda_bf16
-                    ],
+                    # written to train_single_conv_mnist_subset_cuda_bf16
+                    _training(
+                        "single_conv", "mnist_subset", 3, "--kinds", "pcdeq", "reference", *dev, "--bf16"
+                    ),
                 )
             )
     return runs

@@ -301,7 +301,7 @@ def nonneg_init(deq_args) -> str:
     """
     source = DEQConfig(deq_args).config if deq_args is not None else {}
     config = dict(source)
-    _with_runner_options(config, source, set(torchdeq_argparse_defaults()) <= set(source), {})
+    _with_runner_options(config, source, _from_argparse(source), {})
     key = "pcdeq_nonneg_init"
     return PCDEQ_OPTIONS[key].convert(key, config.get(key, PCDEQ_OPTIONS[key].default))
 
@@ -345,10 +345,15 @@ def add_pcdeq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _explicit_keys(config: dict) -> set[str]:
     """Keys the user set (see the module docstring)."""
-    defaults = torchdeq_argparse_defaults()
-    if not set(defaults) <= set(config):
+    if not _from_argparse(config):
         return set(config)
+    defaults = torchdeq_argparse_defaults()
     return {k for k, v in config.items() if k not in defaults or v != defaults[k]} | _typed_flags(defaults)
+
+
+def _from_argparse(config: dict) -> bool:
+    """Whether ``config`` carries every key of ``torchdeq.add_deq_args``: built by argparse."""
+    return set(torchdeq_argparse_defaults()) <= set(config)
 
 
 def _typed_flags(keys: Iterable[str]) -> set[str]:
@@ -390,7 +395,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         InvalidInputError / UnknownNameError: an invalid value, with the valid ones.
     """
     source = DEQConfig(args).config
-    from_argparse = set(torchdeq_argparse_defaults()) <= set(source)
+    from_argparse = _from_argparse(source)
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
     _check_unknown_keys(config, from_argparse, set(kwargs))
