@@ -22,7 +22,7 @@ from .activations import (
     register_activation,
     unregister_activation,
 )
-from .certify import rate_bound
+from .certify import RateCertificate, rate_bound, rate_certificate
 from .config import add_pcdeq_args
 from .constraints import (
     NONNEGATIVITY_MODES,
@@ -79,6 +79,8 @@ __all__ = [
     # solving and certifying
     "pcdeq_fixed_point",
     "rate_bound",
+    "rate_certificate",
+    "RateCertificate",
     "PcDEQCore",
     "add_pcdeq_args",
     # errors

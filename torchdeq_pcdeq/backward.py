@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, autograd
 
-from .certify import rate_bound, under_autocast
+from .certify import rate_certificate, under_autocast
 from .errors import InvalidInputError, NonFiniteError, warn
 from .solver import arithmetic_dtype
 
@@ -45,10 +45,11 @@ __all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGra
 def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer, layout=None) -> Tensor:
     """Solve ``y = J^T y + grad`` with ``J^T y = vjp(y)`` at ``z_in``; report through the trainer.
 
-    With ``trainer.certify_backward``, the solve runs in the ``z_in``-weighted l1 norm, in which
-    the adjoint map contracts by the rate bound ``q`` computed at ``z_in``, and stops on the
-    certified bound ``(q ||y_k - y_{k-1}|| + rounding) / (1 - q)``. The iterates are held in
-    the memory format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
+    With ``trainer.certify_backward``, the solve runs in the ``v``-weighted l1 norm in which the
+    adjoint map contracts by the rate bound ``q`` computed at ``z_in``
+    (:func:`~torchdeq_pcdeq.certify.rate_certificate` gives both), and stops on the certified
+    bound ``(q ||y_k - y_{k-1}||_v + rounding) / (1 - q)``. The iterates are held in the memory
+    format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
 
     In float16 arithmetic (see :func:`_solve_in_range`), a loss gradient holding Inf or NaN
     under autocast is an overflowed ``GradScaler`` step: it is passed on unsolved.
@@ -62,8 +63,7 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
         return grad
     kwargs = b_solver_kwargs
     if trainer.certify_backward:
-        weights = z_in.detach()
-        rate = rate_bound(func, weights)
+        rate, weights = rate_certificate(func, z_in.detach())
         worst = rate.max().item()
         if worst < 1:
             kwargs = {**kwargs, "weights": weights, "rate": rate}

@@ -175,15 +175,15 @@ PCDEQ_OPTIONS: dict[str, Option] = {
     ),
     "pcdeq_rate_bound": Option(
         False,
-        "certified rate: info['rate_bound'] = max_i (J z*)_i / z*_i >= spectral radius of the "
-        "Jacobian (one Jacobian-vector product); the implicit backward solve then stops on its "
-        "own certified error bound",
+        "certified rate: info['rate_bound'] = max_i (J v)_i / v_i >= spectral radius of the "
+        "Jacobian, v = J z* + 1e-3 z* (two Jacobian-vector products); the implicit backward solve "
+        "then stops on its own certified error bound",
         kind="flag",
     ),
     "pcdeq_sradius": Option(
         "power",
         "how eval-mode sradius_mode fills info['sradius']: TorchDEQ's 100-step 'power' method "
-        "(an estimate) or the certified 'rate_bound' (an upper bound, one product)",
+        "(an estimate) or the certified 'rate_bound' (an upper bound, two products)",
         ("power", "rate_bound"),
     ),
     "pcdeq_nonneg_init": Option(

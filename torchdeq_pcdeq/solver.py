@@ -12,8 +12,9 @@ Three ways to measure convergence, all per sample:
   the two sequences bracket the fixed point, the midpoint is returned and
   ``info["error_bound"]`` bounds ``max_i |z_i - z*_i|`` (docs/method.md, section 3);
 * certified contraction (``weights=w, rate=q``): for a map that contracts by ``q`` in the
-  ``w``-weighted l1 norm (the adjoint of a pcDEQ layer, with ``w = z*``), the a-posteriori bound
-  ``q / (1 - q) ||y_k - y_{k-1}||_w`` on ``||y_k - y*||_w`` is ``info["error_bound"]``.
+  ``w``-weighted l1 norm (the adjoint of a pcDEQ layer: ``q, w = rate_certificate(f, z*)``),
+  the a-posteriori bound ``q / (1 - q) ||y_k - y_{k-1}||_w`` on ``||y_k - y*||_w`` is
+  ``info["error_bound"]``.
 
 In the certified modes the solve stops on the bound (``abs``) or on the bound relative to the
 state's size (``rel``: the inf-norm for the enclosure, the ``w``-norm for the contraction), and
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
-from .certify import rate_bound, under_autocast
+from .certify import rate_certificate, under_autocast
 from .conv_kernels import sign_exact_products, winograd_products
 from .errors import (
     InvalidInputError,
@@ -148,7 +149,8 @@ def pcdeq_fixed_point(
         upper: with the enclosure, the supremum of the activation (a float or a zero-argument
             callable evaluated after the first call of ``func``).
         weights: with ``rate``, the positive weights of the l1 norm in which ``func``
-            contracts (shape of ``x0``).
+            contracts (shape of ``x0``); for the adjoint of a pcDEQ layer,
+            :func:`~torchdeq_pcdeq.certify.rate_certificate` gives both.
         rate: per-sample contraction factor (shape ``(batch,)``); ``>= 1`` gives an infinite
             bound, so the sample cannot be certified.
         tau: accepted for TorchDEQ compatibility; only ``1.0`` (undamped) is supported.
@@ -322,8 +324,10 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     ``r``, a few ulps of ``||f(z)||_w`` (and as many of the smallest subnormal number per unit
     of weight, for float16's absolute rounding there), bounds the rounding of one application of ``f``: a
     solve stalled by rounding (``f(z) == z`` in floating point) still gets a nonzero bound. The
-    bound can therefore never go below ``r / (1 - q)``: the monitor's limit is raised to twice
-    that (see :meth:`_Monitor.contraction_floor`).
+    bound can therefore never go below ``r / (1 - q)``: each sample's limit is at least twice
+    that (:attr:`_Monitor.bound_floor`), and the relative limit is raised to twice its relative
+    part with a warning (see :meth:`_Monitor.contraction_floor`). The absolute part matters
+    where a sample's values approach float16's subnormal range (a gradient without loss scaling).
     """
     dims, acc = monitor.dims, monitor.acc
     step = (diff.abs() * weights).sum(dim=dims, dtype=acc)
@@ -333,7 +337,10 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
         monitor.weight_mass = weights.sum(dim=dims, dtype=acc)
     # (an exactly zero sample is computed exactly: no absolute term, so that it converges)
     rounding = _GUARD_ULPS * (monitor.eps * scale + monitor.subnormal * monitor.weight_mass * (scale > 0))
-    bound = torch.where(rate < 1, (rate * step + rounding) / (1 - rate), math.inf)
+    certifiable = rate < 1
+    bound = torch.where(certifiable, (rate * step + rounding) / (1 - rate), math.inf)
+    # (0 where q >= 1: the infinite bound over it stays infinite, never NaN)
+    monitor.bound_floor = torch.where(certifiable, 2 * rounding / (1 - rate), 0.0)
     monitor.contraction_floor(rate)
     return bound, scale
 
@@ -372,7 +379,7 @@ class _Monitor:
         self.acc, self.tiny = _dtype_constants(x0.dtype)
         # nonfinite="report": per sample, the state's norm beyond which it diverged (first check)
         self.growth_limit: Tensor | None = None
-        arithmetic = arithmetic_dtype(x0)
+        self.arithmetic = arithmetic = arithmetic_dtype(x0)
         self.eps = torch.finfo(arithmetic).eps
         # Below the smallest normal number rounding is absolute: the certified margins add
         # _GUARD_ULPS of the smallest subnormal (float16: 2^-24; negligible in wider dtypes).
@@ -385,6 +392,8 @@ class _Monitor:
         self.rel_limit = max(tol, self.floor)
         self.rate_floor: float | None = None
         self.weight_mass: Tensor | None = None  # the contraction bound's sum of weights
+        # per sample, the least limit that a certified measure can meet (its rounding, doubled)
+        self.bound_floor: Tensor | None = None
         self.dims = sample_dims(x0)
         self.steps: list[int] = []
         self.abs: list[Tensor] = []
@@ -405,7 +414,7 @@ class _Monitor:
         worst = torch.where(rate < 1, rate, -math.inf).amax().item()
         self.rate_floor = 2 * _GUARD_ULPS * self.eps / (1 - worst) if worst > -math.inf else math.inf
         if self.rate_floor > self.rel_limit and math.isfinite(self.rate_floor):
-            _warn_certifiable(worst, self.rel_limit, self.rate_floor)
+            _warn_certifiable(worst, self.rel_limit, self.rate_floor, self.arithmetic)
             self.rel_limit = self.rate_floor
             self.floor = max(self.floor, self.rate_floor)
 
@@ -432,11 +441,17 @@ class _Monitor:
         self.steps.append(k)
         self.abs.append(abs_res)
         self.rel.append(rel_res)
-        if self.stop_mode == "rel":
+        if self.stop_mode == "rel" and self.bound_floor is None:
             measure = rel_res
-        else:  # measures below the dtype's resolution count as converged whatever tol says
-            self.abs_limit.append(torch.clamp_min(scale * self.floor, self.tol))
-            measure = torch.addcdiv(poison, abs_res, self.abs_limit[-1])
+        else:  # measures below what the dtype resolves count as converged whatever tol says
+            if self.stop_mode == "rel":
+                limit = scale * self.rel_limit
+            else:
+                limit = torch.clamp_min(scale * self.floor, self.tol)
+            if self.bound_floor is not None:  # (clamped: 0 / 0 for an exactly zero sample)
+                limit = torch.maximum(limit, self.bound_floor).clamp_min_(self.tiny)
+            self.abs_limit.append(limit)
+            measure = torch.addcdiv(poison, abs_res, limit)
         if self.diverged is not None:  # rare: samples that diverged no longer decide the stop
             measure = measure.masked_fill(self.diverged, -math.inf)
         worst = measure.amax()
@@ -449,7 +464,7 @@ class _Monitor:
         if worst != worst:  # NaN: some iterate is not finite
             worst = self._nonfinite(k, measure)
         # the worst measure over its limit: <= 1 when every sample has converged
-        self.worst.append(worst / self.rel_limit if self.stop_mode == "rel" else worst)
+        self.worst.append(worst if self.abs_limit else worst / self.rel_limit)
         if self.worst[-1] <= 1.0:
             return True, 0
         if self.check_every != "auto":
@@ -508,10 +523,10 @@ class _Monitor:
         finite = history if self.diverged is None else history.nan_to_num(nan=math.inf, posinf=math.inf)
         abs_lowest, rel_lowest = finite.amin(dim=1)
         abs_trace, rel_trace = history.transpose(1, 2).contiguous()  # (sample, check) each
-        if self.stop_mode == "rel":
-            ok = history[1] <= self.rel_limit
-        else:
+        if self.abs_limit:  # per-sample limits: abs stopping, or certified bounds
             ok = history[0] <= torch.cat(self.abs_limit).view(n, -1)
+        else:
+            ok = history[1] <= self.rel_limit
         # nstep: the check after the sample's last failed one (the first check if none failed);
         # a column of [first check, then the one after each check (k after the last)]
         marks = torch.tensor([[step] for step in (*self.steps, k)], dtype=history.dtype, device=device)
@@ -654,10 +669,12 @@ class _Guard:
         ``ulp / (1 - q)`` away from ``z*``: with ``q`` near 1 (a slow but valid pcDEQ) their gap
         stalls apart. Two fixed points (a non-concave activation) leave a gap beyond that. ``q``
         is taken at the lower sequence, below ``z*``, where a concave map's Jacobian dominates
-        the one at ``z*``.
+        the one at ``z*``, with ``v = low`` (no power step). That ``q``, the looser one, errs on
+        the side of rounding: a stall it does not explain raises, so a wrong verdict there
+        stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
         """
         try:
-            q = rate_bound(func, low).to(gap.dtype)
+            q = rate_certificate(func, low, power_step=False).rate.to(gap.dtype)
         except InvalidInputError:  # no forward-mode product (inference mode, an f without one)
             q = torch.full_like(gap, math.inf)
         # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
@@ -764,17 +781,18 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
         )
 
 
-_warned_rates: set[float] = set()
+_warned_rates: set[tuple[torch.dtype, int]] = set()
 
 
-def _warn_certifiable(rate: float, tol: float, floor: float) -> None:
-    key = round(math.log10(max(1 - rate, 1e-300)))
+def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype) -> None:
+    key = (dtype, round(math.log10(max(1 - rate, 1e-300))))
     if key not in _warned_rates:
         _warned_rates.add(key)
         warn(
-            f"The contraction factor q = {rate:.6g} is so close to 1 that rounding keeps the "
-            f"certified bound above {floor:.3g} (relative); the tolerance {tol:g} is raised to it. "
-            "q approaches 1 when pcDEQ-1 injections are tiny (see info['min_injection'])."
+            f"The contraction factor q = {rate:.6g} leaves the certified bound above {floor:.3g} "
+            f"(relative) in {dtype} arithmetic: the rounding of each step, {_GUARD_ULPS:g} ulps, "
+            f"counts 1 / (1 - q) times. The tolerance {tol:g} is raised to it. q approaches 1 "
+            "when pcDEQ-1 injections are tiny (see info['min_injection']); a wider dtype rounds less."
         )
 
 
