@@ -1,10 +1,13 @@
-"""Cost of each certificate relative to a plain solve: same model, same tolerance, one run.
+"""Cost of each certificate relative to a plain solve, and what each says: same model, same
+tolerance, one run.
 
 For a dense and a convolutional pcDEQ layer with weights grown as in training (row sums about
 2, tanh), times in eval mode the plain solve, the certified enclosure, the rate bound, and
 ``sradius_mode`` with TorchDEQ's power method against the rate bound; in training mode a
 forward plus backward step with the plain and the certified backward solve. Medians of
-``--repeats`` interleaved runs.
+``--repeats`` interleaved runs. A second table gives the certificates' values: the rate bound
+(with its power step) beside the one-product bound ``v = z*`` and TorchDEQ's power-method
+estimate of the spectral radius, and the backward solve's iterations and certified bound.
 
     python -m benchmarks.certificates [--device cpu|cuda] [--repeats 9]
 """
@@ -29,7 +32,7 @@ from benchmarks.cli import (
     write_results,
 )
 from benchmarks.solver_overhead import hardware_line, timed
-from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear
+from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, rate_certificate
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -74,9 +77,10 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     device = args.device
-    rows = []
+    rows, said = [], []
     for case, layer, u in layers(device, args.smoke):
         x = layer.inject(u)
+        said.append({"case": case, **certificate_values(layer, x, args.bf16)})
         cores = {
             name: (torchdeq.get_deq(core="pcdeq", f_tol=1e-4, **config).train(training), training, sradius)
             for name, (config, training, sradius) in variants().items()
@@ -119,6 +123,22 @@ def main(argv=None):
         lines.append(
             f"| {r['case']} | {r['variant']} | {r['iterations']:.0f} | {r['ms']:.2f} | {r['ratio']:.2f}x |"
         )
+    lines += [
+        "",
+        "What they say, worst sample of the batch: the rate bound q (v = J z* + 1e-3 z*), the bound with "
+        "v = z* alone, TorchDEQ's power-method estimate of the spectral radius (not a bound); the "
+        "backward solve's mean iterations and, certified, its bound relative to ||y||_v",
+        "",
+        "| case | rate bound q | q with v = z* | power method (estimate) | backward iterations, plain "
+        "| certified | certified bound, relative |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in said:
+        lines.append(
+            f"| {r['case']} | {r['rate_bound']:.4f} | {r['rate_bound_v_z']:.4f} | {r['power_method']:.4f} "
+            f"| {r['backward_iterations']:.1f} | {r['certified_backward_iterations']:.1f} "
+            f"| {r['certified_backward_bound']:.1e} |"
+        )
     print("\n".join(lines))
     out = results_stem(
         args.out, (RESULTS / "smoke" if args.smoke else RESULTS) / f"certificates_{device.type}", args.bf16
@@ -129,8 +149,40 @@ def main(argv=None):
         "repeats": args.repeats,
         "bf16": args.bf16,
         "rows": rows,
+        "certificates": said,
     }
     write_results(out, payload, "\n".join(lines))
+
+
+def certificate_values(layer, x, bf16: bool) -> dict:
+    """The certificates of ``layer`` at injection ``x``, each the worst over the batch."""
+    config = dict(core="pcdeq", f_tol=1e-4)
+
+    def func(z):
+        return layer(z, x)
+
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            z_out, rated = torchdeq.get_deq(config, pcdeq_rate_bound=True).eval()(func, torch.zeros_like(x))
+            _, power = torchdeq.get_deq(config).eval()(func, torch.zeros_like(x), sradius_mode=True)
+        one_product = rate_certificate(func, z_out[-1], power_step=False).rate
+        backward = {}
+        for name, certify in (("plain", False), ("certified", True)):
+            seen = []
+            deq = torchdeq.get_deq(config, pcdeq_rate_bound=certify).train()
+            z_out, _ = deq(func, torch.zeros_like(x), backward_writer=seen.append)
+            z_out[-1].float().sum().backward()
+            backward[name] = seen[-1]
+    certified = backward["certified"]
+    size = certified["abs_trace"][:, -1] / certified["rel_trace"][:, -1]  # ||f(y)||_v per sample
+    return {
+        "rate_bound": rated["rate_bound"].max().item(),
+        "rate_bound_v_z": one_product.max().item(),
+        "power_method": power["sradius"].max().item(),
+        "backward_iterations": backward["plain"]["nstep"].float().mean().item(),
+        "certified_backward_iterations": certified["nstep"].float().mean().item(),
+        "certified_backward_bound": (certified["error_bound"] / size).max().item(),
+    }
 
 
 def run(deq, layer, x, training, sradius, bf16=False) -> float:

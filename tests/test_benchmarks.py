@@ -106,6 +106,11 @@ def test_the_smoke_suite_runs_every_benchmark(tmp_path):
     assert linear["floor"]["ops"] < min(linear["reference"]["ops"], linear["pcdeq"]["ops"])
     for name in ("train_curves.png", "train_residuals.png", "train_enclosure.png", "certificates_cpu.md"):
         assert (smoke / name).stat().st_size > 0, name
+    said = json.loads((smoke / "certificates_cpu.json").read_text())["certificates"]
+    assert [row["case"] for row in said] == ["linear 8, batch 4", "conv 4ch 16x16, batch 16"]
+    for row in said:  # the power step never loosens the bound; the certified backward meets 1e-4
+        assert 0 < row["rate_bound"] <= row["rate_bound_v_z"] < 1, row
+        assert 0 < row["certified_backward_bound"] <= 1e-4 and row["certified_backward_iterations"] >= 1, row
     long_runs = json.loads((smoke / "long_run_cpu.json").read_text())
     assert "benchmarks.long_run" in long_runs["command"] and "threads" in long_runs["hardware"]
     (long_run,) = long_runs["runs"]

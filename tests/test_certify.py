@@ -209,6 +209,23 @@ def test_the_power_step_brings_the_bound_near_the_radius_where_injections_sit_at
     assert (radius <= q).all() and (q <= 2 * radius).all()
 
 
+def test_the_power_step_is_not_taken_where_float16_rounds_its_products_away():
+    """States of 2e-5 in float16: v = J z + 1e-3 z falls below the normal range, where J v
+    rounds to 0 and the stepped q would read 0; the bound stays the one of v = z."""
+    torch.manual_seed(0)
+    f = PcDEQLinear(32, "tanh", dtype=torch.float16)
+    x = (torch.rand(4, 32) * 1.5e-5 + 2e-5).half()
+    z = torch.zeros_like(x)
+    with torch.no_grad():
+        for _ in range(50):
+            z = f(z, x)
+        w = f.weight.double()
+        slope = 1 - torch.tanh(z.double() @ w.T + x.double()) ** 2
+    radius = torch.linalg.eigvals(slope[:, :, None] * w).abs().amax(dim=1)
+    q = rate_bound(lambda v: f(v, x), z)
+    assert (q.double() >= radius).all() and (q < 1).all()
+
+
 # -- the certified backward solve -------------------------------------------------------------
 
 
@@ -242,6 +259,27 @@ def test_the_backward_error_bound_is_never_below_the_true_error(instance, max_it
     true_error = weighted(y.flatten(1) - exact)
     # the direct solve is itself exact only to a few ulps of its solution
     assert (true_error <= info["error_bound"] + 1e-14 * weighted(exact)).all()
+
+
+def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in():
+    """The weights and rate that the core hands its backward solver certify J^T where the
+    gradient linearizes f (the returned state): J w <= q w entrywise, with the power step's q."""
+    f, x = dense_instance(activation="tanh", scale=2.0)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, f_tol=1e-12)
+    producer = deq.produce_grad[-1].recorded  # the certified backward records f
+    calls, solver = [], producer.b_solver
+    producer.b_solver = lambda func, x0, **kwargs: calls.append(kwargs) or solver(func, x0, **kwargs)
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    xu = f.inject(u)
+    z_out, _ = deq(lambda z: f(z, xu), torch.zeros_like(xu))
+    z_out[-1].sum().backward()
+    (kwargs,) = calls
+    z_in = z_out[-1].detach()
+    jac = jacobians(f, xu.detach(), z_in)
+    weights, rate = kwargs["weights"].flatten(1), kwargs["rate"]
+    assert ((jac @ weights.unsqueeze(2)).squeeze(2) <= rate[:, None] * weights * (1 + 1e-12)).all()
+    one_product = rate_certificate(lambda z: f(z, xu), z_in, power_step=False).rate
+    assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
 
 
 def test_the_core_certifies_its_backward_solve_and_reports_to_the_writer():
@@ -422,10 +460,14 @@ def test_certified_bounds_cover_float16s_absolute_rounding_below_its_normal_rang
     assert (y.double() - 2 * g.double()).abs().sum() <= info["error_bound"].double().max()
 
 
-def test_a_contraction_bound_at_float16s_absolute_rounding_stops_there_and_says_how_far():
+def test_a_contraction_bound_at_float16s_absolute_rounding_stops_there_and_says_how_far(monkeypatch):
     """A sample whose gradient lies near float16's subnormal range cannot be certified below
     twice its rounding bound, absolute there: it stops at that floor, honest, instead of
     iterating to max_iter, and the sample of normal size still meets the relative limit."""
+    from torchdeq_pcdeq import solver
+
+    for registry in ("_warned_floors", "_warned_rates"):  # said once per process
+        monkeypatch.setattr(solver, registry, set())
     g = torch.tensor([[0.3, -0.1, 0.15, 0.3], [3e-6, -1e-6, 1.5e-6, 3e-6]], dtype=torch.float16)
     weights, rate = torch.ones(2, 4, dtype=torch.float16), torch.full((2,), 0.5)
     with warnings.catch_warnings(record=True) as caught:

@@ -177,9 +177,9 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
     _warned_uncertifiable.add(dtype)
     warn(
         f"The backward solve cannot be certified: the rate bound q = {rate:.6g} in {dtype} "
-        "arithmetic is not below 1 (q approaches 1 when pcDEQ-1 injections are tiny, and "
-        "low-precision arithmetic, a low-precision state or autocast, is only as accurate as its "
-        "dtype). It is solved with the plain residual test instead, and its statistics carry no "
+        "arithmetic is not below 1 (q approaches 1 on slow layers, whose spectral radius does, "
+        "and low-precision arithmetic, a low-precision state or autocast, is only as accurate as "
+        "its dtype). It is solved with the plain residual test instead, and its statistics carry no "
         "error_bound. Certify in float32 or wider, outside autocast."
     )
 

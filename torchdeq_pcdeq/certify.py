@@ -7,7 +7,7 @@
   section 3). ``v = z`` gives ``q`` close to 1 wherever pcDEQ-1 injections sit at their floor,
   however small the spectral radius; one power step, ``v = J z + eps z``, gives a ``q`` that is
   never larger and is usually close to the radius (0.03 against 0.9998 on a ``PcDEQLinear(64)``
-  whose radius is 0.023). Two forward-mode Jacobian-vector products; ``q < 1`` for a valid pcDEQ.
+  whose radius is 0.024). Two forward-mode Jacobian-vector products; ``q < 1`` for a valid pcDEQ.
   :func:`rate_certificate` also returns the ``v`` that its ``q`` holds for.
 * :func:`upper_bound` and :func:`min_injection` read what the pcDEQ layers called by ``f``
   reported (:func:`~torchdeq_pcdeq.layers.observe_layer_calls`): the activation's supremum,
@@ -63,7 +63,7 @@ class RateCertificate(NamedTuple):
 
 # The power step's share of z in v = J z + eps z: small, so that v follows J z (the tight
 # vector); positive, so that v > 0 where a row of J vanishes. Measured on PcDEQLinear(64):
-# q = 0.033 (eps = 0), 0.031 (1e-4), 0.032 (1e-3), 0.040 (1e-2), radius 0.023.
+# q = 0.033 (eps = 0), 0.031 (1e-4), 0.032 (1e-3), 0.040 (1e-2), radius 0.024.
 _POWER_STEP_SHARE = 1e-3
 
 
@@ -134,7 +134,13 @@ def _certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) 
     # Any positive vector certifies: where eps z underflowed on a vanishing row of J, z stays.
     v = torch.where(v > 0, v, z)
     stepped = _collatz_wielandt(_jvp(func, z, v), v)
-    better = stepped < rate  # (False where NaN: the one-product bound stays)
+    # Below the normal range rounding is absolute, up to an ulp of the smallest normal number:
+    # relative to an entry v_i that small, (J v)_i can round to nothing (v ~ q z underflows in
+    # float16 where z ~ 1e-5), and q with it. A v within the normal range keeps each ratio
+    # within a few ulps, as z itself does (pcDEQ-1 injections are floored at the normal range).
+    smallest = torch.where(v > 0, v, math.inf).amin(dim=sample_dims(v))
+    normal = smallest >= torch.finfo(v.dtype).tiny
+    better = (stepped < rate) & normal  # (False where NaN: the one-product bound stays)
     per_sample = better.view(-1, *(1,) * (z.dim() - 1))
     return RateCertificate(torch.where(better, stepped, rate), torch.where(per_sample, v, z))
 

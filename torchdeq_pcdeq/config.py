@@ -176,8 +176,8 @@ PCDEQ_OPTIONS: dict[str, Option] = {
     "pcdeq_rate_bound": Option(
         False,
         "certified rate: info['rate_bound'] = max_i (J v)_i / v_i >= spectral radius of the "
-        "Jacobian, v = J z* + 1e-3 z* (two Jacobian-vector products); the implicit backward solve "
-        "then stops on its own certified error bound",
+        "Jacobian at z*, with v = J z + 1e-3 z at a state z below z* (two Jacobian-vector products); "
+        "the implicit backward solve then stops on its own certified error bound",
         kind="flag",
     ),
     "pcdeq_sradius": Option(

@@ -404,7 +404,7 @@ class _Monitor:
     def contraction_floor(self, rate: Tensor) -> None:
         """Raise the relative limit to what a contraction by ``rate`` can certify, once per solve.
 
-        With ``q`` close to 1 (pcDEQ-1 units whose injection sits at the floor), rounding alone
+        With ``q`` close to 1 (a slow layer, or one in low precision), rounding alone
         keeps the certified bound above ``16 eps / (1 - q)`` relative to the state; the limit
         becomes twice that, ``32 eps / (1 - q)``, so that a converging solve can meet it.
         """
@@ -791,8 +791,8 @@ def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype)
         warn(
             f"The contraction factor q = {rate:.6g} leaves the certified bound above {floor:.3g} "
             f"(relative) in {dtype} arithmetic: the rounding of each step, {_GUARD_ULPS:g} ulps, "
-            f"counts 1 / (1 - q) times. The tolerance {tol:g} is raised to it. q approaches 1 "
-            "when pcDEQ-1 injections are tiny (see info['min_injection']); a wider dtype rounds less."
+            f"counts 1 / (1 - q) times. The tolerance {tol:g} is raised to it. q approaches 1 on "
+            "slow layers, whose spectral radius does; a wider dtype rounds less."
         )
 
 
