@@ -11,7 +11,8 @@ the theory promises it, from quantities computed at the first iterate ``z1 = f(0
 
 * forward: iterates from 0 increase, and for ``j >= 3`` concavity gives
   ``d_j <= J(z1) d_(j-1)`` (``d_j = z_j - z_(j-1) >= 0``), so in the ``z1``-weighted max norm
-  the increments shrink by ``q1 = rate_bound(f, z1)``; the relative residual at iteration ``j``
+  the increments shrink by ``q1 = max_i (J(z1) z1)_i / (z1)_i`` (the rate bound with ``v = z1``:
+  the power step's smaller bound holds in another norm); the relative residual at iteration ``j``
   is at most ``q1 ** (j - 2) * max_i (d_2)_i / (z1)_i``;
 * backward, for a loss gradient ``g > 0``: the adjoint increments ``(J^T)^(m+1) g`` shrink by
   ``q1`` in the ``z1``-weighted l1 norm (``J <= J(z1)`` at the solution), and the adjoint grows
@@ -37,8 +38,9 @@ from torchdeq_pcdeq import (
     PcDEQLinear,
     attach_projection,
     available_activations,
-    rate_bound,
+    rate_certificate,
 )
+from torchdeq_pcdeq.conv_kernels import sign_exact_products
 
 BUDGET = 400
 TOL = 1e-4
@@ -90,7 +92,17 @@ def _iterations_promised(rate: torch.Tensor, start: torch.Tensor, offset: int) -
     return torch.tensor(needed, dtype=torch.float64)
 
 
+def _bare_residual(f, x: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Per sample, the relative residual of iteration ``iterations`` of a bare loop from 0."""
+    previous = torch.zeros_like(x)
+    for _ in range(iterations - 1):
+        previous = f(previous)
+    current = f(previous)
+    return ((current - previous).flatten(1).norm(dim=1) / current.flatten(1).norm(dim=1)).double()
+
+
 _DIVERGING = {"activation": "relu6", "nonnegativity": "weight_norm", "channels": 1, "kernel_size": 1}
+_SATURATED = {"activation": "tanh", "nonnegativity": "weight_norm", "channels": 1, "kernel_size": 3}
 # the gradient's autograd node, per path: the closed form wherever f is the layer call
 _NODES = {
     ("closed_form", "ift"): "_ClosedFormImplicitGradBackward",
@@ -108,6 +120,9 @@ _NODES = {
 @example((_DIVERGING, (1, 1, 1, 3), (1000.0, 10.0), 0, ("closed_form", "ift")))
 @example((_DIVERGING, (1, 1, 1, 3), (1000.0, 10.0), 0, ("recorded", "ift")))
 @example((_DIVERGING, (1, 1, 1, 3), (1000.0, 10.0), 0, ("recorded", "hook_ift")))
+# Found by Hypothesis: Winograd's rounding made a saturated iterate fall, the guard solved again
+# with sign-exact products, and its residual at the rounding floor is not the layer's kernel's.
+@example((_SATURATED, (2, 1, 5, 2), (79.8626560971533, 2.5482967479793466), 983, ("closed_form", "ift")))
 def test_random_instances_report_honestly_and_converge_where_the_theory_promises(instance):
     spec, shape, (weight_scale, input_scale), seed, (path, gradient) = instance
     torch.manual_seed(seed)
@@ -139,15 +154,17 @@ def test_random_instances_report_honestly_and_converge_where_the_theory_promises
         f = lambda v: layer(v, x.detach())  # noqa: E731
         z1 = f(torch.zeros_like(x))
         z2 = f(z1)
-        rate = rate_bound(f, z1).double()
-        # Honest reporting: the last checked residual is that of a bare loop's iterate.
+        rate = rate_certificate(f, z1, power_step=False).rate.double()
+        # Honest reporting: the last checked residual is that of a bare loop's iterate, with the
+        # layer's own kernels or, where the guard judged a solve with Winograd products and
+        # solved again (pcdeq_fixed_point), with sign-exact ones: at the rounding floor the two
+        # differ by ulps (found by Hypothesis: 0 against 8.7e-7).
         last = int(info["trace_steps"][-1])
-        previous = torch.zeros_like(x)
-        for _ in range(last - 1):
-            previous = f(previous)
-        current = f(previous)
-        residual = (current - previous).flatten(1).norm(dim=1) / current.flatten(1).norm(dim=1)
-    torch.testing.assert_close(info["rel_trace"][:, -1].double(), residual.double(), rtol=1e-3, atol=1e-7)
+        reported = info["rel_trace"][:, -1].double()
+        residuals = [_bare_residual(f, x, last)]
+        with sign_exact_products():
+            residuals.append(_bare_residual(f, x, last))
+    assert any(torch.allclose(reported, r, rtol=1e-3, atol=1e-7) for r in residuals), (reported, residuals)
     assert torch.equal(info["converged"], info["rel_trace"][:, -1] <= TOL)
 
     spread = ((z2 - z1) / z1).flatten(1).amax(dim=1).double()
