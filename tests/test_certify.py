@@ -261,22 +261,42 @@ def test_the_backward_error_bound_is_never_below_the_true_error(instance, max_it
     assert (true_error <= info["error_bound"] + 1e-14 * weighted(exact)).all()
 
 
-def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in():
+@pytest.mark.parametrize("path", ["recorded", "closed_form"])
+def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monkeypatch):
     """The weights and rate that the core hands its backward solver certify J^T where the
-    gradient linearizes f (the returned state): J w <= q w entrywise, with the power step's q."""
+    gradient linearizes f: J w <= q w entrywise, with the power step's q. The recorded gradient
+    linearizes at the returned state, by automatic differentiation; the closed form at the last
+    step's input, by two products with W, which are also the forward's rate_bound."""
+    from torchdeq_pcdeq import certify
+
     f, x = dense_instance(activation="tanh", scale=2.0)
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, f_tol=1e-12)
-    producer = deq.produce_grad[-1].recorded  # the certified backward records f
+    producer = deq.produce_grad[-1]
+    if path == "recorded":
+        producer = producer.recorded
+    else:  # no forward-mode automatic differentiation anywhere in the step
+        monkeypatch.setattr(certify, "_jvp", lambda *args: pytest.fail("forward-mode product"))
     calls, solver = [], producer.b_solver
     producer.b_solver = lambda func, x0, **kwargs: calls.append(kwargs) or solver(func, x0, **kwargs)
     u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
     xu = f.inject(u)
-    z_out, _ = deq(lambda z: f(z, xu), torch.zeros_like(xu))
+    func = (lambda z: f(z, xu)) if path == "closed_form" else (lambda z: f(z, xu).clone())
+    z_out, info = deq(func, torch.zeros_like(xu))
+    nodes = {"recorded": "_ImplicitGradBackward", "closed_form": "_ClosedFormImplicitGradBackward"}
+    assert type(z_out[-1].grad_fn).__name__ == nodes[path]
     z_out[-1].sum().backward()
+    monkeypatch.undo()
     (kwargs,) = calls
-    z_in = z_out[-1].detach()
-    jac = jacobians(f, xu.detach(), z_in)
     weights, rate = kwargs["weights"].flatten(1), kwargs["rate"]
+    z_in = z_out[-1].detach()
+    if path == "closed_form":  # the iterate before the returned one, computed again
+        z_in = torch.zeros_like(xu)
+        with torch.no_grad():
+            for _ in range(int(info["trace_steps"][-1]) - 1):
+                z_in = f(z_in, xu)
+            assert torch.equal(f(z_in, xu), z_out[-1].detach())
+        assert torch.equal(info["rate_bound"], rate)  # taken once, in the forward
+    jac = jacobians(f, xu.detach(), z_in)
     assert ((jac @ weights.unsqueeze(2)).squeeze(2) <= rate[:, None] * weights * (1 + 1e-12)).all()
     one_product = rate_certificate(lambda z: f(z, xu), z_in, power_step=False).rate
     assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
@@ -761,18 +781,22 @@ def test_the_certified_backward_certifies_a_reference_model_with_injections_at_t
     assert (backward["error_bound"] <= 1e-4 * scale).all()
 
 
-def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkeypatch):
+@pytest.mark.parametrize("path", ["recorded", "closed_form"])
+def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkeypatch, path):
     """q >= 1 (e.g. rounded up in bfloat16) certifies nothing: warn, solve plainly, no bound."""
     import torchdeq_pcdeq.backward as backward
+    from torchdeq_pcdeq import core
 
     uncertifiable = lambda func, z: RateCertificate(torch.ones(z.shape[0], dtype=z.dtype), z)  # noqa: E731
     monkeypatch.setattr(backward, "rate_certificate", uncertifiable)
+    monkeypatch.setattr(core, "closed_form_certificate", lambda layer, w, z, out: uncertifiable(None, z))
     monkeypatch.setattr(backward, "_warned_uncertifiable", set())
     f, x = dense_instance(dtype=torch.float64)
     x.requires_grad_()
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, b_max_iter=500)
     stats = []
-    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x), backward_writer=stats.append)
+    func = (lambda z: f(z, x)) if path == "closed_form" else (lambda z: f(z, x).clone())
+    z_out, _ = deq(func, torch.zeros_like(x), backward_writer=stats.append)
     with pytest.warns(
         PcDEQWarning,
         match="cannot be certified: the rate bound q = 1 in torch.float64 arithmetic is not below 1",

@@ -149,7 +149,7 @@ def test_auto_times_each_product_once_per_shape_and_layout(transposed):
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=2e-5 * exact.abs().max().item())
 
 
-def test_sign_exact_products_keep_w_z_on_pytorchs_kernel_and_winograd_products_are_counted():
+def test_sign_exact_products_keep_both_products_on_pytorchs_kernel_and_winograd_products_are_counted():
     z, w = _instance()
     before = conv_kernels.winograd_products()
     assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"
@@ -158,10 +158,13 @@ def test_sign_exact_products_keep_w_z_on_pytorchs_kernel_and_winograd_products_a
         with conv_kernels.sign_exact_products():  # blocks nest
             assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "pytorch"
         assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "pytorch"
-        # W^T y has no sign to keep: it stays on NNPACK.
-        assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "nnpack")) == "nnpack"
+        # W^T y has no sign to keep, but the certified backward's rounding margin covers
+        # direct products only: inside the block it is PyTorch's too, in PyTorch's layout.
+        assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "nnpack")) == "pytorch"
+        assert conv_kernels.transposed_layout(z, w, 1, "nnpack") is None
     assert conv_kernels.winograd_products() == before + 1  # adjoint products are not counted
     assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"
+    assert _kernel_used(lambda: same_conv2d_transposed(z, z, w, 1, "nnpack")) == "nnpack"
     with pytest.raises(RuntimeError, match="inside"), conv_kernels.sign_exact_products():
         raise RuntimeError("inside the block")
     assert _kernel_used(lambda: same_conv2d(z, w, 1, "nnpack")) == "nnpack"  # left on error too
@@ -310,6 +313,24 @@ def test_certified_core_solves_make_sign_exact_products(monkeypatch, algorithm, 
         assert bool(torch.isfinite(info["rate_bound"]).all())
     _, _, plain_ops = _solve(f, x)  # the same layer's plain solve does use NNPACK
     assert plain_ops[NNPACK] > 0
+
+
+def test_the_certified_closed_form_training_step_makes_sign_exact_products(monkeypatch):
+    """With pcdeq_rate_bound, the closed-form gradient's adjoint products W^T y run on PyTorch's
+    kernel as well (the certified bound's rounding margin covers direct products only)."""
+    _nnpack_chosen_everywhere(monkeypatch)
+    f, x = _layer_and_injection("nnpack")
+
+    def step(**options) -> dict:
+        deq = torchdeq.get_deq(core="pcdeq", **options)
+        with OpCounter() as counter:
+            z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+            assert type(z_out[-1].grad_fn).__name__ == "_ClosedFormImplicitGradBackward"
+            z_out[-1].sum().backward()
+        return counter.ops
+
+    assert step(pcdeq_rate_bound=True)[NNPACK] == 0
+    assert step()[NNPACK] > 0  # the plain step of the same layer does use NNPACK
 
 
 def test_sradius_by_rate_bound_makes_sign_exact_products(monkeypatch):

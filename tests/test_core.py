@@ -964,7 +964,6 @@ class _OtherOperator(PcDEQLinear):
         "a new injection per call",
         "one iteration",
         "autocast",
-        "rate bound",
         "enclosure",
         "no operator vjp",
         "an operator changed in a subclass",
@@ -990,7 +989,6 @@ def test_the_closed_form_is_used_only_where_it_holds_and_the_gradient_is_right_e
     config.update(
         {
             "one iteration": dict(f_max_iter=1),
-            "rate bound": dict(pcdeq_rate_bound=True),
             "enclosure": dict(pcdeq_enclosure=True),
             "autocast": dict(f_tol=5e-2, b_tol=5e-2),
         }.get(case, {})

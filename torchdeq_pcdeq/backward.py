@@ -20,7 +20,10 @@ Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, write
   a retained graph solves again.
 
 The core wraps the one it uses in :class:`ClosedFormImplicitGradient`, which differentiates in closed
-form, with no recorded ``f``, when ``f`` is one pcDEQ layer call, and calls it otherwise.
+form, with no recorded ``f``, when ``f`` is one pcDEQ layer call, and calls it otherwise. A
+certified backward solve takes its rate certificate from the core's forward in the closed form
+(:func:`~torchdeq_pcdeq.certify.closed_form_certificate`), else by automatic differentiation
+of ``f``.
 
 The producers ask the core that calls them (``trainer``) what to do after each backward solve
 (``trainer.after_backward``: statistics to ``writer``, non-convergence policy) and whether to
@@ -35,19 +38,22 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, autograd
 
-from .certify import rate_certificate, under_autocast
+from .certify import closed_form_certificate, rate_certificate, under_autocast
+from .conv_kernels import sign_exact_products
 from .errors import InvalidInputError, NonFiniteError, warn
 from .solver import arithmetic_dtype
 
 __all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGradient"]
 
 
-def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer, layout=None) -> Tensor:
+def _solve_adjoint(
+    trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, writer, layout=None, certificate=None
+) -> Tensor:
     """Solve ``y = J^T y + grad`` with ``J^T y = vjp(y)`` at ``z_in``; report through the trainer.
 
     With ``trainer.certify_backward``, the solve runs in the ``v``-weighted l1 norm in which the
-    adjoint map contracts by the rate bound ``q`` computed at ``z_in``
-    (:func:`~torchdeq_pcdeq.certify.rate_certificate` gives both), and stops on the certified
+    adjoint map contracts by the rate bound ``q`` computed at ``z_in`` (``certificate``, else
+    :func:`~torchdeq_pcdeq.certify.rate_certificate` of ``func``), and stops on the certified
     bound ``(q ||y_k - y_{k-1}||_v + rounding) / (1 - q)``. The iterates are held in the memory
     format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
 
@@ -63,7 +69,7 @@ def _solve_adjoint(trainer, b_solver, b_solver_kwargs, func, z_in, vjp, grad, wr
         return grad
     kwargs = b_solver_kwargs
     if trainer.certify_backward:
-        rate, weights = rate_certificate(func, z_in.detach())
+        rate, weights = certificate if certificate is not None else rate_certificate(func, z_in.detach())
         worst = rate.max().item()
         if worst < 1:
             kwargs = {**kwargs, "weights": weights, "rate": rate}
@@ -238,9 +244,9 @@ class _Producer:
     def __init__(self, b_solver: Callable, b_solver_kwargs: dict):
         self.b_solver, self.b_solver_kwargs = b_solver, dict(b_solver_kwargs)
 
-    def solve_adjoint(self, trainer, func, z_in, vjp, grad, writer, layout=None) -> Tensor:
+    def solve_adjoint(self, trainer, func, z_in, vjp, grad, writer, layout=None, certificate=None) -> Tensor:
         return _solve_adjoint(
-            trainer, self.b_solver, self.b_solver_kwargs, func, z_in, vjp, grad, writer, layout
+            trainer, self.b_solver, self.b_solver_kwargs, func, z_in, vjp, grad, writer, layout, certificate
         )
 
 
@@ -357,14 +363,15 @@ class ClosedFormImplicitGradient(_Producer):
                 and not any(enabled for _, enabled, _ in autocast)
             ):
                 args = (weight, step.x, step.z_in, z_pred, step.layer, self, trainer, writer, autocast)
-                return [_ClosedFormImplicitGrad.apply(*args)]
+                return [_ClosedFormImplicitGrad.apply(*args, step.certificate)]
         return self.recorded(trainer, func, z_pred, writer=writer, **kwargs)
 
 
 class _ClosedFormImplicitGrad(autograd.Function):
     @staticmethod
-    def forward(ctx, weight, x, z_in, z_out, layer, producer, trainer, writer, autocast):
+    def forward(ctx, weight, x, z_in, z_out, layer, producer, trainer, writer, autocast, certificate):
         _remember(ctx, layer=layer, producer=producer, trainer=trainer, writer=writer, autocast=autocast)
+        ctx.certificate = certificate
         ctx.save_for_backward(weight, z_in, z_out)
         return z_out
 
@@ -377,15 +384,25 @@ class _ClosedFormImplicitGrad(autograd.Function):
         def vjp(y: Tensor) -> Tensor:
             return layer.operator_vjp(slope * y, z_in, weight)[0]
 
-        with _autocast_as_in_forward(ctx.autocast):  # the products' kernels depend on it
+        certify = ctx.trainer.certify_backward
+        # The certified bound's rounding margin covers direct products only (conv_kernels): the
+        # certified solve makes them itself, and here the layout follows (PyTorch's kernel
+        # keeps z_in's) as does a certificate taken here.
+        exact = sign_exact_products() if certify else contextlib.nullcontext()
+        with _autocast_as_in_forward(ctx.autocast), exact:  # the products' kernels depend on them
             # The adjoint iterates live in the layout the layer's products are fastest in
             # (NCHW for NNPACK's); converting the two fixed operands once keeps every
             # elementwise operation between products in one layout.
             layout = layer.adjoint_layout(z_in, weight)
             slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
-            y = ctx.producer.solve_adjoint(ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout)
+            certificate = ctx.certificate
+            if certify and certificate is None:  # (the core's forward takes it, for its info)
+                certificate = closed_form_certificate(layer, weight, z_in, z_out)
+            y = ctx.producer.solve_adjoint(
+                ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout, certificate if certify else None
+            )
             v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
             grad_weight = None
             if ctx.needs_input_grad[0]:
                 grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
-        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 7
+        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 8

@@ -8,7 +8,9 @@
   however small the spectral radius; one power step, ``v = J z + eps z``, gives a ``q`` that is
   never larger and is usually close to the radius (0.03 against 0.9998 on a ``PcDEQLinear(64)``
   whose radius is 0.024). Two forward-mode Jacobian-vector products; ``q < 1`` for a valid pcDEQ.
-  :func:`rate_certificate` also returns the ``v`` that its ``q`` holds for.
+  :func:`rate_certificate` also returns the ``v`` that its ``q`` holds for;
+  :func:`closed_form_certificate` computes the same from two products with ``W`` at a step of
+  one pcDEQ layer, for the closed-form gradient.
 * :func:`upper_bound` and :func:`min_injection` read what the pcDEQ layers called by ``f``
   reported (:func:`~torchdeq_pcdeq.layers.observe_layer_calls`): the activation's supremum,
   where the enclosure's upper sequence starts, and the smallest injection per sample, the
@@ -41,7 +43,14 @@ from .errors import InvalidInputError
 from .layers import PcDEQLayer
 from .reductions import sample_dims
 
-__all__ = ["RateCertificate", "rate_bound", "rate_certificate", "upper_bound", "min_injection"]
+__all__ = [
+    "RateCertificate",
+    "rate_bound",
+    "rate_certificate",
+    "closed_form_certificate",
+    "upper_bound",
+    "min_injection",
+]
 
 
 def under_autocast(state: Tensor) -> bool:
@@ -124,7 +133,38 @@ def rate_certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bo
 
 
 def _certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) -> RateCertificate:
-    jz = _jvp(func, z, z)
+    return _from_products(lambda direction: _jvp(func, z, direction), z, power_step)
+
+
+def closed_form_certificate(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, out: Tensor) -> RateCertificate:
+    """:func:`rate_certificate` of ``J = diag(sigma'(W z_in + x)) W`` at a step
+    ``out = layer(z_in, x)`` made with ``weight``, from two products with ``W`` instead of
+    automatic differentiation.
+
+    ``sigma'`` is read from ``out`` (the activation's ``slope``), as the closed-form gradient
+    reads it: the certificate is that of the Jacobian the gradient uses. For a layer with
+    :meth:`~torchdeq_pcdeq.layers.PcDEQLayer.has_closed_form_gradient`.
+
+    Example:
+        >>> import torch
+        >>> from torchdeq_pcdeq import PcDEQLinear, rate_certificate
+        >>> f = PcDEQLinear(6)
+        >>> x = f.inject(torch.randn(2, 6))
+        >>> z = torch.full((2, 6), 0.5)
+        >>> with torch.no_grad():
+        ...     q, _ = closed_form_certificate(f, f.weight, z, f(z, x))
+        >>> bool(torch.allclose(q, rate_certificate(lambda v: f(v, x), z).rate))
+        True
+    """
+    z_in, weight = z_in.detach(), weight.detach()
+    slope = layer.activation.slope(out.detach())
+    with torch.no_grad():
+        return _from_products(lambda direction: slope * layer.apply_operator(direction, weight), z_in, True)
+
+
+def _from_products(jvp: Callable[[Tensor], Tensor | None], z: Tensor, power_step: bool) -> RateCertificate:
+    """The certificate from ``jvp(d) = J d`` (``None`` where ``J`` is zero)."""
+    jz = jvp(z)
     if jz is None:  # f does not depend on z
         return RateCertificate(torch.zeros(z.shape[0], dtype=z.dtype, device=z.device), z)
     rate = _collatz_wielandt(jz, z)
@@ -133,7 +173,7 @@ def _certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) 
     v = jz + _POWER_STEP_SHARE * z
     # Any positive vector certifies: where eps z underflowed on a vanishing row of J, z stays.
     v = torch.where(v > 0, v, z)
-    stepped = _collatz_wielandt(_jvp(func, z, v), v)
+    stepped = _collatz_wielandt(jvp(v), v)
     # Below the normal range rounding is absolute, up to an ulp of the smallest normal number:
     # relative to an entry v_i that small, (J v)_i can round to nothing (v ~ q z underflows in
     # float16 where z ~ 1e-5), and q with it. A v within the normal range keeps each ratio

@@ -20,7 +20,8 @@ own states, 4 ulps of the maximum and no negative entry over 50 training steps).
 rely on the sign of ``W z``:
 
 * the certificates: the enclosure's rounding margin (16 ulps) covers direct products only. The
-  certified solves run inside :func:`sign_exact_products`, where every ``W z`` is PyTorch's;
+  certified solves run inside :func:`sign_exact_products`, where every ``W z`` is PyTorch's (and
+  every ``W^T y``: the certified backward's margin covers direct products too);
 * the iterates and the guard. A pcDEQ layer's state and kernel are nonnegative, so its exact
   ``W z`` is: :class:`~torchdeq_pcdeq.layers.PcDEQConv2d` clamps its Winograd products at 0
   (``nonnegative=True``), and its iterates stay nonnegative, guard or not. The guard also
@@ -123,9 +124,10 @@ _STATE = _ThreadState()
 
 @contextlib.contextmanager
 def sign_exact_products() -> Iterator[None]:
-    """Inside the block, every ``W z`` of :func:`same_conv2d` runs on PyTorch's kernel, whatever
-    the algorithm: for computations that rely on the sign of the products (certificates, the
-    guard's second look; see the module docstring). Per thread; blocks nest.
+    """Inside the block, every ``W z`` of :func:`same_conv2d` and ``W^T y`` of
+    :func:`same_conv2d_transposed` runs on PyTorch's kernel, whatever the algorithm: for
+    computations that rely on the sign or the rounding of the products (certificates, the certified
+    backward, the guard's second look; see the module docstring). Per thread; blocks nest.
 
     Example:
         >>> import torch
@@ -233,7 +235,11 @@ def transposed_layout(
         >>> transposed_layout(z, w, 1, "pytorch") is None  # PyTorch's kernel keeps z's layout
         True
     """
-    if _nnpack_applies(z, weight, padding) and _nnpack_chosen(z, weight, padding, algorithm, transposed=True):
+    if (
+        not _STATE.sign_exact
+        and _nnpack_applies(z, weight, padding)
+        and _nnpack_chosen(z, weight, padding, algorithm, transposed=True)
+    ):
         return torch.contiguous_format
     return None
 

@@ -10,7 +10,10 @@ options) with:
   a hook variant that cannot re-enter itself; when ``f`` is one pcDEQ layer call
   (``lambda z: layer(z, x)``), in closed form from the solver's last step: no tracked
   application of ``f``, and each adjoint product one pass of ``W^T``
-  (:class:`~torchdeq_pcdeq.backward.ClosedFormImplicitGradient`);
+  (:class:`~torchdeq_pcdeq.backward.ClosedFormImplicitGradient`); with ``pcdeq_rate_bound``
+  the certificate of that step's Jacobian too, two passes of ``W``, shared by the forward's
+  ``info["rate_bound"]`` and the certified backward
+  (:func:`~torchdeq_pcdeq.certify.closed_form_certificate`);
 * pcDEQ defaults (relative tolerance ``1e-4``, 200 iterations; see
   :data:`~torchdeq_pcdeq.config.PCDEQ_CORE_DEFAULTS`), read from a private copy of the config;
 * checks: the initial state must be one finite, nonnegative tensor; a runtime guard
@@ -41,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from collections.abc import Mapping
@@ -51,7 +55,7 @@ from torch.nn.utils import parametrize
 from torchdeq.core import DEQSliced
 
 from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
-from .certify import min_injection, rate_bound, upper_bound
+from .certify import closed_form_certificate, min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
@@ -260,14 +264,23 @@ class PcDEQCore(DEQSliced):
             info["min_injection"] = min_injection(seen, z_star)
             # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
             # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
-            below, rate = info.get("lower", z_star), None
+            below, rate, certificate = info.get("lower", z_star), None, None
             if self.certify_rate:
                 _warn_if_above(below is z_star)
-                rate = info["rate_bound"] = rate_bound(deq_func, below)
+                step = None if recorded is None else _closed_form_step(recorded, z_star)
+                if step is not None:
+                    # The closed-form gradient linearizes at the last step's input, below z* from
+                    # 0: the certificate of that Jacobian, two products with W, is the forward's
+                    # bound and the backward's norm.
+                    weight = step.layer.weight if step.weight is None else step.weight
+                    certificate = closed_form_certificate(step.layer, weight, step.z_in, step.out)
+                    rate = info["rate_bound"] = certificate.rate
+                else:
+                    rate = info["rate_bound"] = rate_bound(deq_func, below)
             # for _sradius, which TorchDEQ calls in eval with z_star only
             _LAST_SOLVE.below = None if self.training else (self, below, rate)
         if recorded is not None:
-            _LAST_SOLVE.chain = (self, recorded)
+            _LAST_SOLVE.chain = (self, recorded, certificate)
         return z_star, info
 
     def _run_solver(self, deq_func, z_init, f_max_iter, options: dict, **kwargs):
@@ -290,7 +303,6 @@ class PcDEQCore(DEQSliced):
             and self.gradient in ("ift", "hook_ift")
             and self.owns_f_solver
             and not self.enclosure
-            and not self.certify_backward
         )
 
     def take_last_step(self, z_star: Tensor) -> LastStep | None:
@@ -299,10 +311,10 @@ class PcDEQCore(DEQSliced):
         latest, _LAST_SOLVE.chain = _LAST_SOLVE.chain, None
         if latest is None or latest[0] is not self:
             return None
-        step = latest[1].last_step(z_star)
-        if step is None or not step.layer.has_closed_form_gradient():
-            return None
-        return step
+        step = _closed_form_step(latest[1], z_star)
+        if step is None or latest[2] is None:
+            return step
+        return dataclasses.replace(step, certificate=latest[2])
 
     def _sradius(self, deq_func, z_star):
         if self.sradius_method == "rate_bound":
@@ -346,6 +358,14 @@ class PcDEQCore(DEQSliced):
 
 
 _EAGER_FORWARD = PcDEQCore.forward  # the solve itself, wrapped when the first core is built
+
+
+def _closed_form_step(chain, z_star: Tensor) -> LastStep | None:
+    """The chain's last step if it returned ``z_star`` and its layer has a closed-form VJP."""
+    step = chain.last_step(z_star)
+    if step is None or not step.layer.has_closed_form_gradient():
+        return None
+    return step
 
 
 def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str, budget: str) -> str:

@@ -27,6 +27,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,9 @@ from .conv_kernels import (
 )
 from .errors import InvalidInputError, NegativeWeightError, check_choice
 from .reductions import extremes
+
+if TYPE_CHECKING:  # (certify imports this module)
+    from .certify import RateCertificate
 
 __all__ = [
     "PcDEQLayer",
@@ -146,6 +150,8 @@ class LastStep:
     out: Tensor
     # The W of that step where the chain computed it (see LayerChain.weights), else None
     weight: Tensor | None = None
+    # With pcdeq_rate_bound: the certificate of the step's Jacobian, taken by the core's forward
+    certificate: RateCertificate | None = None
 
 
 class LayerChain:
