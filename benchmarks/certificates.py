@@ -6,7 +6,7 @@ For a dense and a convolutional pcDEQ layer with weights grown as in training (r
 ``sradius_mode`` with TorchDEQ's power method against the rate bound; in training mode a
 forward plus backward step with the plain and the certified backward solve. Medians of
 ``--repeats`` interleaved runs. A second table gives the certificates' values: the rate bound
-(with its power step) beside the one-product bound ``v = z*`` and TorchDEQ's power-method
+(with its power step) beside the one-product bound ``v = z`` and TorchDEQ's power-method
 estimate of the spectral radius, and the backward solve's iterations and certified bound.
 
     python -m benchmarks.certificates [--device cpu|cuda] [--repeats 9]

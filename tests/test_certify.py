@@ -267,15 +267,19 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
     gradient linearizes f: J w <= q w entrywise, with the power step's q. The recorded gradient
     linearizes at the returned state, by automatic differentiation; the closed form at the last
     step's input, by two products with W, which are also the forward's rate_bound."""
-    from torchdeq_pcdeq import certify
+    from torchdeq_pcdeq import backward, certify, core
 
     f, x = dense_instance(activation="tanh", scale=2.0)
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, f_tol=1e-12)
     producer = deq.produce_grad[-1]
+    taken = []
     if path == "recorded":
         producer = producer.recorded
     else:  # no forward-mode automatic differentiation anywhere in the step
         monkeypatch.setattr(certify, "_jvp", lambda *args: pytest.fail("forward-mode product"))
+        for module in (core, backward):
+            counted = lambda *args, take=module.closed_form_certificate: taken.append(1) or take(*args)  # noqa: E731
+            monkeypatch.setattr(module, "closed_form_certificate", counted)
     calls, solver = [], producer.b_solver
     producer.b_solver = lambda func, x0, **kwargs: calls.append(kwargs) or solver(func, x0, **kwargs)
     u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
@@ -295,11 +299,27 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
             for _ in range(int(info["trace_steps"][-1]) - 1):
                 z_in = f(z_in, xu)
             assert torch.equal(f(z_in, xu), z_out[-1].detach())
-        assert torch.equal(info["rate_bound"], rate)  # taken once, in the forward
+        assert torch.equal(info["rate_bound"], rate) and len(taken) == 1  # taken once, in the forward
     jac = jacobians(f, xu.detach(), z_in)
     assert ((jac @ weights.unsqueeze(2)).squeeze(2) <= rate[:, None] * weights * (1 + 1e-12)).all()
     one_product = rate_certificate(lambda z: f(z, xu), z_in, power_step=False).rate
     assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
+
+
+def test_under_autocast_the_training_rate_bound_is_taken_in_float32_not_in_closed_form(monkeypatch):
+    """Autocast computes the layer's products in bfloat16, and the gradient records f there: the
+    rate bound keeps rate_certificate's float32 products instead of two bfloat16 ones."""
+    from torchdeq_pcdeq import core
+
+    monkeypatch.setattr(core, "closed_form_certificate", lambda *args: pytest.fail("closed form"))
+    f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
+    x.requires_grad_()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=0.05, b_tol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    assert type(z_out[-1].grad_fn).__name__ == "_ImplicitGradBackward"
+    radius = torch.linalg.eigvals(jacobians(f.double(), x.detach().double(), z_out[-1].detach().double()))
+    assert (info["rate_bound"].double() >= radius.abs().amax(dim=1)).all() and (info["rate_bound"] < 1).all()
 
 
 def test_the_core_certifies_its_backward_solve_and_reports_to_the_writer():

@@ -41,6 +41,7 @@ from torch import Tensor, autograd
 from .certify import closed_form_certificate, rate_certificate, under_autocast
 from .conv_kernels import sign_exact_products
 from .errors import InvalidInputError, NonFiniteError, warn
+from .layers import LastStep
 from .solver import arithmetic_dtype
 
 __all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGradient"]
@@ -353,32 +354,40 @@ class ClosedFormImplicitGradient(_Producer):
 
     def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         step = trainer.take_last_step(z_pred)
-        if step is not None and torch.is_grad_enabled():
+        if step is not None and closed_form_applies(step, z_pred):
             weight = step.layer.weight if step.weight is None else step.weight
-            autocast = _autocast_state(z_pred)
-            if (
-                (weight.requires_grad or step.x.requires_grad)
-                and len({weight.dtype, step.x.dtype, z_pred.dtype}) == 1
-                # under autocast the solve computed in autocast's dtypes: record f instead
-                and not any(enabled for _, enabled, _ in autocast)
-            ):
-                args = (weight, step.x, step.z_in, z_pred, step.layer, self, trainer, writer, autocast)
-                return [_ClosedFormImplicitGrad.apply(*args, step.certificate)]
+            certificate = step.certificate if trainer.certify_backward else None
+            rate, weights = (None, None) if certificate is None else certificate
+            args = (weight, step.x, step.z_in, z_pred, rate, weights, step.layer, self, trainer, writer)
+            return [_ClosedFormImplicitGrad.apply(*args, _autocast_state(z_pred))]
         return self.recorded(trainer, func, z_pred, writer=writer, **kwargs)
+
+
+def closed_form_applies(step: LastStep, z_pred: Tensor) -> bool:
+    """Whether the closed form differentiates the solve whose last step is ``step``: recording
+    gradients, something to differentiate, one dtype, and no autocast (under which the solve
+    computed in autocast's dtypes: ``f`` is recorded instead)."""
+    weight = step.layer.weight if step.weight is None else step.weight
+    return (
+        torch.is_grad_enabled()
+        and (weight.requires_grad or step.x.requires_grad)
+        and len({weight.dtype, step.x.dtype, z_pred.dtype}) == 1
+        and not any(enabled for _, enabled, _ in _autocast_state(z_pred))
+    )
 
 
 class _ClosedFormImplicitGrad(autograd.Function):
     @staticmethod
-    def forward(ctx, weight, x, z_in, z_out, layer, producer, trainer, writer, autocast, certificate):
+    def forward(ctx, weight, x, z_in, z_out, rate, weights, layer, producer, trainer, writer, autocast):
         _remember(ctx, layer=layer, producer=producer, trainer=trainer, writer=writer, autocast=autocast)
-        ctx.certificate = certificate
-        ctx.save_for_backward(weight, z_in, z_out)
+        # (saved tensors: freed with the graph after backward, and edits in place are caught)
+        ctx.save_for_backward(weight, z_in, z_out, rate, weights)
         return z_out
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_second_order()
-        weight, z_in, z_out = ctx.saved_tensors
+        weight, z_in, z_out, rate, weights = ctx.saved_tensors
         layer = ctx.layer
 
         def vjp(y: Tensor) -> Tensor:
@@ -395,9 +404,13 @@ class _ClosedFormImplicitGrad(autograd.Function):
             # elementwise operation between products in one layout.
             layout = layer.adjoint_layout(z_in, weight)
             slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
-            certificate = ctx.certificate
-            if certify and certificate is None:  # (the core's forward takes it, for its info)
-                certificate = closed_form_certificate(layer, weight, z_in, z_out)
+            certificate = None
+            if certify:  # the core's forward takes it, for its info; taken here otherwise
+                certificate = (
+                    (rate, weights)
+                    if rate is not None
+                    else closed_form_certificate(layer, weight, z_in, z_out)
+                )
             y = ctx.producer.solve_adjoint(
                 ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout, certificate if certify else None
             )
@@ -405,4 +418,4 @@ class _ClosedFormImplicitGrad(autograd.Function):
             grad_weight = None
             if ctx.needs_input_grad[0]:
                 grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
-        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 8
+        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 9

@@ -33,8 +33,9 @@ rely on the sign of ``W z``:
   second solve.
 
 The adjoint products ``W^T y`` have no sign to keep (``y`` is a gradient), and the closed-form
-gradient that makes them is an uncertified plain iteration to a relative tolerance (1e-4) far
-above NNPACK's error. Hence the three choices:
+gradient that makes them is, unless certified, a plain iteration to a relative tolerance (1e-4)
+far above NNPACK's error; a certified backward (``pcdeq_rate_bound``) makes them inside
+:func:`sign_exact_products`, whose rounding its margin covers. Hence the three choices:
 
 * ``"auto"`` (default): each product, ``W z`` and ``W^T y``, on the faster of PyTorch's kernel
   (in the input's layout) and NNPACK (in NCHW, its layout), timed at the first use for each
@@ -48,7 +49,7 @@ above NNPACK's error. Hence the three choices:
 NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU, plain float32
 tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
 no CPU autocast, no forward-mode AD or ``torch.func`` transform, not under ``torch.compile``,
-and for ``W z`` not inside :func:`sign_exact_products`.
+and not inside :func:`sign_exact_products`.
 Anything else, and every tracked application, goes through ``F.conv2d`` and autograd as usual.
 
 NNPACK reads and writes NCHW. In a solve, ``W z + x`` takes its first operand's layout, so after

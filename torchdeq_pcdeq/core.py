@@ -54,7 +54,12 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torchdeq.core import DEQSliced
 
-from .backward import ClosedFormImplicitGradient, ImplicitGradient, ImplicitGradientOnGraph
+from .backward import (
+    ClosedFormImplicitGradient,
+    ImplicitGradient,
+    ImplicitGradientOnGraph,
+    closed_form_applies,
+)
 from .certify import closed_form_certificate, min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, gradient_mode, resolve_core_config
 from .constraints import weight_cache
@@ -268,13 +273,13 @@ class PcDEQCore(DEQSliced):
             if self.certify_rate:
                 _warn_if_above(below is z_star)
                 step = None if recorded is None else _closed_form_step(recorded, z_star)
-                if step is not None:
+                if step is not None and closed_form_applies(step, z_star):
                     # The closed-form gradient linearizes at the last step's input, below z* from
                     # 0: the certificate of that Jacobian, two products with W, is the forward's
                     # bound and the backward's norm.
                     weight = step.layer.weight if step.weight is None else step.weight
                     certificate = closed_form_certificate(step.layer, weight, step.z_in, step.out)
-                    rate = info["rate_bound"] = certificate.rate
+                    rate = info["rate_bound"] = certificate.rate.clone()  # (the backward keeps its own)
                 else:
                     rate = info["rate_bound"] = rate_bound(deq_func, below)
             # for _sradius, which TorchDEQ calls in eval with z_star only
@@ -425,10 +430,11 @@ def _warn_if_above(plain: bool) -> None:
         return
     _warned_above = True
     warn(
-        "The rate bound q is taken at the solve's returned state, which a plain solve from a "
-        "nonzero z_init may leave above z*, where q can fall below the spectral radius at z*: it "
-        "is then an estimate, not a bound. Start from torch.zeros_like(x), or set "
-        "pcdeq_enclosure=True (q at its lower sequence), for a certified q."
+        "The rate bound q is taken at the solve's returned state (or, in closed form, at the "
+        "iterate before it), which a plain solve from a nonzero z_init may leave above z*, where "
+        "q can fall below the spectral radius at z*: it is then an estimate, not a bound. Start "
+        "from torch.zeros_like(x), or set pcdeq_enclosure=True (q at its lower sequence), for a "
+        "certified q."
     )
 
 

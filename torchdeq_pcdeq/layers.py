@@ -656,8 +656,8 @@ class PcDEQConv2d(PcDEQLayer):
             (implicit gradients): ``"auto"`` (default: each on the faster of PyTorch's kernel
             and NNPACK, timed once per shape), ``"pytorch"`` (PyTorch's kernels everywhere;
             bitwise reproducible) or ``"nnpack"`` (NNPACK wherever it applies). NNPACK's
-            Winograd products are not sign-exact: certified solves make ``W z`` on PyTorch's
-            kernel, and a guard failure is judged again with it; see
+            Winograd products are not sign-exact: certified solves make ``W z`` (and a certified
+            backward ``W^T y``) on PyTorch's kernel, and a guard failure is judged again with it; see
             :mod:`torchdeq_pcdeq.conv_kernels`. ``None`` reads ``pcdeq_conv_algorithm``.
         args: config read for the options left at ``None`` (see :class:`PcDEQLinear`).
 
