@@ -14,12 +14,13 @@ carries what the rest of the package needs to know about it:
 
 Example:
     >>> import torch
-    >>> from torchdeq_pcdeq import get_activation, register_activation
+    >>> from torchdeq_pcdeq import get_activation, register_activation, unregister_activation
     >>> get_activation("tanh").variant
     1
     >>> record = register_activation("expsat", lambda x: 1 - torch.exp(-x), supremum=1.0)
     >>> (record.value_at_zero, record.variant)
     (0.0, 1)
+    >>> unregister_activation("expsat")  # the registry is the process's
 """
 
 from __future__ import annotations
