@@ -355,9 +355,9 @@ class ClosedFormImplicitGradient(_Producer):
     def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         step = trainer.take_last_step(z_pred)
         if step is not None and closed_form_applies(step, z_pred):
-            weight = step.layer.weight if step.weight is None else step.weight
             certificate = step.certificate if trainer.certify_backward else None
             rate, weights = (None, None) if certificate is None else certificate
+            weight = step.operator_weight
             args = (weight, step.x, step.z_in, z_pred, rate, weights, step.layer, self, trainer, writer)
             return [_ClosedFormImplicitGrad.apply(*args, _autocast_state(z_pred))]
         return self.recorded(trainer, func, z_pred, writer=writer, **kwargs)
@@ -367,7 +367,7 @@ def closed_form_applies(step: LastStep, z_pred: Tensor) -> bool:
     """Whether the closed form differentiates the solve whose last step is ``step``: recording
     gradients, something to differentiate, one dtype, and no autocast (under which the solve
     computed in autocast's dtypes: ``f`` is recorded instead)."""
-    weight = step.layer.weight if step.weight is None else step.weight
+    weight = step.operator_weight
     return (
         torch.is_grad_enabled()
         and (weight.requires_grad or step.x.requires_grad)
@@ -405,14 +405,12 @@ class _ClosedFormImplicitGrad(autograd.Function):
             layout = layer.adjoint_layout(z_in, weight)
             slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
             certificate = None
-            if certify:  # the core's forward takes it, for its info; taken here otherwise
-                certificate = (
-                    (rate, weights)
-                    if rate is not None
-                    else closed_form_certificate(layer, weight, z_in, z_out)
-                )
+            if certify and rate is not None:  # taken by the core's forward, for its info
+                certificate = (rate, weights)
+            elif certify:
+                certificate = closed_form_certificate(layer, weight, z_in, z_out)
             y = ctx.producer.solve_adjoint(
-                ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout, certificate if certify else None
+                ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout, certificate
             )
             v = _same_layout(slope * y, z_in)  # the state's layout, for what follows
             grad_weight = None

@@ -277,8 +277,9 @@ class PcDEQCore(DEQSliced):
                     # The closed-form gradient linearizes at the last step's input, below z* from
                     # 0: the certificate of that Jacobian, two products with W, is the forward's
                     # bound and the backward's norm.
-                    weight = step.layer.weight if step.weight is None else step.weight
-                    certificate = closed_form_certificate(step.layer, weight, step.z_in, step.out)
+                    certificate = closed_form_certificate(
+                        step.layer, step.operator_weight, step.z_in, step.out
+                    )
                     rate = info["rate_bound"] = certificate.rate.clone()  # (the backward keeps its own)
                 else:
                     rate = info["rate_bound"] = rate_bound(deq_func, below)

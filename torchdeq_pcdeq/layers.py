@@ -153,6 +153,11 @@ class LastStep:
     # With pcdeq_rate_bound: the certificate of the step's Jacobian, taken by the core's forward
     certificate: RateCertificate | None = None
 
+    @property
+    def operator_weight(self) -> Tensor:
+        """The step's ``W``: the chain's where it computed it, else the layer's, computed now."""
+        return self.layer.weight if self.weight is None else self.weight
+
 
 class LayerChain:
     """The calls of pcDEQ layers in a block, kept only while they form one chain.
