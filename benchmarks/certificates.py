@@ -125,10 +125,10 @@ def main(argv=None):
         )
     lines += [
         "",
-        "What they say, worst sample of the batch: the rate bound q of an eval solve (at its returned "
-        "state z, v = J z + 1e-3 z), the bound with v = z alone, TorchDEQ's power-method estimate of "
-        "the spectral radius (not a bound); the backward solve's mean iterations and, certified, its "
-        "bound relative to ||y||_v",
+        "What they say, worst sample of the batch: the rate bound q of an eval solve (in closed form, "
+        "at the iterate before its returned state z, v = J z + 1e-3 z), the bound with v = z at z, "
+        "TorchDEQ's power-method estimate of the spectral radius (not a bound); the backward solve's "
+        "mean iterations and, certified, its bound relative to ||y||_v",
         "",
         "| case | rate bound q | q with v = z | power method (estimate) | backward iterations, plain "
         "| certified | certified bound, relative |",

@@ -306,6 +306,35 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
     assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
 
 
+@pytest.mark.parametrize("asked", ["pcdeq_rate_bound", "sradius"])
+def test_in_eval_the_rate_bound_of_a_layer_solve_is_taken_in_closed_form(asked, monkeypatch):
+    """In eval too, a plain solve that iterated one pcDEQ layer is certified at its last step by
+    two products with W, the solve's cached W without a graph, and no forward-mode product: the
+    certificate of the step's Jacobian, at the iterate below z*, so a bound of the radius at z*."""
+    from torchdeq_pcdeq import certify, core
+
+    monkeypatch.setattr(certify, "_jvp", lambda *args: pytest.fail("forward-mode product"))
+    weights, take = [], core.closed_form_certificate
+    counted = lambda layer, weight, *args: weights.append(weight) or take(layer, weight, *args)  # noqa: E731
+    monkeypatch.setattr(core, "closed_form_certificate", counted)
+    f, x = dense_instance(activation="tanh", scale=2.0, nonnegativity="weight_norm")
+    options = {"pcdeq_rate_bound": True} if asked == "pcdeq_rate_bound" else {"pcdeq_sradius": "rate_bound"}
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, **options).eval()
+    with torch.no_grad():
+        z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=asked == "sradius")
+    monkeypatch.undo()
+    q = info["rate_bound"] if asked == "pcdeq_rate_bound" else info["sradius"]
+    (weight,) = weights
+    assert not weight.requires_grad  # the solve's W, from its cache: no graph recorded in eval
+    z_in = torch.zeros_like(x)
+    with torch.no_grad():
+        for _ in range(int(info["trace_steps"][-1]) - 1):
+            z_in = f(z_in, x)
+    torch.testing.assert_close(q, rate_certificate(lambda z: f(z, x), z_in).rate)
+    radius = torch.linalg.eigvals(jacobians(f, x, z_out[-1])).abs().amax(dim=1)
+    assert (q >= radius).all() and (q < 1).all()
+
+
 def test_under_autocast_the_training_rate_bound_is_taken_in_float32_not_in_closed_form(monkeypatch):
     """Autocast computes the layer's products in bfloat16, and the gradient records f there: the
     rate bound keeps rate_certificate's float32 products instead of two bfloat16 ones."""

@@ -365,14 +365,21 @@ class ClosedFormImplicitGradient(_Producer):
 
 def closed_form_applies(step: LastStep, z_pred: Tensor) -> bool:
     """Whether the closed form differentiates the solve whose last step is ``step``: recording
-    gradients, something to differentiate, one dtype, and no autocast (under which the solve
-    computed in autocast's dtypes: ``f`` is recorded instead)."""
+    gradients, something to differentiate, and products that are the solve's
+    (:func:`closed_form_is_exact`)."""
     weight = step.operator_weight
     return (
         torch.is_grad_enabled()
         and (weight.requires_grad or step.x.requires_grad)
-        and len({weight.dtype, step.x.dtype, z_pred.dtype}) == 1
-        and not any(enabled for _, enabled, _ in _autocast_state(z_pred))
+        and closed_form_is_exact(step, z_pred)
+    )
+
+
+def closed_form_is_exact(step: LastStep, z_pred: Tensor) -> bool:
+    """Whether products in closed form at ``step`` are those the solve made: one dtype, and no
+    autocast (under which the solve computed in autocast's dtypes: ``f`` is recorded instead)."""
+    return len({step.operator_weight.dtype, step.x.dtype, z_pred.dtype}) == 1 and not any(
+        enabled for _, enabled, _ in _autocast_state(z_pred)
     )
 
 

@@ -10,7 +10,7 @@
   whose radius is 0.024). Two forward-mode Jacobian-vector products; ``q < 1`` for a valid pcDEQ.
   :func:`rate_certificate` also returns the ``v`` that its ``q`` holds for;
   :func:`closed_form_certificate` computes the same from two products with ``W`` at a step of
-  one pcDEQ layer, for the closed-form gradient.
+  one pcDEQ layer, as the pcdeq core does where a solve iterates one layer call.
 * :func:`upper_bound` and :func:`min_injection` read what the pcDEQ layers called by ``f``
   reported (:func:`~torchdeq_pcdeq.layers.observe_layer_calls`): the activation's supremum,
   where the enclosure's upper sequence starts, and the smallest injection per sample, the

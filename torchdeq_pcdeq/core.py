@@ -58,9 +58,9 @@ from .backward import (
     ClosedFormImplicitGradient,
     ImplicitGradient,
     ImplicitGradientOnGraph,
-    closed_form_applies,
+    closed_form_is_exact,
 )
-from .certify import closed_form_certificate, min_injection, rate_bound, upper_bound
+from .certify import RateCertificate, closed_form_certificate, min_injection, rate_bound, upper_bound
 from .config import SOLVER_NAME, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
@@ -175,6 +175,8 @@ class PcDEQCore(DEQSliced):
         # midpoint; a rate bound taken at a state below z*) cover the rounding of sign-exact
         # products only (conv_kernels).
         rate_sradius = sradius_mode and self.sradius_method == "rate_bound"
+        # whether the solve takes a rate bound: pcdeq_rate_bound, or the eval-mode sradius by it
+        _LAST_SOLVE.wants_rate = self.certify_rate or (rate_sradius and not self.training)
         certified = self.enclosure or self.certify_rate or rate_sradius
         exact = sign_exact_products() if certified else contextlib.nullcontext()
         try:
@@ -251,8 +253,14 @@ class PcDEQCore(DEQSliced):
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
         options = {}
         _LAST_SOLVE.chain = None
-        # The closed-form gradient needs the solve's last layer call (backward.ClosedFormImplicitGradient).
-        chain = record_layer_chain() if self._closed_form_gradient() else contextlib.nullcontext()
+        wants_rate = getattr(_LAST_SOLVE, "wants_rate", self.certify_rate)
+        # The solve's last layer call gives the closed-form gradient (backward.ClosedFormImplicitGradient),
+        # which differentiates the W the solve used (tracked), and the rate bound in closed form.
+        closed_form_gradient = self._closed_form_gradient()
+        if closed_form_gradient or wants_rate:
+            chain = record_layer_chain(track_weights=closed_form_gradient)
+        else:
+            chain = contextlib.nullcontext()
         # Inside the (no-grad) solve every constrained weight is computed once, not per call
         # (per thread: parametrize.cached() would switch on one cache for the whole process);
         # the layers f calls report their activation and injection.
@@ -270,22 +278,15 @@ class PcDEQCore(DEQSliced):
             # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
             # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
             below, rate, certificate = info.get("lower", z_star), None, None
-            if self.certify_rate:
+            if wants_rate:
                 _warn_if_above(below is z_star)
-                step = None if recorded is None else _closed_form_step(recorded, z_star)
-                if step is not None and closed_form_applies(step, z_star):
-                    # The closed-form gradient linearizes at the last step's input, below z* from
-                    # 0: the certificate of that Jacobian, two products with W, is the forward's
-                    # bound and the backward's norm.
-                    certificate = closed_form_certificate(
-                        step.layer, step.operator_weight, step.z_in, step.out
-                    )
-                    rate = info["rate_bound"] = certificate.rate.clone()  # (the backward keeps its own)
-                else:
-                    rate = info["rate_bound"] = rate_bound(deq_func, below)
+                certificate = _closed_form_certificate(recorded, z_star) if below is z_star else None
+                rate = rate_bound(deq_func, below) if certificate is None else certificate.rate.clone()
+                if self.certify_rate:
+                    info["rate_bound"] = rate  # (a clone: the backward keeps the certificate's own)
             # for _sradius, which TorchDEQ calls in eval with z_star only
             _LAST_SOLVE.below = None if self.training else (self, below, rate)
-        if recorded is not None:
+        if closed_form_gradient:
             _LAST_SOLVE.chain = (self, recorded, certificate)
         return z_star, info
 
@@ -364,6 +365,21 @@ class PcDEQCore(DEQSliced):
 
 
 _EAGER_FORWARD = PcDEQCore.forward  # the solve itself, wrapped when the first core is built
+
+
+def _closed_form_certificate(chain, z_star: Tensor) -> RateCertificate | None:
+    """The rate certificate of the solve's last step, in closed form, where it returned ``z_star``
+    by iterating one pcDEQ layer in the state's dtype (else ``None``).
+
+    The step ``z_star = sigma(W z_in + x)`` starts from the iterate before ``z_star``, below z*
+    from 0: two products with ``W`` certify its Jacobian (``closed_form_certificate``) instead of
+    two forward-mode products through ``f``. It is the Jacobian at which the closed-form gradient
+    linearizes, so the backward's certified norm is the forward's bound.
+    """
+    step = None if chain is None else _closed_form_step(chain, z_star)
+    if step is None or not closed_form_is_exact(step, z_star):
+        return None
+    return closed_form_certificate(step.layer, step.operator_weight, step.z_in, step.out)
 
 
 def _closed_form_step(chain, z_star: Tensor) -> LastStep | None:

@@ -172,14 +172,16 @@ class LayerChain:
     step instead of recording ``f`` again.
     """
 
-    def __init__(self):
+    def __init__(self, track_weights: bool = True):
+        self.track_weights = track_weights
         self.calls = 0
         self.broken = False
         self._layer = self._x = self._last = self._first = None
         self._x_version = 0
         self._versions: tuple[int, ...] = ()
-        # The weight of each layer called without grad in the block, computed once and tracked
-        # (PcDEQLayer._weight_in): the closed form differentiates the W the solve used.
+        # With track_weights, the weight of each layer called without grad in the block, computed
+        # once and tracked (PcDEQLayer._weight_in): the closed form differentiates the W the solve
+        # used. Without, the layers take their weights from the solve's cache, as unrecorded.
         self.weights: dict[PcDEQLayer, Tensor] = {}
 
     def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor) -> None:
@@ -225,8 +227,12 @@ class LayerChain:
 
 
 @contextlib.contextmanager
-def record_layer_chain() -> Iterator[LayerChain]:
+def record_layer_chain(track_weights: bool = True) -> Iterator[LayerChain]:
     """Record the pcDEQ layer calls of the block in a :class:`LayerChain` (this thread only).
+
+    ``track_weights``: no-grad calls in the block compute their layer's weight once, recording
+    its graph, for a gradient through the last step (the closed-form gradient); ``False`` for a
+    chain read without gradients (the closed-form rate bound).
 
     Example:
         >>> import torch
@@ -240,7 +246,7 @@ def record_layer_chain() -> Iterator[LayerChain]:
         >>> step.layer is f, step.x is x
         (True, True)
     """
-    chain = LayerChain()
+    chain = LayerChain(track_weights)
     with _registered(_CONTEXT.chains, chain):
         yield chain
 
@@ -494,9 +500,10 @@ class PcDEQLayer(nn.Module):
         """
         if context is None or torch.is_grad_enabled():
             return self.weight
-        if not context.chains:
+        tracking = [chain for chain in context.chains if chain.track_weights]
+        if not tracking:
             return cached_weight(self.operator)
-        for chain in reversed(context.chains):
+        for chain in reversed(tracking):
             weight = chain.weights.get(self)
             if weight is not None:
                 return weight
@@ -506,7 +513,7 @@ class PcDEQLayer(nn.Module):
                 weight = operator.parametrizations.weight()
         else:
             weight = operator.weight
-        for chain in context.chains:
+        for chain in tracking:
             chain.weights.setdefault(self, weight)
         return weight
 
