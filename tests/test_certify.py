@@ -306,11 +306,14 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
     assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
 
 
-@pytest.mark.parametrize("asked", ["pcdeq_rate_bound", "sradius"])
-def test_in_eval_the_rate_bound_of_a_layer_solve_is_taken_in_closed_form(asked, monkeypatch):
-    """In eval too, a plain solve that iterated one pcDEQ layer is certified at its last step by
-    two products with W, the solve's cached W without a graph, and no forward-mode product: the
-    certificate of the step's Jacobian, at the iterate below z*, so a bound of the radius at z*."""
+@pytest.mark.parametrize("asked", ["pcdeq_rate_bound", "sradius", "training, phantom gradient"])
+@pytest.mark.parametrize("no_grad", [True, False])
+def test_the_rate_bound_of_a_layer_solve_is_taken_in_closed_form(asked, no_grad, monkeypatch):
+    """In eval, and in training without the closed-form gradient, a plain solve that iterated one
+    pcDEQ layer is certified at its last step by two products with the W the solve used (its
+    cached W, without a graph, whether or not the caller records gradients) and no forward-mode
+    product: the certificate of the step's Jacobian, at the iterate below z*, so a bound of the
+    spectral radius at z*."""
     from torchdeq_pcdeq import certify, core
 
     monkeypatch.setattr(certify, "_jvp", lambda *args: pytest.fail("forward-mode product"))
@@ -318,21 +321,42 @@ def test_in_eval_the_rate_bound_of_a_layer_solve_is_taken_in_closed_form(asked, 
     counted = lambda layer, weight, *args: weights.append(weight) or take(layer, weight, *args)  # noqa: E731
     monkeypatch.setattr(core, "closed_form_certificate", counted)
     f, x = dense_instance(activation="tanh", scale=2.0, nonnegativity="weight_norm")
-    options = {"pcdeq_rate_bound": True} if asked == "pcdeq_rate_bound" else {"pcdeq_sradius": "rate_bound"}
-    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, **options).eval()
-    with torch.no_grad():
+    training = asked.startswith("training")
+    options = {"pcdeq_sradius": "rate_bound"} if asked == "sradius" else {"pcdeq_rate_bound": True}
+    deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-10, ift=not training, **options).train(training)
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
         z_out, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=asked == "sradius")
     monkeypatch.undo()
-    q = info["rate_bound"] if asked == "pcdeq_rate_bound" else info["sradius"]
+    q = info["sradius"] if asked == "sradius" else info["rate_bound"]
     (weight,) = weights
-    assert not weight.requires_grad  # the solve's W, from its cache: no graph recorded in eval
+    assert not weight.requires_grad  # the solve's W, from its cache: no graph recorded
     z_in = torch.zeros_like(x)
     with torch.no_grad():
         for _ in range(int(info["trace_steps"][-1]) - 1):
             z_in = f(z_in, x)
     torch.testing.assert_close(q, rate_certificate(lambda z: f(z, x), z_in).rate)
-    radius = torch.linalg.eigvals(jacobians(f, x, z_out[-1])).abs().amax(dim=1)
+    radius = torch.linalg.eigvals(jacobians(f, x, z_out[-1].detach())).abs().amax(dim=1)
     assert (q >= radius).all() and (q < 1).all()
+
+
+def test_a_core_solving_inside_f_leaves_the_outer_solve_its_own_options():
+    """A core called inside f sets what its own solves need (whether they start from 0, whether
+    they take a rate bound) for the duration of its call only: the outer core's later solver
+    segments still take their rate bound, and its start from 0 is not mistaken for the inner's."""
+    f, x = dense_instance(activation="tanh", scale=2.0)
+    inner = torchdeq.get_deq(core="pcdeq").eval()
+
+    def func(z):
+        with torch.no_grad():
+            inner(lambda v: f(v, x), torch.ones_like(x))  # its own solve, from a nonzero start
+        return f(z, x)
+
+    outer = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, n_states=2, f_tol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PcDEQWarning)  # no "from a nonzero z_init" warning
+        z_out, info = outer(func, torch.zeros_like(x))
+    radius = torch.linalg.eigvals(jacobians(f, x, z_out[-1].detach())).abs().amax(dim=1)
+    assert (info["rate_bound"] >= radius).all() and (info["rate_bound"] < 1).all()
 
 
 def test_under_autocast_the_training_rate_bound_is_taken_in_float32_not_in_closed_form(monkeypatch):

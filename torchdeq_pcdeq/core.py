@@ -169,14 +169,14 @@ class PcDEQCore(DEQSliced):
         starts_at_zero = _check_initial_state(z_init)
         self._check_context(sradius_mode)
         solver_kwargs = self._checked_solver_kwargs(solver_kwargs)
-        _LAST_SOLVE.from_zero = starts_at_zero  # whether plain iterates stay below z*
         # From z_init = 0 the first iterate is sigma(x): the layers skip that product with W.
         # The certificates (the enclosure's bound, in training that of f applied to its
         # midpoint; a rate bound taken at a state below z*) cover the rounding of sign-exact
         # products only (conv_kernels).
         rate_sradius = sradius_mode and self.sradius_method == "rate_bound"
-        # whether the solve takes a rate bound: pcdeq_rate_bound, or the eval-mode sradius by it
-        _LAST_SOLVE.wants_rate = self.certify_rate or (rate_sradius and not self.training)
+        call = _Call(self, starts_at_zero, self.certify_rate or (rate_sradius and not self.training))
+        # (restored after the call: a core solving inside f sets its own for its own solves)
+        outer, _LAST_SOLVE.call = getattr(_LAST_SOLVE, "call", None), call
         certified = self.enclosure or self.certify_rate or rate_sradius
         exact = sign_exact_products() if certified else contextlib.nullcontext()
         try:
@@ -186,6 +186,7 @@ class PcDEQCore(DEQSliced):
                 )
         finally:
             _LAST_SOLVE.below = None  # the solve's state for _sradius: not kept past this call
+            _LAST_SOLVE.call = outer
         if self.training and "error_bound" in info:
             # Training returns f applied to the midpoint (for the gradient), not the midpoint:
             # f(l) <= f(mid) <= f(u) and f(l) <= z* <= f(u), so the whole gap bounds its error.
@@ -253,11 +254,11 @@ class PcDEQCore(DEQSliced):
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
         options = {}
         _LAST_SOLVE.chain = None
-        wants_rate = getattr(_LAST_SOLVE, "wants_rate", self.certify_rate)
+        call = _current_call(self)
         # The solve's last layer call gives the closed-form gradient (backward.ClosedFormImplicitGradient),
         # which differentiates the W the solve used (tracked), and the rate bound in closed form.
         closed_form_gradient = self._closed_form_gradient()
-        if closed_form_gradient or wants_rate:
+        if closed_form_gradient or call.wants_rate:
             chain = record_layer_chain(track_weights=closed_form_gradient)
         else:
             chain = contextlib.nullcontext()
@@ -278,8 +279,8 @@ class PcDEQCore(DEQSliced):
             # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
             # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
             below, rate, certificate = info.get("lower", z_star), None, None
-            if wants_rate:
-                _warn_if_above(below is z_star)
+            if call.wants_rate:
+                _warn_if_above(below is z_star, call.from_zero)
                 certificate = _closed_form_certificate(recorded, z_star) if below is z_star else None
                 rate = rate_bound(deq_func, below) if certificate is None else certificate.rate.clone()
                 if self.certify_rate:
@@ -331,7 +332,7 @@ class PcDEQCore(DEQSliced):
                 _, below, rate = latest  # below: the enclosure's lower sequence, not its midpoint
                 if rate is not None:  # pcdeq_rate_bound took it at that state already
                     return rate.clone()
-            _warn_if_above(below is z_star)
+            _warn_if_above(below is z_star, _current_call(self).from_zero)
             with weight_cache():
                 return rate_bound(deq_func, below)
         # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
@@ -433,17 +434,35 @@ _SET_BY_THE_CORE = {
 }
 
 
-# The chain of layer calls of the latest solve, handed from the solve to the gradient producer
-# that TorchDEQ's forward calls right after it, and a state of that solve below z* for the
-# rate bound (per thread: a core may be shared by threads).
+# Per thread (a core may be shared by threads): the forward call under way (_Call), the chain of
+# layer calls of the latest solve, handed from the solve to the gradient producer that
+# TorchDEQ's forward calls right after it, and a state of that solve below z* for the rate bound.
 _LAST_SOLVE = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What a core's ``forward`` tells the solves TorchDEQ runs for it (``_solve_fixed_point``,
+    ``_sradius``), which TorchDEQ calls with arguments of its own."""
+
+    core: PcDEQCore
+    from_zero: bool  # z_init is 0: plain iterates rise to z*, and stay below it
+    wants_rate: bool  # pcdeq_rate_bound, or sradius_mode by the rate bound in eval
+
+
+def _current_call(core: PcDEQCore) -> _Call:
+    """The ``forward`` call of ``core`` under way in this thread (defaults outside one)."""
+    call = getattr(_LAST_SOLVE, "call", None)
+    return call if call is not None and call.core is core else _Call(core, True, core.certify_rate)
+
+
 _warned_above = False
 
 
-def _warn_if_above(plain: bool) -> None:
+def _warn_if_above(plain: bool, from_zero: bool) -> None:
     """Say once that a rate bound taken at the state of a plain solve from above 0 may be low."""
     global _warned_above
-    if not plain or getattr(_LAST_SOLVE, "from_zero", True) or _warned_above:
+    if not plain or from_zero or _warned_above:
         return
     _warned_above = True
     warn(

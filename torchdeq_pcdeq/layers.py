@@ -179,9 +179,9 @@ class LayerChain:
         self._layer = self._x = self._last = self._first = None
         self._x_version = 0
         self._versions: tuple[int, ...] = ()
-        # With track_weights, the weight of each layer called without grad in the block, computed
-        # once and tracked (PcDEQLayer._weight_in): the closed form differentiates the W the solve
-        # used. Without, the layers take their weights from the solve's cache, as unrecorded.
+        # The weight of each layer called without grad in the block (PcDEQLayer._weight_in): with
+        # track_weights computed once and tracked, so that the closed form differentiates the W
+        # the solve used; without, the W of the solve's cache, untracked.
         self.weights: dict[PcDEQLayer, Tensor] = {}
 
     def record(self, layer: PcDEQLayer, z: Tensor, x: Tensor, out: Tensor) -> None:
@@ -502,7 +502,10 @@ class PcDEQLayer(nn.Module):
             return self.weight
         tracking = [chain for chain in context.chains if chain.track_weights]
         if not tracking:
-            return cached_weight(self.operator)
+            weight = cached_weight(self.operator)
+            for chain in context.chains:  # a chain read without gradients keeps the W it read
+                chain.weights.setdefault(self, weight)
+            return weight
         for chain in reversed(tracking):
             weight = chain.weights.get(self)
             if weight is not None:
