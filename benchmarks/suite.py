@@ -1,6 +1,6 @@
 """Every benchmark in one command, on CPU or on one GPU.
 
-    python -m benchmarks.suite --device cpu     # the CPU results of README (41 minutes on 2 cores)
+    python -m benchmarks.suite --device cpu     # the CPU results of README (37 minutes on 2 cores)
     python -m benchmarks.suite --device cuda    # the GPU suite (under 5 minutes on one H200)
     python -m benchmarks.suite --smoke          # seconds: what CI runs
 
