@@ -11,9 +11,9 @@ options) with:
   (``lambda z: layer(z, x)``), in closed form from the solver's last step: no tracked
   application of ``f``, and each adjoint product one pass of ``W^T``
   (:class:`~torchdeq_pcdeq.backward.ClosedFormImplicitGradient`); with ``pcdeq_rate_bound``
-  the certificate of that step's Jacobian too, two passes of ``W``, shared by the forward's
-  ``info["rate_bound"]`` and the certified backward
-  (:func:`~torchdeq_pcdeq.certify.closed_form_certificate`);
+  (and for ``pcdeq_sradius="rate_bound"``, in eval too) the certificate of that step's
+  Jacobian, two passes of ``W``, is the forward's ``info["rate_bound"]`` and, in training, the
+  certified backward's norm (:func:`~torchdeq_pcdeq.certify.closed_form_certificate`);
 * pcDEQ defaults (relative tolerance ``1e-4``, 200 iterations; see
   :data:`~torchdeq_pcdeq.config.PCDEQ_CORE_DEFAULTS`), read from a private copy of the config;
 * checks: the initial state must be one finite, nonnegative tensor; a runtime guard
