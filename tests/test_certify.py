@@ -339,10 +339,13 @@ def test_the_rate_bound_of_a_layer_solve_is_taken_in_closed_form(asked, no_grad,
     assert (q >= radius).all() and (q < 1).all()
 
 
-def test_a_core_solving_inside_f_leaves_the_outer_solve_its_own_options():
+def test_a_core_solving_inside_f_leaves_the_outer_solve_its_own_options(monkeypatch):
     """A core called inside f sets what its own solves need (whether they start from 0, whether
     they take a rate bound) for the duration of its call only: the outer core's later solver
     segments still take their rate bound, and its start from 0 is not mistaken for the inner's."""
+    from torchdeq_pcdeq import core as core_module
+
+    monkeypatch.setattr(core_module, "_warned_above", False)  # the warning would be said again
     f, x = dense_instance(activation="tanh", scale=2.0)
     inner = torchdeq.get_deq(core="pcdeq").eval()
 
@@ -357,6 +360,7 @@ def test_a_core_solving_inside_f_leaves_the_outer_solve_its_own_options():
         z_out, info = outer(func, torch.zeros_like(x))
     radius = torch.linalg.eigvals(jacobians(f, x, z_out[-1].detach())).abs().amax(dim=1)
     assert (info["rate_bound"] >= radius).all() and (info["rate_bound"] < 1).all()
+    assert getattr(core_module._LAST_SOLVE, "call", None) is None  # each call restored the one before
 
 
 def test_under_autocast_the_training_rate_bound_is_taken_in_float32_not_in_closed_form(monkeypatch):
