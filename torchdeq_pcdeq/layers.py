@@ -500,7 +500,8 @@ class PcDEQLayer(nn.Module):
         """
         if context is None or torch.is_grad_enabled():
             return self.weight
-        tracking = [chain for chain in context.chains if chain.track_weights]
+        # (a solve recording no chain, the common case, skips the scan)
+        tracking = [chain for chain in context.chains if chain.track_weights] if context.chains else ()
         if not tracking:
             weight = cached_weight(self.operator)
             for chain in context.chains:  # a chain read without gradients keeps the W it read
