@@ -327,14 +327,15 @@ class PcDEQCore(DEQSliced):
     def _sradius(self, deq_func, z_star):
         if self.sradius_method == "rate_bound":
             latest, _LAST_SOLVE.below = getattr(_LAST_SOLVE, "below", None), None
-            below = z_star
-            if latest is not None and latest[0] is self and latest[1].shape == z_star.shape:
-                _, below, rate = latest  # below: the enclosure's lower sequence, not its midpoint
-                if rate is not None:  # pcdeq_rate_bound took it at that state already
-                    return rate.clone()
-            _warn_if_above(below is z_star, _current_call(self).from_zero)
+            taken = latest is not None and latest[0] is self and latest[2] is not None
+            if taken and latest[1].shape == z_star.shape:
+                # forward asked the solve for q (_Call.wants_rate): taken below z*, at the
+                # enclosure's lower sequence (not its midpoint) or at the plain solve's last step
+                return latest[2].clone()
+            # called outside this core's forward: q at the state given
+            _warn_if_above(True, _current_call(self).from_zero)
             with weight_cache():
-                return rate_bound(deq_func, below)
+                return rate_bound(deq_func, z_star)
         # TorchDEQ's power method flips requires_grad on z_star in place, which would make the
         # eval-mode output a leaf that records graphs downstream; give it a copy instead.
         return super()._sradius(deq_func, z_star.detach().clone())
