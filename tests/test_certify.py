@@ -159,6 +159,26 @@ def test_the_enclosure_needs_a_finite_upper_bound(clean_activation_registry):
         deq(lambda z: g(z, u), torch.zeros_like(u))
 
 
+@pytest.mark.parametrize("guard", ["off", "raise"])
+def test_an_upper_start_below_the_fixed_point_is_refused_whatever_the_guard(guard):
+    # A start u with f(u) > u somewhere: the upper sequence rises, and the gap between the two
+    # sequences no longer bounds the error (here it would be 5x below the true error).
+    f, x = dense_instance(scale=1.0)
+    options = dict(max_iter=200, tol=1e-8, enclosure=True, guard=guard)
+    solve = lambda upper: pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), upper=upper, **options)  # noqa: E731
+    z_star = exact_fixed_point(f, x)
+    low = 0.5 * z_star.min().item()
+    with pytest.raises(InvalidInputError, match=r"upper start 0.\d+ is not an upper bound of the fixed"):
+        solve(low)
+    # A start below the supremum with f(u) <= u is valid, and certifies: u = max f(sup), since
+    # u <= sup gives f(u) <= f(sup) <= u for a monotone f.
+    tight = f(torch.ones_like(x), x).max().item()
+    assert tight < 1 and (f(torch.full_like(x, tight), x) <= tight).all()
+    z, _, info = solve(tight)
+    assert (linf(z - z_star) <= info["error_bound"]).all()
+    assert (info["upper"] >= z_star).all()
+
+
 # -- the rate bound ---------------------------------------------------------------------------
 
 

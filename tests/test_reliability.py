@@ -193,6 +193,13 @@ def not_positive_monotone():
     return lambda: _deq()(lambda z: torch.tanh(-f.apply_operator(z, f.weight) + x), torch.zeros(2, 4)), [f]
 
 
+def enclosure_upper_below_the_fixed_point():
+    f = PcDEQLinear(4)
+    x = f.inject(torch.ones(2, 4))
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_enclosure_upper=0.1, pcdeq_guard="off")
+    return lambda: deq(lambda z: f(z, x), torch.zeros(2, 4)), [f]
+
+
 def weight_made_negative_by_hand_in_project_mode():
     f = PcDEQLinear(4, nonnegativity="project")
     with torch.no_grad():
@@ -276,6 +283,7 @@ CASES = {
     "unknown core name (runner)": unknown_core_through_the_runner,
     "`f` not positive-monotone": not_positive_monotone,
     "weight made negative by hand, `project` mode": weight_made_negative_by_hand_in_project_mode,
+    "`pcdeq_enclosure_upper` below the fixed point (guard on or off)": enclosure_upper_below_the_fixed_point,
     "solve not converged, `pcdeq_nonconvergence='raise'`": solve_not_converged,
     "adjoint diverged, `pcdeq_nonconvergence='raise'`": adjoint_diverged,
     "loss gradient holds NaN (but under float16 autocast, see below)": nan_loss_gradient,

@@ -281,10 +281,13 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
     low, high, k = torch.zeros_like(x0), None, 0
     while k < max_iter:
         low_next = func(low)
-        if high is None:  # the first call revealed f's layers, hence the upper bound
+        first = high is None
+        if first:  # the first call revealed f's layers, hence the upper bound
             _check_output(low_next, low)
             high = torch.full_like(x0, _resolve_upper(upper))
         high_next = func(high)
+        if first:
+            _check_upper_start(high, high_next.detach())
         k += 1
         while pending and pending[0] == k:
             states.append((low_next + high_next) / 2)
@@ -769,6 +772,27 @@ def _resolve_upper(upper) -> float:
             "the plain solve."
         )
     return float(value)
+
+
+def _check_upper_start(high: Tensor, high_next: Tensor) -> None:
+    """The enclosure's premise, checked whatever the guard: ``f(u) <= u`` at the upper start ``u``.
+
+    For a monotone ``f`` it makes the upper sequence fall to ``z*`` and so stay above it; an
+    upper start below ``z*`` somewhere would make the sequence rise, and the certified bound,
+    the gap between the two sequences, would be no bound at all. Rounding of ``f(u)`` up to
+    the margins' ulps of ``u`` is allowed (one host sync per solve).
+    """
+    start = high.reshape(-1)[0].item()
+    excess = (high_next - high).amax().item()
+    if excess > _GUARD_ULPS * torch.finfo(arithmetic_dtype(high)).eps * start:
+        raise InvalidInputError(
+            f"The enclosure's upper start {start:.6g} is not an upper bound of the fixed point: "
+            f"f(upper) exceeds it by up to {excess:.3g}, so the upper sequence would rise and the "
+            "certified bound would not hold. Start at the activation's supremum (1.0 for tanh, "
+            "sigmoid and softsign, 6.0 for relu6), which is always valid: leave upper "
+            "(pcdeq_enclosure_upper in the core's config) unset to take it from f's layers. If "
+            "upper already is that supremum, f is not a pcDEQ layer call."
+        )
 
 
 def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) -> None:
