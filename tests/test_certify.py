@@ -720,8 +720,9 @@ def test_sradius_can_be_the_certified_rate_bound():
     assert (bound["sradius"] >= estimate["sradius"] - 1e-4).all() and (bound["sradius"] < 1).all()
 
 
-def test_add_pcdeq_args_exposes_every_option_and_layers_read_them():
+def test_add_pcdeq_args_exposes_every_option_and_layers_read_them(monkeypatch):
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser()
     torchdeq.add_deq_args(parser)
@@ -737,22 +738,10 @@ def test_add_pcdeq_args_exposes_every_option_and_layers_read_them():
         "sradius",
     ]:
         assert f"--pcdeq_{flag}" in text
-    args = parser.parse_args(
-        [
-            "--core",
-            "pcdeq",
-            "--norm_type",
-            "pcdeq_nonneg",
-            "--pcdeq_enclosure",
-            "--pcdeq_rate_bound",
-            "--pcdeq_nonnegativity",
-            "project",
-            "--pcdeq_injection_floor",
-            "1e-3",
-            "--pcdeq_guard",
-            "warn",
-        ]
-    )
+    argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--pcdeq_enclosure", "--pcdeq_rate_bound"]
+    argv += ["--pcdeq_nonnegativity", "project", "--pcdeq_injection_floor", "1e-3", "--pcdeq_guard", "warn"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])  # a script's command line
+    args = parser.parse_args()
     deq = torchdeq.get_deq(args)
     assert deq.enclosure and deq.certify_rate and deq.guard == "warn"
     layer = PcDEQLinear(5, args=args)

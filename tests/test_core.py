@@ -270,7 +270,14 @@ def test_a_solve_in_another_thread_leaves_this_threads_weights_tracked(nonnegati
 # -- configuration ----------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _own_command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # parse() edits it; restored after each test
+
+
 def parse(argv):
+    """``argv`` parsed as a script's command line is: it becomes ``sys.argv``."""
+    sys.argv[1:] = argv
     parser = argparse.ArgumentParser()
     torchdeq.add_deq_args(parser)
     add_pcdeq_args(parser)
@@ -295,15 +302,49 @@ def test_argparse_flags_get_pcdeq_defaults_and_the_namespace_is_not_modified():
     assert deq.gradient == "ift"
 
 
-def test_a_flag_typed_on_the_command_line_wins_even_at_torchdeqs_default(monkeypatch):
+def test_a_flag_typed_on_the_command_line_wins_even_at_torchdeqs_default():
     argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_max_iter", "40", "--f_tol=1e-3"]
     argv += ["--f_stop_mode", "abs"]
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     deq = torchdeq.get_deq(parse(argv))
     assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode, deq.b_max_iter) == (40, 1e-3, "abs", 200)
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # the same values, not typed: pcDEQ's defaults
-    deq = torchdeq.get_deq(parse(argv))
-    assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode) == (200, 1e-4, "rel")
+    args = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg"])
+    args.f_max_iter = 40  # set in code, at TorchDEQ's default: indistinguishable from untouched
+    assert torchdeq.get_deq(args).f_max_iter == 200
+    # A keyword of get_deq is set, though get_deq merges it into the Namespace before the core.
+    deq = torchdeq.get_deq(
+        parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg"]), f_max_iter=40, f_tol=1e-3
+    )
+    assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode) == (40, 1e-3, "rel")
+
+
+def test_a_namespace_the_command_line_does_not_explain_warns_of_each_default_it_replaces():
+    """parse_args([...]) in a notebook: a typed value at TorchDEQ's default looks untouched."""
+    argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_max_iter", "40", "--f_tol", "1e-5"]
+    args = parse(argv)
+    sys.argv[1:] = []  # not this process's command line
+    expected = (
+        r"pcDEQ's \(f_solver 'fixed_point_iter' -> 'pcdeq_fixed_point', b_solver 'fixed_point_iter' -> "
+        r"'pcdeq_fixed_point', f_max_iter 40 -> 200, b_max_iter 40 -> 200, b_tol 1e-06 -> 0.0001, "
+        r"f_stop_mode 'abs' -> 'rel', b_stop_mode 'abs' -> 'rel', ift False -> True\)\. It was not parsed "
+        r"from this process's command line \(core='pcdeq', f_tol=1e-05, norm_type='pcdeq_nonneg' without"
+    )
+    with pytest.warns(PcDEQWarning, match=expected):
+        deq = torchdeq.get_deq(args)
+    assert (deq.f_max_iter, deq.f_tol) == (200, 1e-5)  # f_tol differs from TorchDEQ's default: kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deq = torchdeq.get_deq(
+            args,
+            f_max_iter=40,
+            f_solver="pcdeq_fixed_point",
+            b_solver="pcdeq_fixed_point",
+            b_max_iter=200,
+            b_tol=1e-4,
+            f_stop_mode="rel",
+            b_stop_mode="rel",
+            ift=True,
+        )
+        assert deq.f_max_iter == 40  # the advice works, and says nothing more
 
 
 def test_explicit_flags_and_dict_keys_win_and_the_dict_is_not_modified():
@@ -337,6 +378,11 @@ def test_warns_for_a_solver_without_guarantee_and_still_reports_convergence():
     f, x = dense_instance(dtype=torch.float32)
     _, info = solve(deq.eval(), f, x)
     assert info["converged"].dtype == torch.bool and info["converged"].all()
+
+
+def test_a_certificate_that_the_chosen_solver_cannot_give_is_refused():
+    with pytest.raises(InvalidInputError, match=r"f_solver='anderson' would return no info\['error_bound'\]"):
+        torchdeq.get_deq(core="pcdeq", f_solver="anderson", pcdeq_enclosure=True)
 
 
 def test_warns_when_norm_type_allows_negative_weights():

@@ -26,10 +26,12 @@ def test_the_script_imports_only_torchdeq():
     assert "torchdeq_pcdeq" not in source.split('"""')[2], "the script body must not know about the plugin"
 
 
-def test_flags_switch_the_script_to_pcdeq_in_process():
+def test_flags_switch_the_script_to_pcdeq_in_process(monkeypatch):
     script = load_script()
+    argv = [*PCDEQ_FLAGS, "--epochs", "2"]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])  # as when run from a shell
     with pytest.warns(PcDEQWarning, match="negative entries"):  # the script's own N(0, 0.01) init
-        summary = script.main([*PCDEQ_FLAGS, "--epochs", "2"])
+        summary = script.main(argv)
     assert summary["core"] == "PcDEQCore"
     assert summary["weight_min"] >= 0.0
     assert summary["loss_last"] < 0.6 * summary["loss_first"]

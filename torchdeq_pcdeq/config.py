@@ -7,10 +7,15 @@ prefixed ``pcdeq_`` (:data:`PCDEQ_OPTIONS`).
 Which keys count as "set by the user" decides whether a pcDEQ default replaces them:
 
 * in a dict (or keyword arguments), every present key is set;
+* keywords of ``torchdeq.get_deq(args, **kwargs)`` are set: get_deq merges them into the
+  config it hands to the core (into an argparse Namespace's own dict), so the core reads them
+  from that call (:func:`get_deq_keywords`);
 * a config carrying every key of ``torchdeq.add_deq_args`` was built by argparse, which fills
   every flag: there a key counts as set when its value differs from TorchDEQ's default, or when
   its flag is on the process's command line (``--f_max_iter 40``: typed, though it is the
-  default).
+  default). A Namespace that the command line does not explain (``parse_args([...])`` in a
+  notebook, or one edited after parsing) cannot say which of its values at TorchDEQ's defaults
+  were meant: they take pcDEQ's defaults, with a warning that names each one replaced.
 
 Example:
     >>> from torchdeq_pcdeq.config import resolve_core_config
@@ -31,6 +36,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torchdeq.core
 from torchdeq.utils import add_deq_args
 from torchdeq.utils.config import DEQConfig
 
@@ -78,6 +84,7 @@ NONCONVERGENCE_MODES = ("warn", "raise", "ignore")
 _LEGACY_GRADIENT_KEY = "pcdeq_gradient"
 # Plain iteration converges for every pcDEQ; Anderson and Broyden carry no such guarantee.
 GUARANTEED_SOLVERS = (SOLVER_NAME, "fixed_point_iter", "simple_fixed_point_iter")
+_GET_DEQ_CODE = torchdeq.core.get_deq.__code__
 # Norms under which a plain nn.Linear / nn.Conv2d may keep nonnegative weights.
 NONNEGATIVE_NORMS = (NORM_NAME, "none")
 
@@ -343,6 +350,25 @@ def add_pcdeq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def get_deq_keywords(args) -> dict:
+    """The keyword arguments of the ``torchdeq.get_deq`` call that is building a core from ``args``.
+
+    ``get_deq(args, **kwargs)`` merges ``kwargs`` into ``args`` (an argparse Namespace's own dict)
+    before it calls the core, which would then read a keyword equal to TorchDEQ's default as an
+    untouched flag; the call's own frame still holds them. Empty when the core is not built by
+    ``get_deq`` (``PcDEQCore(args, **kwargs)`` passes its keywords itself).
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):  # get_deq calls the core's constructor, which calls this
+        if frame is None:
+            break
+        if frame.f_code is _GET_DEQ_CODE and frame.f_locals.get("args") is args:
+            keywords = frame.f_locals.get("kwargs")
+            return dict(keywords) if isinstance(keywords, dict) else {}
+        frame = frame.f_back
+    return {}
+
+
 def _explicit_keys(config: dict) -> set[str]:
     """Keys the user set (see the module docstring)."""
     if not _from_argparse(config):
@@ -354,6 +380,25 @@ def _explicit_keys(config: dict) -> set[str]:
 def _from_argparse(config: dict) -> bool:
     """Whether ``config`` carries every key of ``torchdeq.add_deq_args``: built by argparse."""
     return set(torchdeq_argparse_defaults()) <= set(config)
+
+
+def _unexplained_by_argv(config: dict) -> list[str]:
+    """The TorchDEQ keys of an argparse ``config`` that differ from TorchDEQ's defaults without
+    their flag on this process's command line: evidence that it was not parsed from it."""
+    defaults = torchdeq_argparse_defaults()
+    typed = _typed_flags(defaults)
+    return sorted(k for k, v in defaults.items() if config.get(k, v) != v and k not in typed)
+
+
+def _warn_replaced_defaults(config: dict, replaced: dict, unexplained: list[str]) -> None:
+    changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in replaced.items())
+    evidence = ", ".join(f"{key}={config[key]!r}" for key in unexplained[:3])
+    warn(
+        f"The pcdeq core replaced values of this argparse config that equal TorchDEQ's defaults with "
+        f"pcDEQ's ({changes}). It was not parsed from this process's command line ({evidence} "
+        "without its flag there), so whether those values were set on purpose cannot be told. To "
+        "keep one, pass it as a keyword: torchdeq.get_deq(args, f_max_iter=40)."
+    )
 
 
 def _typed_flags(keys: Iterable[str]) -> set[str]:
@@ -399,6 +444,15 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
     _check_unknown_keys(config, from_argparse, set(kwargs))
+    replaced = {
+        key: (config[key], value)
+        for key, value in PCDEQ_CORE_DEFAULTS.items()
+        if key not in explicit and key in config and config[key] != value
+    }
+    if from_argparse and replaced:
+        unexplained = _unexplained_by_argv(source)
+        if unexplained:
+            _warn_replaced_defaults(source, replaced, unexplained)
     if config.get("sradius_mode") and not from_argparse:  # (a script's --sradius_mode is its own)
         warn(
             "sradius_mode=True in the core's config is ignored (by TorchDEQ's cores too): it is an "
@@ -427,6 +481,12 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     for prefix in ("f", "b"):
         check_choice(f"{prefix}_stop_mode", config[f"{prefix}_stop_mode"], ("rel", "abs"))
         solver = check_choice(f"{prefix}_solver", config[f"{prefix}_solver"], registered_solvers())
+        if solver != SOLVER_NAME and prefix == "f" and config["pcdeq_enclosure"]:
+            raise InvalidInputError(
+                f"pcdeq_enclosure=True asks for a certified forward solve, which only "
+                f"{SOLVER_NAME!r} computes; f_solver={solver!r} would return no info['error_bound']. "
+                "Remove the f_solver option, or pcdeq_enclosure."
+            )
         if solver != SOLVER_NAME:
             guarantee = (
                 "plain iteration, so it converges, but"

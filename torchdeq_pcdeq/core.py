@@ -61,7 +61,7 @@ from .backward import (
     closed_form_is_exact,
 )
 from .certify import RateCertificate, closed_form_certificate, min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, gradient_mode, resolve_core_config
+from .config import SOLVER_NAME, get_deq_keywords, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, positive_int, warn
@@ -123,7 +123,7 @@ class PcDEQCore(DEQSliced):
 
     def __init__(self, args=None, **kwargs):
         _make_forward_eager_under_compile()
-        config = resolve_core_config(args, kwargs)
+        config = resolve_core_config(args, {**get_deq_keywords(args), **kwargs})
         super().__init__(config)
         self.guard = config["pcdeq_guard"]
         self.nonconvergence = config["pcdeq_nonconvergence"]
