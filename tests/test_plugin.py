@@ -66,6 +66,40 @@ def test_apply_norm_pcdeq_nonneg_on_linear_and_conv():
     torchdeq.reset_norm(model)  # a no-op for this norm, but part of the contract
 
 
+@pytest.mark.parametrize("norm_type", ["weight_norm", "spectral_norm", "pcdeq_nonneg"])
+@pytest.mark.parametrize("nonnegativity", ["project", "weight_norm", "parametrize"])
+def test_a_stock_scripts_apply_norm_leaves_the_pcdeq_layers_mechanism_alone(norm_type, nonnegativity):
+    """TorchDEQ's apply_norm matches exact types: a project-mode layer's plain nn.Linear was
+    given an unconstrained weight norm (and attach_projection then blamed the optimizer)."""
+    torch.manual_seed(0)
+    f = torchdeq_pcdeq.PcDEQLinear(6, nonnegativity=nonnegativity)
+    conv = torchdeq_pcdeq.PcDEQConv2d(3, nonnegativity=nonnegativity)
+    plain = nn.Linear(6, 6)
+    reference_init_(plain.weight)  # (pcdeq_nonneg warns of a negative start)
+    model = nn.ModuleDict({"f": f, "conv": conv, "plain": plain})
+    before = sorted(name for name, _ in model.named_parameters())
+    torchdeq.apply_norm(model, norm_type=norm_type)
+    assert hasattr(model["plain"], "_deq_norm")  # the norm did run on the plain layer
+    assert not hasattr(f.operator, "_deq_norm") and not hasattr(conv.operator, "_deq_norm")
+    layers = [f, conv]
+    pcdeq_names = [name for name in before if not name.startswith("plain")]
+    assert [
+        n for n in sorted(name for name, _ in model.named_parameters()) if n in pcdeq_names
+    ] == pcdeq_names
+    opt = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=10.0)
+    if nonnegativity == "project":
+        torchdeq_pcdeq.attach_projection(opt, nn.ModuleList(layers))
+    for _ in range(3):  # steps large enough to push unconstrained entries below 0
+        loss = sum(
+            -layer(torch.rand(2, *shape), layer.inject(torch.randn(2, *shape))).sum()
+            for layer, shape in ((f, (6,)), (conv, (3, 4, 4)))
+        )
+        opt.zero_grad()
+        (-loss).backward()
+        opt.step()
+        assert all(bool((layer.weight >= 0).all()) for layer in layers)
+
+
 def test_args_norm_type_selects_pcdeq_nonneg():
     f = nn.Linear(3, 3)
     reference_init_(f.weight)

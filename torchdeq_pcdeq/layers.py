@@ -2,8 +2,11 @@
 
 Each layer owns a bias-free ``nn.Linear`` or ``nn.Conv2d`` (``.linear`` / ``.conv``) holding
 ``W``, an :class:`~torchdeq_pcdeq.activations.Activation`, and a nonnegativity mechanism
-(:mod:`torchdeq_pcdeq.constraints`). ``inject(u)`` turns any real tensor into an admissible
-injection for the layer's activation.
+(:mod:`torchdeq_pcdeq.constraints`). The operator is of a subclass of its own
+(:class:`LinearOperator`, :class:`Conv2dOperator`): TorchDEQ's ``apply_norm`` matches exact
+types, so the norm of a stock script (``weight_norm`` by default) leaves it, and its
+mechanism, alone. ``inject(u)`` turns any real tensor into an admissible injection for the
+layer's activation.
 
 Layers know nothing of TorchDEQ: they are plain modules called as ``f(z, x)``.
 
@@ -60,6 +63,8 @@ __all__ = [
     "PcDEQLayer",
     "PcDEQLinear",
     "PcDEQConv2d",
+    "LinearOperator",
+    "Conv2dOperator",
     "observe_layer_calls",
     "zero_state",
     "record_layer_chain",
@@ -600,6 +605,29 @@ class PcDEQLayer(nn.Module):
         )
 
 
+class LinearOperator(nn.Linear):
+    """The ``nn.Linear`` holding a :class:`PcDEQLinear`'s ``W``; a type of its own.
+
+    TorchDEQ's ``apply_norm`` installs its norm on modules whose type is exactly ``nn.Linear``
+    (or ``nn.Conv2d``, ...). A pcDEQ layer keeps ``W >= 0`` by its own mechanism: a
+    parametrized operator already has another type, and this one gives the ``"project"``
+    mode's plain weight the same immunity (an unconstrained weight norm on it would let
+    ``W`` go negative, and ``attach_projection`` would clamp parameters that no longer exist).
+
+    Example:
+        >>> import torchdeq
+        >>> f = PcDEQLinear(4, nonnegativity="project")
+        >>> torchdeq.apply_norm(f, norm_type="weight_norm")
+        >>> [name for name, _ in f.named_parameters()]
+        ['linear.weight']
+    """
+
+
+class Conv2dOperator(nn.Conv2d):
+    """The ``nn.Conv2d`` holding a :class:`PcDEQConv2d`'s kernel; a type of its own (see
+    :class:`LinearOperator`)."""
+
+
 class PcDEQLinear(PcDEQLayer):
     """Dense pcDEQ layer ``sigma(W z + x)``, ``W`` a nonnegative ``features x features`` matrix.
 
@@ -632,7 +660,7 @@ class PcDEQLinear(PcDEQLayer):
     ):
         _require_positive_int(features, "features")
         self.features = features
-        operator = nn.Linear(features, features, bias=False, device=device, dtype=dtype)
+        operator = LinearOperator(features, features, bias=False, device=device, dtype=dtype)
         super().__init__(operator, activation, nonnegativity, injection_floor, args)
 
     def apply_operator(self, z: Tensor, weight: Tensor) -> Tensor:
@@ -707,7 +735,7 @@ class PcDEQConv2d(PcDEQLayer):
                 f"shape, got {kernel_size}. Use 1, 3, 5, ..."
             )
         self.channels, self.kernel_size, self.padding = channels, kernel_size, kernel_size // 2
-        operator = nn.Conv2d(
+        operator = Conv2dOperator(
             channels, channels, kernel_size, padding=self.padding, bias=False, device=device, dtype=dtype
         )
         self.conv_algorithm = check_algorithm(conv_algorithm)
