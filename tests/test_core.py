@@ -605,6 +605,23 @@ def slow_instance():
     return f, x * 1e-6  # from a tiny injection the iterates need many steps to grow
 
 
+def test_the_nonconvergence_message_counts_the_iterations_each_solver_ran():
+    f, x = slow_instance()
+    with pytest.warns(PcDEQWarning, match=r"did not reach rel tol 0.0001 within 1 iteration \(best"):
+        solve(torchdeq.get_deq(core="pcdeq", f_max_iter=1), f, x)
+    # TorchDEQ's solvers run their whole budget and return each sample's best iterate, whose
+    # iteration is their nstep: that is not the count of iterations run.
+    with pytest.warns(PcDEQWarning, match="f_solver='anderson' is without a convergence guarantee"):
+        anderson = torchdeq.get_deq(core="pcdeq", f_solver="anderson", f_max_iter=5)
+    expected = (
+        r"did not reach rel tol 0.0001 within its f_max_iter budget \(best rel residual reached by the "
+        r"worst sample: [\d.e-]+; the solver returns each sample's best iterate, here from iterations "
+        r"up to 5\)"
+    )
+    with pytest.warns(PcDEQWarning, match=expected):
+        solve(anderson, f, x)
+
+
 def test_nonconvergence_warns_by_default_and_can_raise_or_be_ignored():
     f, x = slow_instance()
     with pytest.warns(

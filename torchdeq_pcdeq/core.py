@@ -347,7 +347,8 @@ class PcDEQCore(DEQSliced):
         self._check_converged(info, self.b_tol, self.b_stop_mode, "backward")
 
     def _check_converged(self, info: dict, tol: float, stop_mode: str, which: str) -> None:
-        if "converged" not in info:  # a solver other than pcdeq_fixed_point
+        foreign = "converged" not in info  # a solver other than pcdeq_fixed_point
+        if foreign:
             info["converged"] = info[f"{stop_mode}_lowest"] <= tol
         if self.nonconvergence == "ignore":
             return
@@ -360,7 +361,7 @@ class PcDEQCore(DEQSliced):
             budget = (
                 "b_max_iter" if which == "backward" else "f_max_iter" if self.training else "eval_f_max_iter"
             )
-            message = _unconverged_message(info, tol, stop_mode, which, budget)
+            message = _unconverged_message(info, tol, stop_mode, which, budget, foreign)
         if self.nonconvergence == "raise":
             raise ConvergenceError(message)
         warn(message)
@@ -392,15 +393,23 @@ def _closed_form_step(chain, z_star: Tensor) -> LastStep | None:
     return step
 
 
-def _unconverged_message(info: dict, tol: float, stop_mode: str, which: str, budget: str) -> str:
+def _unconverged_message(
+    info: dict, tol: float, stop_mode: str, which: str, budget: str, foreign: bool = False
+) -> str:
     failed = int((~info["converged"]).sum())
     best = info[f"{stop_mode}_lowest"].max().item()
     iters = int(info["nstep"].max().item())
     prefix = "f" if which == "forward" else "b"
+    # pcdeq_fixed_point's nstep of an unconverged sample is the last iteration; TorchDEQ's
+    # solvers give the iteration of the best iterate they return, and run their whole budget.
+    ran, returned = f"within {iters} iteration{'' if iters == 1 else 's'}", ""
+    if foreign:
+        ran = f"within its {budget} budget"
+        returned = f"; the solver returns each sample's best iterate, here from iterations up to {iters}"
     return (
         f"pcdeq {which} solve: {failed} of {info['converged'].numel()} samples did not reach "
-        f"{stop_mode} tol {tol:g} within {iters} iterations (best {stop_mode} residual reached "
-        f"by the worst sample: {best:.3g}). Try a larger {budget} or a looser "
+        f"{stop_mode} tol {tol:g} {ran} (best {stop_mode} residual reached "
+        f"by the worst sample: {best:.3g}{returned}). Try a larger {budget} or a looser "
         f"{prefix}_tol; slow convergence of pcDEQ-1 layers comes from tiny injections or "
         "weights grown large (docs/guarantees.md). Set pcdeq_nonconvergence='ignore' to "
         "silence this."

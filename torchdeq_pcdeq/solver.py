@@ -812,11 +812,18 @@ def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype)
     key = (dtype, round(math.log10(max(1 - rate, 1e-300))))
     if key not in _warned_rates:
         _warned_rates.add(key)
+        # 1 / (1 - q) <= 2: the dtype's resolution, not q, sets the floor
+        cause = (
+            "q close to 1 sets this floor (q approaches 1 on slow layers, whose spectral radius does); a "
+            "wider dtype rounds less."
+            if rate > 0.5
+            else "The dtype's resolution sets this floor: certify in a wider dtype for a finer tolerance."
+        )
         warn(
-            f"The contraction factor q = {rate:.6g} leaves the certified bound above {floor:.3g} "
-            f"(relative) in {dtype} arithmetic: the rounding of each step, {_GUARD_ULPS:g} ulps, "
-            f"counts 1 / (1 - q) times. The tolerance {tol:g} is raised to it. q approaches 1 on "
-            "slow layers, whose spectral radius does; a wider dtype rounds less."
+            f"The certified bound cannot go below {floor:.3g} (relative) in {dtype} arithmetic, where "
+            f"each step rounds by up to {_GUARD_ULPS:g} ulps (eps {torch.finfo(dtype).eps:.3g}) and "
+            f"the bound counts that 1 / (1 - q) times, with the contraction factor q = {rate:.6g}. "
+            f"The tolerance {tol:g} is raised to it. {cause}"
         )
 
 
