@@ -159,6 +159,7 @@ def test_runner_refuses_an_unknown_or_invalid_pcdeq_option_before_the_script_run
     result = run_module(str(script), "--pcdeq_gaurd", "warn")
     assert result.returncode == 2 and "ran" not in result.stdout
     assert "Unknown pcdeq option 'pcdeq_gaurd'" in result.stderr and "pcdeq_guard" in result.stderr
+    assert "--pcdeq_conv_algorithm configure layers: the runner passes them on to the script" in result.stderr
     result = run_module(str(script), "--pcdeq_guard", "loud")
     assert result.returncode == 2 and "'loud'" in result.stderr and "'warn'" in result.stderr
     result = run_module(str(script), "--pcdeq_check_every")

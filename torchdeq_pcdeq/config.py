@@ -264,7 +264,15 @@ def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
             continue
         key, given, value = token[2:].partition("=")
         if key not in PCDEQ_OPTIONS:
-            raise UnknownNameError("pcdeq option", key, PCDEQ_OPTIONS)
+            layers = ", ".join(f"--{k}" for k in PCDEQ_OPTIONS if k not in RUNNER_OPTIONS)
+            raise UnknownNameError(
+                "pcdeq option",
+                key,
+                PCDEQ_OPTIONS,
+                note=f"Of these, {layers} configure layers: the runner passes them on to the "
+                "script, which reads them with torchdeq_pcdeq.add_pcdeq_args(parser); it takes the "
+                "others itself.",
+            )
         if key not in RUNNER_OPTIONS:  # a layer option: the script's, through add_pcdeq_args
             rest.append(token)
             continue
@@ -532,12 +540,13 @@ def _warn_unused_phantom_options(config: dict) -> None:
     ]
     if unused:
         warn(
-            f"{' and '.join(unused)} configure TorchDEQ's phantom gradient, which the pcdeq core "
-            "does not use here: it differentiates implicitly by default (ift=True). For phantom "
-            "gradients pass PcDEQCore(args, ift=False), or set ift=False in a dict config that does "
-            "not hold every TorchDEQ flag. From argparse, and in a dict that holds them all, False "
-            "is TorchDEQ's default and reads as unset (--ift cannot say off, and "
-            "get_deq(args, ift=False) writes False into the namespace)."
+            f"{' and '.join(unused)} configure{'s' if len(unused) == 1 else ''} TorchDEQ's phantom "
+            "gradient, which the pcdeq core does not use here: it differentiates implicitly by "
+            "default (ift=True). For phantom gradients pass ift=False as a keyword "
+            "(torchdeq.get_deq(args, ift=False) or PcDEQCore(args, ift=False)), or in a dict config "
+            "that does not hold every TorchDEQ flag. TorchDEQ's --ift flag cannot say off, and in "
+            "an argparse config (or a dict holding every TorchDEQ flag) False is TorchDEQ's default, "
+            "which reads as unset."
         )
 
 

@@ -54,11 +54,12 @@ class UnknownNameError(PcDEQError):
         torchdeq_pcdeq.errors.UnknownNameError: Unknown activation 'tahn'. Valid: ... Did you mean 'tanh'?
     """
 
-    def __init__(self, kind: str, name: object, valid: Iterable[str]):
+    def __init__(self, kind: str, name: object, valid: Iterable[str], note: str = ""):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
         named = f" {name!r}" if name is not None else ""
         super().__init__(
             f"Unknown {kind}{named}. Valid: {quote_all(self.valid)}.{did_you_mean(name, self.valid)}"
+            + (f" {note}" if note else "")
         )
 
 
