@@ -18,6 +18,7 @@ from conftest import ACTIVATIONS, INSTANCES, MODES, conv_instance, dense_instanc
 from torchdeq_pcdeq import (
     Activation,
     InvalidInputError,
+    NonFiniteError,
     NonUniqueFixedPointError,
     NotPositiveMonotoneError,
     PcDEQLinear,
@@ -177,6 +178,15 @@ def test_an_upper_start_below_the_fixed_point_is_refused_whatever_the_guard(guar
     z, _, info = solve(tight)
     assert (linf(z - z_star) <= info["error_bound"]).all()
     assert (info["upper"] >= z_star).all()
+
+
+def test_a_nan_at_the_upper_start_is_reported_as_non_finite_not_as_a_low_start():
+    # f is NaN at the upper start only (and a low start would read as one too, were NaN ignored)
+    f, x = dense_instance(scale=1.0)
+    w = f.weight.detach()
+    g = lambda z: torch.tanh(z @ w.T + x) + torch.where(z > 0.9, math.nan, 0.0)  # noqa: E731
+    with pytest.raises(NonFiniteError, match="Iterate 2 of the fixed-point solve holds NaN or Inf"):
+        pcdeq_fixed_point(g, torch.zeros_like(x), enclosure=True, upper=1.0)
 
 
 # -- the rate bound ---------------------------------------------------------------------------

@@ -317,6 +317,17 @@ def test_a_flag_typed_on_the_command_line_wins_even_at_torchdeqs_default():
     assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode) == (40, 1e-3, "rel")
 
 
+def test_keywords_of_get_deq_are_no_evidence_that_the_namespace_was_not_parsed_from_argv():
+    args = parse([])  # a script run without flags, which picks the core in code
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deq = torchdeq.get_deq(args, core="pcdeq", norm_type="pcdeq_nonneg", ift=False, f_max_iter=40)
+        assert (deq.f_max_iter, deq.f_tol, deq.gradient) == (40, 1e-4, "phantom")
+        # A core rebuilt from the first one's resolved config is the same core, and quiet.
+        for again in (torchdeq.get_deq(deq.args), PcDEQCore(deq.args)):
+            assert (again.f_max_iter, again.f_tol, again.gradient) == (40, 1e-4, "phantom")
+
+
 def test_a_namespace_the_command_line_does_not_explain_warns_of_each_default_it_replaces():
     """parse_args([...]) in a notebook: a typed value at TorchDEQ's default looks untouched."""
     argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_max_iter", "40", "--f_tol", "1e-5"]

@@ -100,6 +100,24 @@ def test_a_stock_scripts_apply_norm_leaves_the_pcdeq_layers_mechanism_alone(norm
         assert all(bool((layer.weight >= 0).all()) for layer in layers)
 
 
+def test_a_layer_pickled_with_a_plain_operator_gets_its_own_type_back_and_the_norm_refuses_it():
+    import io
+
+    f = torchdeq_pcdeq.PcDEQLinear(4, nonnegativity="project")
+    f.linear.__class__ = nn.Linear  # as pickled before the operators had types of their own
+    buffer = io.BytesIO()
+    torch.save(f, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.linear) is torchdeq_pcdeq.layers.LinearOperator
+    torchdeq.apply_norm(loaded, norm_type="weight_norm")
+    assert [name for name, _ in loaded.named_parameters()] == ["linear.weight"]
+    with pytest.raises(
+        torchdeq_pcdeq.InvalidInputError, match=r"got LinearOperator\. A pcDEQ layer's operator"
+    ):
+        PcDEQNonnegNorm.apply(loaded.linear)
+
+
 def test_args_norm_type_selects_pcdeq_nonneg():
     f = nn.Linear(3, 3)
     reference_init_(f.weight)

@@ -14,8 +14,12 @@ Which keys count as "set by the user" decides whether a pcDEQ default replaces t
   every flag: there a key counts as set when its value differs from TorchDEQ's default, or when
   its flag is on the process's command line (``--f_max_iter 40``: typed, though it is the
   default). A Namespace that the command line does not explain (``parse_args([...])`` in a
-  notebook, or one edited after parsing) cannot say which of its values at TorchDEQ's defaults
-  were meant: they take pcDEQ's defaults, with a warning that names each one replaced.
+  notebook, or values set in code after parsing that differ from TorchDEQ's defaults) cannot
+  say which of its values at TorchDEQ's defaults were meant: they take pcDEQ's defaults, with a
+  warning that names each one replaced. A value set in code *to* TorchDEQ's default leaves no
+  trace at all: it is replaced without a word, so pass it as a keyword;
+* a core's own resolved config (``core.args``, a :class:`ResolvedConfig`) is final: a core
+  rebuilt from it is the same core.
 
 Example:
     >>> from torchdeq_pcdeq.config import resolve_core_config
@@ -385,9 +389,18 @@ def _explicit_keys(config: dict) -> set[str]:
     return {k for k, v in config.items() if k not in defaults or v != defaults[k]} | _typed_flags(defaults)
 
 
+class ResolvedConfig(dict):
+    """A config :func:`resolve_core_config` returned: every value in it is final, set.
+
+    A core's ``args`` holds every TorchDEQ key once resolved from a Namespace; without this
+    type, a core rebuilt from it (``get_deq(core.args)``) would read it as argparse's, where a
+    value at TorchDEQ's default that the first core was given as a keyword reads as unset.
+    """
+
+
 def _from_argparse(config: dict) -> bool:
     """Whether ``config`` carries every key of ``torchdeq.add_deq_args``: built by argparse."""
-    return set(torchdeq_argparse_defaults()) <= set(config)
+    return not isinstance(config, ResolvedConfig) and set(torchdeq_argparse_defaults()) <= set(config)
 
 
 def _unexplained_by_argv(config: dict) -> list[str]:
@@ -458,7 +471,8 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         if key not in explicit and key in config and config[key] != value
     }
     if from_argparse and replaced:
-        unexplained = _unexplained_by_argv(source)
+        # (the call's keywords, merged into the Namespace by get_deq, are no evidence)
+        unexplained = [key for key in _unexplained_by_argv(source) if key not in kwargs]
         if unexplained:
             _warn_replaced_defaults(source, replaced, unexplained)
     if config.get("sradius_mode") and not from_argparse:  # (a script's --sradius_mode is its own)
@@ -516,7 +530,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
                 f"norm_type='{NORM_NAME}'). The pcDEQ layers constrain their own weights whatever "
                 "the norm_type."
             )
-    return config
+    return ResolvedConfig(config)
 
 
 def gradient_mode(config: dict) -> str:

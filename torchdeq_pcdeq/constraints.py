@@ -480,6 +480,13 @@ class PcDEQNonnegNorm:
     @classmethod
     def apply(cls, module: nn.Module, deq_args=None, names=None, dims=None, **kwargs) -> PcDEQNonnegNorm:
         if names is None or dims is None:
+            if type(module) not in cls._target_modules:
+                raise InvalidInputError(
+                    f"norm_type='pcdeq_nonneg' applies to modules of type exactly nn.Linear or "
+                    f"nn.Conv1d/2d/3d (TorchDEQ's rule), got {type(module).__name__}. A pcDEQ layer's "
+                    "operator keeps W >= 0 by the layer's own mechanism (choose it with "
+                    "nonnegativity=...); for another module, pass names= and dims=."
+                )
             names, dims = cls._target_modules[type(module)]
         names = [names] if isinstance(names, str) else list(names)
         dims = [dims] if isinstance(dims, int) else list(dims)

@@ -598,6 +598,15 @@ class PcDEQLayer(nn.Module):
         state["_verified_call"] = state["_verified_weight"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # A layer pickled before the operators had types of their own holds a plain nn.Linear /
+        # nn.Conv2d, which TorchDEQ's apply_norm would wrap: give it its type (no state differs).
+        operator = self._modules.get(self._operator_name)
+        own = {nn.Linear: LinearOperator, nn.Conv2d: Conv2dOperator}.get(type(operator))
+        if own is not None:
+            operator.__class__ = own
+
     def extra_repr(self) -> str:
         return (
             f"activation={self.activation.name!r}, nonnegativity={self.nonnegativity!r}, "

@@ -284,10 +284,11 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
         first = high is None
         if first:  # the first call revealed f's layers, hence the upper bound
             _check_output(low_next, low)
-            high = torch.full_like(x0, _resolve_upper(upper))
+            start = _resolve_upper(upper)
+            high = torch.full_like(x0, start)
         high_next = func(high)
         if first:
-            _check_upper_start(high, high_next.detach())
+            _check_upper_start(start, high_next.detach())
         k += 1
         while pending and pending[0] == k:
             states.append((low_next + high_next) / 2)
@@ -774,24 +775,24 @@ def _resolve_upper(upper) -> float:
     return float(value)
 
 
-def _check_upper_start(high: Tensor, high_next: Tensor) -> None:
+def _check_upper_start(start: float, high_next: Tensor) -> None:
     """The enclosure's premise, checked whatever the guard: ``f(u) <= u`` at the upper start ``u``.
 
     For a monotone ``f`` it makes the upper sequence fall to ``z*`` and so stay above it; an
     upper start below ``z*`` somewhere would make the sequence rise, and the certified bound,
     the gap between the two sequences, would be no bound at all. Rounding of ``f(u)`` up to
-    the margins' ulps of ``u`` is allowed (one host sync per solve).
+    the margins' ulps of ``u`` is allowed (one host sync per solve). A NaN in ``f(u)`` makes
+    the excess NaN, which passes here: the convergence check raises :class:`NonFiniteError`.
     """
-    start = high.reshape(-1)[0].item()
-    excess = (high_next - high).amax().item()
-    if excess > _GUARD_ULPS * torch.finfo(arithmetic_dtype(high)).eps * start:
+    excess = (high_next - start).amax().item()
+    if excess > _GUARD_ULPS * torch.finfo(arithmetic_dtype(high_next)).eps * start:
         raise InvalidInputError(
             f"The enclosure's upper start {start:.6g} is not an upper bound of the fixed point: "
             f"f(upper) exceeds it by up to {excess:.3g}, so the upper sequence would rise and the "
             "certified bound would not hold. Start at the activation's supremum (1.0 for tanh, "
-            "sigmoid and softsign, 6.0 for relu6), which is always valid: leave upper "
-            "(pcdeq_enclosure_upper in the core's config) unset to take it from f's layers. If "
-            "upper already is that supremum, f is not a pcDEQ layer call."
+            "sigmoid and softsign, 6.0 for relu6), which is always valid: the pcdeq core takes it "
+            "from f's layers when pcdeq_enclosure_upper is unset. If upper already is that "
+            "supremum, f is not a pcDEQ layer call."
         )
 
 
@@ -812,13 +813,15 @@ def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype)
     key = (dtype, round(math.log10(max(1 - rate, 1e-300))))
     if key not in _warned_rates:
         _warned_rates.add(key)
-        # 1 / (1 - q) <= 2: the dtype's resolution, not q, sets the floor
-        cause = (
-            "q close to 1 sets this floor (q approaches 1 on slow layers, whose spectral radius does); a "
-            "wider dtype rounds less."
-            if rate > 0.5
-            else "The dtype's resolution sets this floor: certify in a wider dtype for a finer tolerance."
-        )
+        # Said once per order of magnitude of 1 - q: up to q = 0.68 (1 / (1 - q) < 3.2) the
+        # dtype's resolution, not q, sets the floor.
+        widest = dtype == torch.float64
+        if key[1] < 0:
+            cause = "q close to 1 sets this floor (q approaches 1 on slow layers, whose spectral radius does)"
+            cause += "." if widest else "; a wider dtype rounds less."
+        else:
+            cause = "The dtype's resolution sets this floor"
+            cause += "." if widest else ": certify in a wider dtype for a finer tolerance."
         warn(
             f"The certified bound cannot go below {floor:.3g} (relative) in {dtype} arithmetic, where "
             f"each step rounds by up to {_GUARD_ULPS:g} ulps (eps {torch.finfo(dtype).eps:.3g}) and "
