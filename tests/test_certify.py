@@ -853,6 +853,38 @@ def test_a_slow_valid_enclosure_is_not_mistaken_for_two_fixed_points():
     assert info["converged"].all() and info["trace_steps"][-1] > 1000
 
 
+class _TanhWithoutForwardMode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u):
+        return torch.tanh(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("context", ["inference_mode", "no forward-mode product"])
+def test_a_slow_valid_layers_stalled_gap_is_never_called_two_fixed_points(context, monkeypatch):
+    """q = 0.9989: the gap stalls at rounding over 1 - q. Under inference_mode q was not
+    computed and the stall was called two fixed points (NonUniqueFixedPointError, iteration
+    20,559); it is now computed on a copy outside inference mode. Where f has no forward-mode
+    product at all, the guard gives no verdict, with a warning, rather than a false one."""
+    from torchdeq_pcdeq import solver
+
+    monkeypatch.setattr(solver, "_warned_no_verdict", set())  # said once per process
+    options = dict(max_iter=25_000, tol=1e-5, enclosure=True, upper=1.0, guard="raise")
+    if context == "inference_mode":
+        with torch.inference_mode():
+            _, _, info = pcdeq_fixed_point(
+                lambda z: torch.tanh(0.999 * z + 1e-5), torch.zeros(1, 1), **options
+            )
+    else:
+        f = lambda z: _TanhWithoutForwardMode.apply(0.999 * z + 1e-5)  # noqa: E731
+        with torch.no_grad(), pytest.warns(PcDEQWarning, match="The guard gives no verdict"):
+            _, _, info = pcdeq_fixed_point(f, torch.zeros(1, 1), **options)
+    assert not info["converged"].any() and int(info["trace_steps"][-1]) == 25_000
+
+
 def test_the_enclosure_refuses_several_solver_segments():
     with pytest.raises(InvalidInputError, match=r"n_states=2.*restart the bracket"):
         torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, n_states=2)

@@ -820,7 +820,7 @@ def test_inference_mode_is_fine_for_a_plain_solve_and_refused_where_autograd_is_
         _, info = torchdeq.get_deq(core="pcdeq").eval()(lambda z: f(z, x), torch.zeros_like(x))
         assert info["converged"].all()
         with pytest.raises(
-            InvalidInputError, match=r"pcdeq_rate_bound need automatic differentiation.*no_grad"
+            InvalidInputError, match=r"pcdeq_rate_bound cannot run under torch.inference_mode\(\).*no_grad"
         ):
             torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True).eval()(
                 lambda z: f(z, x), torch.zeros_like(x)

@@ -460,6 +460,23 @@ def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():
         pcdeq_fixed_point(lambda z: z / 2 + 1, x0, nonfinite="report")
 
 
+def test_an_absolute_certified_stop_says_nothing_of_a_relative_floor(monkeypatch):
+    """abs: each sample's limit already covers its rounding (twice it, over 1 - q); the relative
+    floor's warning named a 'raised tolerance' the user never set."""
+    monkeypatch.setattr(solver_module, "_warned_rates", set())
+    _, _, info = pcdeq_fixed_point(  # (a PcDEQWarning fails the test: pyproject's filterwarnings)
+        lambda z: 0.9 * z + 1,
+        torch.zeros(2, 3),
+        max_iter=400,
+        tol=1e-9,
+        stop_mode="abs",
+        weights=torch.ones(2, 3),
+        rate=torch.full((2,), 0.9),
+    )
+    assert info["converged"].all()
+    assert (info["error_bound"] <= 2 * 2 * 16 * torch.finfo(torch.float32).eps * 30 / (1 - 0.9)).all()
+
+
 def test_a_sample_whose_rate_is_not_below_1_does_not_keep_the_others_from_certifying(monkeypatch):
     # q = 0.5 can certify down to 32 eps / (1 - q) = 7.6e-6 relative (its bound stalls at about
     # 3.8e-6, above tol), sample 1 (q = 1.5) nothing

@@ -247,8 +247,10 @@ class PcDEQCore(DEQSliced):
                 needs.append(f"sradius_mode with pcdeq_sradius={self.sradius_method!r}")
             if needs:
                 raise InvalidInputError(
-                    f"{' and '.join(needs)} need automatic differentiation, which "
-                    "torch.inference_mode() disables. Evaluate under torch.no_grad() instead."
+                    f"{' and '.join(needs)} cannot run under torch.inference_mode(), which "
+                    "disables automatic differentiation, and the version counters that verify the "
+                    "solve's last step for the closed-form rate bound. Evaluate under "
+                    "torch.no_grad() instead."
                 )
 
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):

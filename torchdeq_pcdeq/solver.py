@@ -417,7 +417,8 @@ class _Monitor:
         # samples with q >= 1 get an infinite bound anyway: the others set the floor
         worst = torch.where(rate < 1, rate, -math.inf).amax().item()
         self.rate_floor = 2 * _GUARD_ULPS * self.eps / (1 - worst) if worst > -math.inf else math.inf
-        if self.rate_floor > self.rel_limit and math.isfinite(self.rate_floor):
+        # (with stop_mode="abs" each sample's limit already covers its rounding: bound_floor)
+        if self.stop_mode == "rel" and self.rate_floor > self.rel_limit and math.isfinite(self.rate_floor):
             _warn_certifiable(worst, self.rel_limit, self.rate_floor, self.arithmetic)
             self.rel_limit = self.rate_floor
             self.floor = max(self.floor, self.rate_floor)
@@ -678,11 +679,19 @@ class _Guard:
         stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
         """
         try:
-            q = rate_certificate(func, low, power_step=False).rate.to(gap.dtype)
-        except InvalidInputError:  # no forward-mode product (inference mode, an f without one)
-            q = torch.full_like(gap, math.inf)
-        # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
-        explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q))
+            # Inference tensors take no forward-mode product; a copy made outside inference mode
+            # does (f's own inference tensors, its injection and weights, serve as constants).
+            with torch.inference_mode(False):
+                q = rate_certificate(func, low.clone(), power_step=False).rate
+        except InvalidInputError:  # an operation in f without a forward-mode product
+            # Without q a slow layer's rounding stall cannot be told from two fixed points: no
+            # verdict (a false one would stop a valid model); the samples end unconverged.
+            _warn_no_verdict()
+            q, explained = None, settled
+        if q is not None:
+            q = q.to(gap.dtype)
+            # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
+            explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q))
         stalled = self.rounding_stalled
         self.rounding_stalled = explained if stalled is None else stalled | explained
         beyond = settled & ~explained
@@ -807,6 +816,20 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
 
 
 _warned_rates: set[tuple[torch.dtype, int]] = set()
+_warned_no_verdict: set[bool] = set()
+
+
+def _warn_no_verdict() -> None:
+    if _warned_no_verdict:  # once per process
+        return
+    _warned_no_verdict.add(True)
+    warn(
+        "pcDEQ guard: the gap between the enclosure's two sequences stopped shrinking while still "
+        "above the tolerance. That is a slow layer's rounding stall or two fixed points (a "
+        "non-concave activation), which the rate bound q tells apart, and q cannot be computed "
+        "here: it needs a forward-mode product, which an operation in f does not support. The "
+        "guard gives no verdict; samples whose gap stays open end unconverged."
+    )
 
 
 def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype) -> None:
