@@ -501,9 +501,9 @@ def _two_fixed_points_with_a_rate_above_1(z):
 
 
 @pytest.mark.parametrize("inference", [False, True])
-def test_two_fixed_points_are_caught_where_the_rate_bound_is_above_1_or_cannot_be_taken(inference):
+def test_two_fixed_points_are_caught_where_the_rate_bound_is_above_1_in_and_out_of_inference_mode(inference):
     x0 = torch.zeros(1, 2, dtype=torch.float64)
-    mode = torch.inference_mode() if inference else contextlib.nullcontext()  # no forward-mode AD
+    mode = torch.inference_mode() if inference else contextlib.nullcontext()  # (q on a copy)
     with mode, pytest.raises(NonUniqueFixedPointError, match="two different fixed points"):
         f = _two_fixed_points_with_a_rate_above_1
         pcdeq_fixed_point(f, x0, max_iter=500, enclosure=True, upper=100.0, guard="raise")

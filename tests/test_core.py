@@ -814,24 +814,34 @@ def test_several_states_train_with_the_implicit_gradient_of_the_last(config):
     torch.testing.assert_close(several, u.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_inference_mode_is_fine_for_a_plain_solve_and_refused_where_autograd_is_needed():
+def test_inference_mode_runs_the_solve_and_the_rate_bound_and_refuses_the_power_method():
     f, x = dense_instance(dtype=torch.float32)
+    rated = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True).eval()
+    with torch.no_grad():
+        _, reference = rated(lambda z: f(z, x), torch.zeros_like(x))  # (q in closed form)
     with torch.inference_mode():
         _, info = torchdeq.get_deq(core="pcdeq").eval()(lambda z: f(z, x), torch.zeros_like(x))
         assert info["converged"].all()
-        with pytest.raises(
-            InvalidInputError, match=r"pcdeq_rate_bound cannot run under torch.inference_mode\(\).*no_grad"
-        ):
-            torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True).eval()(
-                lambda z: f(z, x), torch.zeros_like(x)
-            )
-        with pytest.raises(InvalidInputError, match="sradius_mode with pcdeq_sradius='power'"):
+        # The rate bound's forward-mode products run on a copy made outside inference mode
+        # (it was refused); q is taken at z*'s iterate instead of the one before: as valid.
+        z_out, rated_info = rated(lambda z: f(z, x), torch.zeros_like(x))
+        q = rated_info["rate_bound"]
+        certified = torchdeq.get_deq(core="pcdeq", pcdeq_sradius="rate_bound").eval()
+        _, sradius = certified(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+        with pytest.raises(InvalidInputError, match="sradius_mode with pcdeq_sradius='power' cannot run"):
             torchdeq.get_deq(core="pcdeq").eval()(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
         # a training-mode core with grad on: inference tensors have no version counter, so the
         # last step is not differentiated in closed form (it was a RuntimeError from the chain)
         with torch.enable_grad():
             _, info = torchdeq.get_deq(core="pcdeq")(lambda z: f(z, x), torch.zeros_like(x))
         assert info["converged"].all()
+    z_star = z_out[-1].clone()
+    w = f.weight.detach()
+    slope = 1 - torch.tanh(z_star.double() @ w.double().T + x.double()) ** 2
+    radius = torch.linalg.eigvals(slope[:, :, None] * w.double()).abs().amax(dim=1)
+    assert (radius <= q).all() and (q < 1).all()
+    assert torch.allclose(q, reference["rate_bound"], rtol=1e-2)
+    assert torch.equal(sradius["sradius"], q)
 
 
 def test_training_inside_an_outer_parametrize_cache_is_refused():

@@ -102,7 +102,8 @@ def rate_certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bo
     (pcDEQ-1 units whose injection sits at the floor, where ``(J z)_i / z_i`` is close to 1).
     Entries with ``v_i = 0`` count as 0 when ``(J v)_i = 0`` and make ``q`` infinite
     otherwise. Under autocast the products are taken in float32 when ``f`` can run so, else in
-    autocast's dtype.
+    autocast's dtype. Under ``torch.inference_mode()`` they are taken on a copy of ``z`` made
+    outside it.
 
     Example:
         >>> import torch
@@ -115,10 +116,10 @@ def rate_certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bo
         (True, True)
     """
     if torch.is_inference_mode_enabled():
-        raise InvalidInputError(
-            "The rate bound needs a forward-mode Jacobian-vector product, which "
-            "torch.inference_mode() disables. Evaluate under torch.no_grad() instead."
-        )
+        # Inference tensors take no forward-mode product; a copy of z made outside inference
+        # mode does (f's inference tensors, its injection and cached weights, act as constants).
+        with torch.inference_mode(False):
+            return rate_certificate(func, z.detach().clone(), power_step)
     z = z.detach()
     if under_autocast(z):
         # q is a property of the exact map: under autocast, take the products in float32 (the

@@ -239,19 +239,14 @@ class PcDEQCore(DEQSliced):
                 "weights carry no gradient, so the weights would silently not train. Call it outside "
                 "any cached() block (the core caches weights inside its solve itself, per thread)."
             )
-        if torch.is_inference_mode_enabled():
-            needs = []
-            if self.certify_rate:
-                needs.append("pcdeq_rate_bound")
-            if sradius_mode:
-                needs.append(f"sradius_mode with pcdeq_sradius={self.sradius_method!r}")
-            if needs:
-                raise InvalidInputError(
-                    f"{' and '.join(needs)} cannot run under torch.inference_mode(), which "
-                    "disables automatic differentiation, and the version counters that verify the "
-                    "solve's last step for the closed-form rate bound. Evaluate under "
-                    "torch.no_grad() instead."
-                )
+        if torch.is_inference_mode_enabled() and sradius_mode and self.sradius_method == "power":
+            # (the rate bound's forward-mode products run on a copy made outside inference mode)
+            raise InvalidInputError(
+                "sradius_mode with pcdeq_sradius='power' cannot run under torch.inference_mode(): "
+                "TorchDEQ's power method differentiates f at z* with autograd, which inference "
+                "tensors do not allow. Evaluate under torch.no_grad(), or pass "
+                "pcdeq_sradius='rate_bound' (a certified upper bound, which runs here)."
+            )
 
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
         options = {}

@@ -679,10 +679,7 @@ class _Guard:
         stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
         """
         try:
-            # Inference tensors take no forward-mode product; a copy made outside inference mode
-            # does (f's own inference tensors, its injection and weights, serve as constants).
-            with torch.inference_mode(False):
-                q = rate_certificate(func, low.clone(), power_step=False).rate
+            q = rate_certificate(func, low, power_step=False).rate  # (inference mode included)
         except InvalidInputError:  # an operation in f without a forward-mode product
             # Without q a slow layer's rounding stall cannot be told from two fixed points: no
             # verdict (a false one would stop a valid model); the samples end unconverged.
