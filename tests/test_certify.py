@@ -853,6 +853,19 @@ def test_a_slow_valid_enclosure_is_not_mistaken_for_two_fixed_points():
     assert info["converged"].all() and info["trace_steps"][-1] > 1000
 
 
+def test_the_rate_bound_of_an_inference_tensor_is_its_copys_and_a_cut_path_is_no_zero_bound():
+    """Outside inference mode, an inference tensor dropped the tangent, which read as J = 0:
+    q = 0 certified for a map with spectral radius 0.6."""
+    w = torch.full((4, 4), 0.2)
+    f = lambda v: torch.tanh(v @ w.T + 0.1)  # noqa: E731
+    with torch.inference_mode():
+        z = torch.full((1, 4), 0.5)
+    expected = rate_certificate(f, z.clone()).rate
+    assert expected > 0.6 and torch.equal(rate_certificate(f, z).rate, expected)
+    with pytest.raises(InvalidInputError, match="found no path from z to f"):
+        rate_certificate(lambda v: _tanh_cut_from_its_input(v @ w.T + 0.1), z.clone())
+
+
 class _TanhWithoutForwardMode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u):
@@ -863,7 +876,12 @@ class _TanhWithoutForwardMode(torch.autograd.Function):
         raise NotImplementedError
 
 
-@pytest.mark.parametrize("context", ["inference_mode", "no forward-mode product"])
+def _tanh_cut_from_its_input(u):
+    with torch.inference_mode():  # (an f that cuts the path from z: no tangent comes out)
+        return torch.tanh(u)
+
+
+@pytest.mark.parametrize("context", ["inference_mode", "no forward-mode product", "a path cut inside f"])
 def test_a_slow_valid_layers_stalled_gap_is_never_called_two_fixed_points(context, monkeypatch):
     """q = 0.9989: the gap stalls at rounding over 1 - q. Under inference_mode q was not
     computed and the stall was called two fixed points (NonUniqueFixedPointError, iteration
@@ -879,7 +897,12 @@ def test_a_slow_valid_layers_stalled_gap_is_never_called_two_fixed_points(contex
                 lambda z: torch.tanh(0.999 * z + 1e-5), torch.zeros(1, 1), **options
             )
     else:
-        f = lambda z: _TanhWithoutForwardMode.apply(0.999 * z + 1e-5)  # noqa: E731
+        activation = (
+            _TanhWithoutForwardMode.apply
+            if context == "no forward-mode product"
+            else _tanh_cut_from_its_input
+        )
+        f = lambda z: activation(0.999 * z + 1e-5)  # noqa: E731
         with torch.no_grad(), pytest.warns(PcDEQWarning, match="The guard gives no verdict"):
             _, _, info = pcdeq_fixed_point(f, torch.zeros(1, 1), **options)
     assert not info["converged"].any() and int(info["trace_steps"][-1]) == 25_000

@@ -115,9 +115,10 @@ def rate_certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bo
         >>> bool((q < 1).all()), bool((v > 0).all())
         (True, True)
     """
-    if torch.is_inference_mode_enabled():
-        # Inference tensors take no forward-mode product; a copy of z made outside inference
-        # mode does (f's inference tensors, its injection and cached weights, act as constants).
+    if torch.is_inference_mode_enabled() or z.is_inference():
+        # Inference tensors take no forward-mode product (the tangent is dropped); a copy of z
+        # made outside inference mode does (f's inference tensors, its injection and cached
+        # weights, act as constants).
         with torch.inference_mode(False):
             return rate_certificate(func, z.detach().clone(), power_step)
     z = z.detach()
@@ -165,11 +166,9 @@ def closed_form_certificate(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, out
         return _from_products(lambda direction: slope * layer.apply_operator(direction, weight), z_in, True)
 
 
-def _from_products(jvp: Callable[[Tensor], Tensor | None], z: Tensor, power_step: bool) -> RateCertificate:
-    """The certificate from ``jvp(d) = J d`` (``None`` where ``J`` is zero)."""
+def _from_products(jvp: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) -> RateCertificate:
+    """The certificate from ``jvp(d) = J d``."""
     jz = jvp(z)
-    if jz is None:  # f does not depend on z
-        return RateCertificate(torch.zeros(z.shape[0], dtype=z.dtype, device=z.device), z)
     rate = _collatz_wielandt(jz, z)
     if not power_step:
         return RateCertificate(rate, z)
@@ -188,19 +187,28 @@ def _from_products(jvp: Callable[[Tensor], Tensor | None], z: Tensor, power_step
     return RateCertificate(torch.where(better, stepped, rate), torch.where(per_sample, v, z))
 
 
-def _jvp(func: Callable[[Tensor], Tensor], z: Tensor, direction: Tensor) -> Tensor | None:
-    """``J direction`` with ``J = d func / dz`` at ``z`` (``None`` where ``f`` ignores ``z``)."""
+def _jvp(func: Callable[[Tensor], Tensor], z: Tensor, direction: Tensor) -> Tensor:
+    """``J direction`` with ``J = d func / dz`` at ``z``."""
     try:
         with torch.no_grad(), forward_ad.dual_level(), warnings.catch_warnings():
             # forward AD's first use compiles a helper with torch.jit.script, which warns
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-            return forward_ad.unpack_dual(func(forward_ad.make_dual(z, direction))).tangent
+            tangent = forward_ad.unpack_dual(func(forward_ad.make_dual(z, direction))).tangent
     except (RuntimeError, NotImplementedError) as exc:
         raise InvalidInputError(
             f"The rate bound needs a forward-mode Jacobian-vector product of f, which failed: "
             f"{exc}. Every operation in f must support torch.autograd.forward_ad; the pcDEQ "
             "layers and built-in activations do."
         ) from exc
+    if tangent is None:
+        # Reading no tangent as J = 0 would certify q = 0 for any map whose f cuts the path.
+        raise InvalidInputError(
+            "The rate bound's forward-mode product found no path from z to f(z): f ignores z, or "
+            "cuts the path (detach(), .data, torch.inference_mode() inside f, a tensor rebuilt "
+            "from numbers), and which one cannot be told, so no bound is given. Keep f "
+            "differentiable in z."
+        )
+    return tangent
 
 
 def _collatz_wielandt(jv: Tensor, v: Tensor) -> Tensor:
