@@ -889,7 +889,7 @@ def test_a_slow_valid_layers_stalled_gap_is_never_called_two_fixed_points(contex
     product at all, the guard gives no verdict, with a warning, rather than a false one."""
     from torchdeq_pcdeq import solver
 
-    monkeypatch.setattr(solver, "_warned_no_verdict", set())  # said once per process
+    monkeypatch.setattr(solver, "_warned_no_verdict", False)  # said once per process
     options = dict(max_iter=25_000, tol=1e-5, enclosure=True, upper=1.0, guard="raise")
     if context == "inference_mode":
         with torch.inference_mode():

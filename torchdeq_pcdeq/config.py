@@ -465,25 +465,23 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
     _check_unknown_keys(config, from_argparse, set(kwargs))
-    replaced = {
-        key: (config[key], value)
-        for key, value in PCDEQ_CORE_DEFAULTS.items()
-        if key not in explicit and key in config and config[key] != value
-    }
-    if from_argparse and replaced:
-        # (the call's keywords, merged into the Namespace by get_deq, are no evidence)
-        unexplained = [key for key in _unexplained_by_argv(source) if key not in kwargs]
-        if unexplained:
-            _warn_replaced_defaults(source, replaced, unexplained)
     if config.get("sradius_mode") and not from_argparse:  # (a script's --sradius_mode is its own)
         warn(
             "sradius_mode=True in the core's config is ignored (by TorchDEQ's cores too): it is an "
             "argument of each call. Pass it there: deq(f, z0, sradius_mode=True), in eval mode."
         )
 
+    replaced = {}  # key: (the config's value, pcDEQ's default that replaces it)
     for key, value in PCDEQ_CORE_DEFAULTS.items():
         if key not in explicit:
+            if key in config and config[key] != value:
+                replaced[key] = (config[key], value)
             config[key] = value
+    if from_argparse and replaced:
+        # (the call's keywords, merged into the Namespace by get_deq, are no evidence)
+        unexplained = [key for key in _unexplained_by_argv(source) if key not in kwargs]
+        if unexplained:
+            _warn_replaced_defaults(source, replaced, unexplained)
     _check_numbers(config)
     _check_switches(config)
     gradient = gradient_mode(config)

@@ -679,14 +679,13 @@ class _Guard:
         stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
         """
         try:
-            q = rate_certificate(func, low, power_step=False).rate  # (inference mode included)
+            q = rate_certificate(func, low, power_step=False).rate.to(gap.dtype)  # (inference mode too)
         except InvalidInputError:  # an operation in f without a forward-mode product
             # Without q a slow layer's rounding stall cannot be told from two fixed points: no
             # verdict (a false one would stop a valid model); the samples end unconverged.
             _warn_no_verdict()
-            q, explained = None, settled
-        if q is not None:
-            q = q.to(gap.dtype)
+            explained = settled
+        else:
             # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
             explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q))
         stalled = self.rounding_stalled
@@ -813,13 +812,14 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
 
 
 _warned_rates: set[tuple[torch.dtype, int]] = set()
-_warned_no_verdict: set[bool] = set()
+_warned_no_verdict = False
 
 
 def _warn_no_verdict() -> None:
+    global _warned_no_verdict
     if _warned_no_verdict:  # once per process
         return
-    _warned_no_verdict.add(True)
+    _warned_no_verdict = True
     warn(
         "pcDEQ guard: the gap between the enclosure's two sequences stopped shrinking while still "
         "above the tolerance. That is a slow layer's rounding stall or two fixed points (a "
