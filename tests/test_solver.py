@@ -145,6 +145,21 @@ def test_registered_and_usable_as_a_backward_solver_with_a_bare_lambda():
     assert info["converged"].all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_absolute_tolerance_below_the_rounding_of_large_samples_is_said_once(monkeypatch, dtype):
+    monkeypatch.setattr(solver_module, "_warned_floors", set())  # said once per process
+    f, x = dense_instance(batch=4, scale=0.5, dtype=dtype)  # (a contraction: z* shrinks with x)
+    x = torch.cat([1e-4 * x, x])  # states about 1e4 times smaller, and so is their rounding floor
+    fine = 100 * torch.finfo(dtype).eps * float(x[:4].norm(dim=1).max())
+    wider = "" if dtype == torch.float64 else ", or a wider dtype"
+    message = rf"tol=.* \(abs\) is below what {dtype} iterates can resolve in 4 of 8 samples.*rel'{wider} for"
+    with pytest.warns(PcDEQWarning, match=message):
+        _, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), tol=fine, stop_mode="abs")
+    assert bool(info["converged"].all())
+    pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x), tol=fine, stop_mode="abs")  # said before
+    pcdeq_fixed_point(lambda z: f(z, x[:4]), torch.zeros_like(x[:4]), tol=1e-3, stop_mode="abs")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -462,17 +477,22 @@ def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():
 
 def test_an_absolute_certified_stop_says_nothing_of_a_relative_floor(monkeypatch):
     """abs: each sample's limit already covers its rounding (twice it, over 1 - q); the relative
-    floor's warning named a 'raised tolerance' the user never set."""
+    floor's warning named a 'raised tolerance' the user never set. The absolute one is said."""
     monkeypatch.setattr(solver_module, "_warned_rates", set())
-    _, _, info = pcdeq_fixed_point(  # (a PcDEQWarning fails the test: pyproject's filterwarnings)
-        lambda z: 0.9 * z + 1,
-        torch.zeros(2, 3),
-        max_iter=400,
-        tol=1e-9,
-        stop_mode="abs",
-        weights=torch.ones(2, 3),
-        rate=torch.full((2,), 0.9),
-    )
+    monkeypatch.setattr(solver_module, "_warned_floors", set())
+    with pytest.warns(PcDEQWarning) as said:
+        _, _, info = pcdeq_fixed_point(
+            lambda z: 0.9 * z + 1,
+            torch.zeros(2, 3),
+            max_iter=400,
+            tol=1e-9,
+            stop_mode="abs",
+            weights=torch.ones(2, 3),
+            rate=torch.full((2,), 0.9),
+        )
+    assert [str(w.message)[:74] for w in said] == [
+        "tol=1e-09 (abs) is below what torch.float32 iterates can resolve in 2 of 2"
+    ]
     assert info["converged"].all()
     assert (info["error_bound"] <= 2 * 2 * 16 * torch.finfo(torch.float32).eps * 30 / (1 - 0.9)).all()
 

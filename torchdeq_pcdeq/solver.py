@@ -516,6 +516,15 @@ class _Monitor:
         need = (k - self.steps[-2]) * math.log(now) / math.log(before / now)
         return min(max(1, math.ceil(need)), k)
 
+    def _warn_abs_floor(self, converged: Tensor) -> None:
+        """Say (once per dtype and tolerance) that samples counted as converged at their rounding
+        floor, above the absolute tolerance (one host sync per solve until it has been said)."""
+        raised = converged & (self.abs_limit[-1] > self.tol)
+        count = int(raised.sum())
+        if count:
+            worst = float(self.abs_limit[-1][raised].max())
+            _warn_floor(self.arithmetic, "abs", self.tol, worst, count, raised.numel())
+
     def stat(self, k: int, device: torch.device) -> SolverStat:
         """TorchDEQ's ``SolverStat`` plus ``converged``, ``trace_steps`` (and ``error_bound``).
 
@@ -553,6 +562,8 @@ class _Monitor:
             else:  # a flagged sample's later measures may be finite (an overflowed norm)
                 entries["diverged"] = self.diverged
                 entries["converged"] = entries["converged"] & ~self.diverged
+        if self.stop_mode == "abs" and (self.arithmetic, "abs", self.tol) not in _warned_floors:
+            self._warn_abs_floor(entries["converged"])
         # SolverStat's constructor builds a default tensor per key; every key is given here.
         info = SolverStat.__new__(SolverStat)
         dict.__init__(info, entries)
@@ -801,14 +812,28 @@ def _check_upper_start(start: float, high_next: Tensor) -> None:
         )
 
 
-def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) -> None:
+def _warn_floor(
+    dtype: torch.dtype, stop_mode: str, tol: float, floor: float, count: int = 0, batch: int = 0
+) -> None:
+    """Once per (dtype, stop_mode, tol). ``"abs"``: ``count`` of ``batch`` samples stopped at their
+    own floor, the largest ``floor`` (their rounding, which grows with their size)."""
     key = (dtype, stop_mode, tol)
-    if key not in _warned_floors:
-        _warned_floors.add(key)
+    if key in _warned_floors:
+        return
+    _warned_floors.add(key)
+    wider = "" if dtype == torch.float64 else ", or a wider dtype"
+    if stop_mode == "abs":
         warn(
-            f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
-            f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
+            f"tol={tol:g} (abs) is below what {dtype} iterates can resolve in {count} of {batch} "
+            f"samples, whose rounding floor (it grows with a sample's size) is up to {floor:.3g}: "
+            "they count as converged at that floor, so their info['abs_lowest'] may exceed tol. "
+            f"Use stop_mode='rel'{wider} for a finer tolerance."
         )
+        return
+    warn(
+        f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals under "
+        f"{floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
+    )
 
 
 _warned_rates: set[tuple[torch.dtype, int]] = set()
