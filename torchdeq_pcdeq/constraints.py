@@ -447,13 +447,13 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
 class PcDEQNonnegNorm:
     """The TorchDEQ norm ``pcdeq_nonneg``: :class:`NonNegativeWeightNorm` under TorchDEQ's norm API.
 
-    ``apply_norm(model, norm_type="pcdeq_nonneg")`` installs it on every ``nn.Linear`` and
-    ``nn.Conv1d/2d/3d`` (exact types, TorchDEQ's rule) of ``model``, keeping the magnitudes of
-    each weight, or, with ``pcdeq_nonneg_init="reference"`` in ``args``, starting it from
-    :func:`reference_init_`. Unlike TorchDEQ's own
-    weight norm it is a :mod:`torch.nn.utils.parametrize` parametrization, so modules stay
-    deep-copyable, gradient accumulation works, and ``reset_norm`` has nothing to recompute
-    (``__call__`` is a no-op kept for the contract).
+    ``apply_norm(model, norm_type="pcdeq_nonneg")`` installs it on every ``nn.Linear``,
+    ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (exact types, TorchDEQ's rule) of
+    ``model``, keeping the magnitudes of each weight, or, with ``pcdeq_nonneg_init="reference"``
+    in ``args``, starting it from :func:`reference_init_`. Unlike TorchDEQ's own weight norm it
+    is a :mod:`torch.nn.utils.parametrize` parametrization, so modules stay deep-copyable,
+    gradient accumulation works, and ``reset_norm`` has nothing to recompute (``__call__`` is a
+    no-op kept for the contract).
 
     Example:
         >>> from torch import nn
@@ -470,6 +470,10 @@ class PcDEQNonnegNorm:
         nn.Conv1d: ("weight", 0),
         nn.Conv2d: ("weight", 0),
         nn.Conv3d: ("weight", 0),
+        # (a transposed convolution's weight is (in, out / groups, ...): its rows are dim 1)
+        nn.ConvTranspose1d: ("weight", 1),
+        nn.ConvTranspose2d: ("weight", 1),
+        nn.ConvTranspose3d: ("weight", 1),
     }
     # TorchDEQ weight-norm options that have no meaning here; they are reported, not ignored.
     _UNSUPPORTED_OPTIONS: ClassVar[dict[str, object]] = {"norm_no_scale": False, "norm_clip": False}
@@ -482,10 +486,11 @@ class PcDEQNonnegNorm:
         if names is None or dims is None:
             if type(module) not in cls._target_modules:
                 raise InvalidInputError(
-                    f"norm_type='pcdeq_nonneg' applies to modules of type exactly nn.Linear or "
-                    f"nn.Conv1d/2d/3d (TorchDEQ's rule), got {type(module).__name__}. A pcDEQ layer's "
-                    "operator keeps W >= 0 by the layer's own mechanism (choose it with "
-                    "nonnegativity=...); for another module, pass names= and dims=."
+                    "norm_type='pcdeq_nonneg' applies to modules of type exactly nn.Linear, "
+                    "nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d (TorchDEQ's rule), got "
+                    f"{type(module).__name__}. A pcDEQ layer's operator keeps W >= 0 by the layer's "
+                    "own mechanism (choose it with nonnegativity=...); for another module, pass "
+                    "names= and dims=."
                 )
             names, dims = cls._target_modules[type(module)]
         names = [names] if isinstance(names, str) else list(names)
