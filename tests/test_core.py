@@ -37,6 +37,7 @@ from torchdeq_pcdeq import (
     add_pcdeq_args,
     pcdeq_fixed_point,
 )
+from torchdeq_pcdeq.backward import ClosedFormImplicitGradient
 
 TIGHT = dict(f_tol=1e-12, b_tol=1e-12, f_max_iter=5000, b_max_iter=5000)
 
@@ -163,6 +164,23 @@ def test_hook_ift_called_twice_before_backward_does_not_reenter_and_matches_ift(
         grads[gradient] = (u.grad.clone(), f.linear.weight.grad.clone())
     for a, b in zip(grads["ift"], grads["hook_ift"]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_pcdeq_phantom_asks_for_phantom_gradients_where_ift_false_cannot_be_typed():
+    args = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--grad", "3", "--pcdeq_phantom"])
+    deq = torchdeq.get_deq(args)
+    assert (deq.gradient, deq.args.get("ift"), deq.f_max_iter) == ("phantom", False, 200)
+    f, x = dense_instance(dtype=torch.float32)
+    z_out, _ = solve(deq.train(), f, x)
+    assert z_out[-1].requires_grad and not isinstance(deq.produce_grad[-1], ClosedFormImplicitGradient)
+    assert torchdeq.get_deq(deq.args).gradient == "phantom"  # rebuilt: the same core
+    for asked in ({"ift": True}, {"hook_ift": True}):
+        with pytest.raises(InvalidInputError, match=f"pcdeq_phantom=True .* and {next(iter(asked))}=True"):
+            torchdeq.get_deq(core="pcdeq", pcdeq_phantom=True, **asked)
+    sys.argv[1:] = []  # a namespace the command line does not explain: ift is not listed as replaced
+    with pytest.warns(PcDEQWarning, match="replaced values") as caught:
+        torchdeq.get_deq(args)
+    assert "ift False" not in str(caught[0].message)
 
 
 def test_phantom_gradient_when_a_dict_config_turns_ift_off():
@@ -317,6 +335,15 @@ def test_a_flag_typed_on_the_command_line_wins_even_at_torchdeqs_default():
     assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode) == (40, 1e-3, "rel")
 
 
+def test_an_abbreviated_flag_counts_as_typed_as_argparse_reads_it():
+    argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_max", "40", "--f_to=1e-3"]
+    deq = torchdeq.get_deq(parse([*argv, "--f_stop", "abs"]))
+    assert (deq.f_max_iter, deq.f_tol, deq.f_stop_mode, deq.b_max_iter) == (40, 1e-3, "abs", 200)
+    args = parse(argv)
+    sys.argv[1:] = [*argv, "--", "--b_max_iter"]  # after "--", a positional argument
+    assert torchdeq.get_deq(args).b_max_iter == 200
+
+
 def test_keywords_of_get_deq_are_no_evidence_that_the_namespace_was_not_parsed_from_argv():
     args = parse([])  # a script run without flags, which picks the core in code
     with warnings.catch_warnings():
@@ -375,13 +402,20 @@ def test_phantom_gradient_options_unused_under_the_default_ift_are_said():
     with pytest.warns(PcDEQWarning, match=r"grad=\[5\] and tau=0.8 configure TorchDEQ's phantom gradient"):
         assert torchdeq.get_deq(args).gradient == "ift"
     with pytest.warns(
-        PcDEQWarning, match=r"grad=3 configures .*get_deq\(args, ift=False\) or PcDEQCore\(args, ift"
+        PcDEQWarning, match=r"grad=3 configures .*--pcdeq_phantom .*get_deq\(args, ift=False\)"
     ):
         torchdeq.get_deq(core="pcdeq", grad=3)
+    states = r"sup_gap=2 and sup_loc=\[1\] configure .*returns one state in training"
+    with pytest.warns(PcDEQWarning, match=states):
+        torchdeq.get_deq(core="pcdeq", sup_gap=2, sup_loc=[1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert PcDEQCore(args, ift=False).gradient == "phantom"  # the advice works
         assert torchdeq.get_deq(args, ift=False).gradient == "phantom"
+        assert torchdeq.get_deq(args, pcdeq_phantom=True).gradient == "phantom"
+        phantom = parse(["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--grad", "5", "--pcdeq_phantom"])
+        assert torchdeq.get_deq(phantom).gradient == "phantom"
+        assert torchdeq.get_deq(core="pcdeq", sup_loc=[], sup_gap=-1).gradient == "ift"  # unused: quiet
         assert torchdeq.get_deq(core="pcdeq", grad=3, ift=True).gradient == "ift"  # chosen: quiet
         assert torchdeq.get_deq(core="pcdeq", grad=3, n_states=2).gradient == "ift"  # grad is used
 
@@ -392,6 +426,25 @@ def test_warns_for_a_solver_without_guarantee_and_still_reports_convergence():
     f, x = dense_instance(dtype=torch.float32)
     _, info = solve(deq.eval(), f, x)
     assert info["converged"].dtype == torch.bool and info["converged"].all()
+
+
+def test_a_solver_assigned_after_construction_is_reported_as_the_config_check_would():
+    x = torch.rand(4, 6, dtype=torch.float64) + 0.5
+    falling = lambda z: torch.tanh(x - 0.5 * z)  # noqa: E731  (not monotone: the guard's case)
+    deq = torchdeq.get_deq(core="pcdeq").eval()
+    with pytest.raises(NotPositiveMonotoneError):
+        deq(falling, torch.zeros_like(x))
+    deq.f_solver = torchdeq.get_solver("anderson")
+    with pytest.warns(PcDEQWarning, match=r"f_solver was replaced by 'anderson_solver' .* no guard"):
+        _, info = deq(falling, torch.zeros_like(x))
+    assert bool(info["converged"].all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deq(falling, torch.zeros_like(x))  # said once per solver
+    certified = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True).eval()
+    certified.f_solver = torchdeq.get_solver("anderson")
+    with pytest.raises(InvalidInputError, match=r"replaced by 'anderson_solver' .* pcdeq_enclosure=True"):
+        certified(falling, torch.zeros_like(x))
 
 
 def test_a_certificate_that_the_chosen_solver_cannot_give_is_refused():
@@ -408,6 +461,12 @@ def test_a_core_rebuilt_from_another_cores_config_is_the_same_core():
     first = torchdeq.get_deq(core="pcdeq", hook_ift=True, f_max_iter=50, pcdeq_guard="warn")
     second = torchdeq.get_deq(first.args)
     assert (second.gradient, second.f_max_iter, second.guard) == ("hook_ift", 50, "warn")
+    # TorchDEQ's get_deq and apply_norm update the config they are given in place: a copy here
+    assert torchdeq.get_deq(first.args, f_max_iter=7).f_max_iter == 7
+    torchdeq.apply_norm(torch.nn.Linear(2, 2), args=first.args, norm_type="none")
+    assert first.args.get("f_max_iter") == 50 and torchdeq.get_deq(first.args).f_max_iter == 50
+    with pytest.raises(InvalidInputError, match=r"a change \(f_tol\) would not reach the core"):
+        first.args.update(f_tol=1e-3)
 
 
 def test_a_core_rebuilt_from_another_cores_config_differentiates_as_its_own_keys_say():
@@ -792,7 +851,9 @@ def test_torchdeq_simple_solver_works_as_backward_solver():
     ("config", "match"),
     [
         ({"n_states": 300}, r"^n_states=300 splits f_max_iter=200"),
-        ({"indexing": [250]}, r"^indexing=\[250\] splits .*segments of \[250, -50\]"),
+        ({"indexing": [250]}, r"^indexing=\[250\] splits .*segments of \[250, -50\].*Raise f_max_iter"),
+        ({"indexing": [20, 5]}, r"^indexing=\[20, 5\] splits .*\[20, -15, 195\].* strictly increase"),
+        ({"indexing": [0, 5]}, r"^indexing=\[0, 5\] splits .*\[0, 5, 195\].* strictly increase"),
         ({"eval_factor": 0.001}, r"eval solve gets 0 iterations.*eval_factor=0.001"),
     ],
 )

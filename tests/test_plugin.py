@@ -66,6 +66,21 @@ def test_apply_norm_pcdeq_nonneg_on_linear_and_conv():
     torchdeq.reset_norm(model)  # a no-op for this norm, but part of the contract
 
 
+def test_apply_norm_pcdeq_nonneg_constrains_transposed_convolutions_as_torchdeqs_weight_norm_does():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.ConvTranspose1d(2, 5, 3, groups=1))
+    before = [m.weight.detach().abs().clone() for m in model]
+    with pytest.warns(PcDEQWarning, match="negative"):  # (a signed start: the magnitudes are kept)
+        torchdeq.apply_norm(model, norm_type="pcdeq_nonneg")
+    for m, magnitudes in zip(model, before):
+        assert parametrize.is_parametrized(m, "weight") and isinstance(m._deq_norm, PcDEQNonnegNorm)
+        torch.testing.assert_close(m.weight, magnitudes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=100.0)
+    model[0](torch.rand(2, 3, 5, 5)).sum().neg().backward()  # pushes every entry down, hard
+    optimizer.step()
+    assert all(bool((m.weight >= 0).all()) for m in model)
+
+
 @pytest.mark.parametrize("norm_type", ["weight_norm", "spectral_norm", "pcdeq_nonneg"])
 @pytest.mark.parametrize("nonnegativity", ["project", "weight_norm", "parametrize"])
 def test_a_stock_scripts_apply_norm_leaves_the_pcdeq_layers_mechanism_alone(norm_type, nonnegativity):
@@ -169,6 +184,23 @@ def test_runner_takes_the_cores_options_and_hands_the_script_its_own_arguments(t
     result = run_module(str(script), *flags)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:4] == ["['--lr', '3']", "warn True 2", "raise", "warn"]
+
+
+def test_runner_says_when_its_options_go_to_a_core_or_norm_that_the_script_does_not_build(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text("print('ran')\n")
+    args = ["--core", "sliced", "--pcdeq_enclosure", "--norm_type=weight_norm", "--pcdeq_nonneg_init"]
+    result = run_module(str(script), *args, "reference", "--pcdeq_guard", "warn")
+    assert result.returncode == 0 and result.stdout.strip() == "ran"
+    assert (
+        "PcDEQWarning: --pcdeq_enclosure, --pcdeq_guard configure the pcdeq core, and --core sliced "
+        "asks for another: the option has no effect on it. Pass --core pcdeq"
+    ) in result.stderr
+    assert "--pcdeq_nonneg_init configures the pcdeq_nonneg norm type, and --norm_type weight_norm" in (
+        result.stderr
+    )
+    result = run_module(str(script), "--core", "pcdeq", "--pcdeq_enclosure", "--norm_type", "pcdeq_nonneg")
+    assert result.returncode == 0 and "PcDEQWarning" not in result.stderr
 
 
 def test_runner_refuses_an_unknown_or_invalid_pcdeq_option_before_the_script_runs(tmp_path):

@@ -33,7 +33,7 @@ USAGE = """usage: python -m torchdeq_pcdeq SCRIPT [ARGS...]
 Registers the pcDEQ plugin into TorchDEQ, then runs SCRIPT (or MODULE) as __main__ with ARGS,
 so that an unmodified TorchDEQ script accepts --core pcdeq --norm_type pcdeq_nonneg. The pcdeq
 core's options (--pcdeq_guard, --pcdeq_nonconvergence, --pcdeq_check_every, --pcdeq_enclosure,
---pcdeq_enclosure_upper, --pcdeq_rate_bound, --pcdeq_sradius) and the norm's
+--pcdeq_enclosure_upper, --pcdeq_rate_bound, --pcdeq_sradius, --pcdeq_phantom) and the norm's
 (--pcdeq_nonneg_init keep|reference) may be given among ARGS: the runner takes them out and the
 script's pcdeq cores and pcdeq_nonneg norms use them."""
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if options:
         os.environ[RUNNER_OPTIONS_ENV] = json.dumps(options)
+        _warn_unused_options(options, argv)
     _register_in_child_processes()
 
     if argv[0] == "-m":
@@ -88,6 +89,38 @@ def _explained_registry_errors(argv: list[str]):
         if explained is None:
             raise
         raise explained from error
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``--flag value`` / ``--flag=value`` among ``argv`` (the last one), or None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        if token == f"--{flag}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(f"--{flag}="):
+            value = token.partition("=")[2]
+    return value
+
+
+def _warn_unused_options(options: dict, argv: list[str]) -> None:
+    """Options of the pcdeq core (or of the norm pcdeq_nonneg) given with a ``--core`` (or
+    ``--norm_type``) that builds another one: TorchDEQ's cores take them without a word."""
+    from torchdeq_pcdeq.errors import warn
+
+    for flag, ours, owners in (
+        ("core", "pcdeq", [key for key in options if key != "pcdeq_nonneg_init"]),
+        ("norm_type", "pcdeq_nonneg", [key for key in options if key == "pcdeq_nonneg_init"]),
+    ):
+        chosen = _flag_value(argv, flag)
+        if owners and chosen is not None and chosen != ours:
+            named = ", ".join(f"--{key}" for key in owners)
+            warn(
+                f"{named} configure{'s' if len(owners) == 1 else ''} the {ours} {flag.replace('_', ' ')}, "
+                f"and --{flag} {chosen} asks for another: the option has no effect on it. Pass "
+                f"--{flag} {ours}, or drop {named}."
+            )
 
 
 def _register_in_child_processes() -> None:

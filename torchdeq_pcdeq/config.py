@@ -197,6 +197,13 @@ PCDEQ_OPTIONS: dict[str, Option] = {
         "(an estimate) or the certified 'rate_bound' (an upper bound, two products)",
         ("power", "rate_bound"),
     ),
+    "pcdeq_phantom": Option(
+        False,
+        "differentiate with TorchDEQ's phantom gradient (its grad steps and tau) instead of "
+        "implicitly: what ift=False asks for in a dict or a keyword, which TorchDEQ's --ift flag "
+        "cannot say",
+        kind="flag",
+    ),
     "pcdeq_nonneg_init": Option(
         "keep",
         "how norm_type='pcdeq_nonneg' starts each weight it constrains: 'keep' its magnitudes "
@@ -238,6 +245,7 @@ RUNNER_OPTIONS = (
     "pcdeq_enclosure_upper",
     "pcdeq_rate_bound",
     "pcdeq_sradius",
+    "pcdeq_phantom",
     "pcdeq_nonneg_init",
 )
 # Set by the runner (python -m torchdeq_pcdeq) from its --pcdeq_* flags, as JSON, so that the
@@ -398,6 +406,37 @@ class ResolvedConfig(dict):
     """
 
 
+class CoreArgs(DEQConfig):
+    """A pcdeq core's ``args``: its resolved config, read as TorchDEQ reads a ``DEQConfig``.
+
+    TorchDEQ's ``get_deq(args, **kwargs)`` and ``apply_norm(..., args=args)`` update the config
+    they are given in place; given a core's ``args``, they update a copy (``config`` is one), so
+    that the core's own stays the one it was built with.
+
+    Example:
+        >>> import torchdeq, torchdeq_pcdeq
+        >>> first = torchdeq.get_deq(core="pcdeq", f_max_iter=50)
+        >>> (torchdeq.get_deq(first.args, f_max_iter=7).f_max_iter, first.args.get("f_max_iter"))
+        (7, 50)
+    """
+
+    def __init__(self, config: ResolvedConfig):  # (DEQConfig's own would keep the object)
+        self._config = config
+
+    @property
+    def config(self) -> ResolvedConfig:
+        return ResolvedConfig(self._config)
+
+    def get(self, key, default=None):
+        return self._config.get(key, default)
+
+    def update(self, **kwargs) -> None:
+        raise InvalidInputError(
+            f"core.args is the config this core was built with, and a change ({', '.join(kwargs)}) "
+            "would not reach the core. Build another one: torchdeq.get_deq(core.args, key=value)."
+        )
+
+
 def _from_argparse(config: dict) -> bool:
     """Whether ``config`` carries every key of ``torchdeq.add_deq_args``: built by argparse."""
     return not isinstance(config, ResolvedConfig) and set(torchdeq_argparse_defaults()) <= set(config)
@@ -424,9 +463,14 @@ def _warn_replaced_defaults(config: dict, replaced: dict, unexplained: list[str]
 
 def _typed_flags(keys: Iterable[str]) -> set[str]:
     """The keys among ``keys`` whose flag is on this process's command line (``--key value`` or
-    ``--key=value``): typed, so set, even to TorchDEQ's default value."""
-    given = {token[2:].partition("=")[0] for token in sys.argv[1:] if token.startswith("--")}
-    return given & set(keys)
+    ``--key=value``, or a prefix of the flag, ``--f_max 40``, which argparse takes when it names
+    one flag): typed, so set, even to TorchDEQ's default value."""
+    arguments = sys.argv[1:]
+    if "--" in arguments:  # the end of the options: what follows is positional
+        arguments = arguments[: arguments.index("--")]
+    given = {token[2:].partition("=")[0] for token in arguments if token.startswith("--")}
+    # (a prefix of several keys counts for each: argparse refused it unless the parser has one)
+    return {key for key in keys if any(key.startswith(flag) for flag in given)}
 
 
 def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> None:
@@ -477,13 +521,19 @@ def resolve_core_config(args, kwargs: dict) -> dict:
             if key in config and config[key] != value:
                 replaced[key] = (config[key], value)
             config[key] = value
+    _check_numbers(config)
+    _check_switches(config)
+    _with_runner_options(config, source, from_argparse, kwargs)
+    for key, option in PCDEQ_OPTIONS.items():
+        config[key] = option.convert(key, config.get(key, option.default))
+    if config["pcdeq_phantom"]:
+        _ask_for_phantom_gradients(config, explicit)
+        replaced.pop("ift", None)  # (TorchDEQ's False stands)
     if from_argparse and replaced:
         # (the call's keywords, merged into the Namespace by get_deq, are no evidence)
         unexplained = [key for key in _unexplained_by_argv(source) if key not in kwargs]
         if unexplained:
             _warn_replaced_defaults(source, replaced, unexplained)
-    _check_numbers(config)
-    _check_switches(config)
     gradient = gradient_mode(config)
     recorded = config.pop(_LEGACY_GRADIENT_KEY, gradient)
     if recorded != gradient:  # a config saved by an earlier version, edited since
@@ -494,9 +544,6 @@ def resolve_core_config(args, kwargs: dict) -> dict:
         )
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
-    _with_runner_options(config, source, from_argparse, kwargs)
-    for key, option in PCDEQ_OPTIONS.items():
-        config[key] = option.convert(key, config.get(key, option.default))
 
     for prefix in ("f", "b"):
         check_choice(f"{prefix}_stop_mode", config[f"{prefix}_stop_mode"], ("rel", "abs"))
@@ -516,7 +563,8 @@ def resolve_core_config(args, kwargs: dict) -> dict:
             lost = "the guard and the enclosure" if prefix == "f" else "the certified backward solve"
             warn(
                 f"{prefix}_solver={solver!r} is {guarantee} the pcdeq core cannot apply {lost} "
-                f"with it. Remove the option to use {SOLVER_NAME!r}."
+                f"with it. To use {SOLVER_NAME!r}, remove the option or set it to that name "
+                f"(--{prefix}_solver {SOLVER_NAME} on a command line)."
             )
     norm = config.get("norm_type")
     if norm is not None:
@@ -531,34 +579,63 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     return ResolvedConfig(config)
 
 
+def _ask_for_phantom_gradients(config: dict, explicit: set[str]) -> None:
+    """``pcdeq_phantom=True``: ``ift`` and ``hook_ift`` off, unless one was set on."""
+    asked = [key for key in ("ift", "hook_ift") if key in explicit and config.get(key)]
+    if asked:
+        raise InvalidInputError(
+            f"pcdeq_phantom=True asks for TorchDEQ's phantom gradient, and {asked[0]}=True for "
+            "implicit differentiation. Keep one of them."
+        )
+    config["ift"] = config["hook_ift"] = False
+
+
 def gradient_mode(config: dict) -> str:
     """How the core differentiates: ``"hook_ift"``, ``"ift"`` or ``"phantom"`` (``ift=False``).
 
     Derived from ``ift`` / ``hook_ift`` each time, never stored: a core rebuilt from another's
     config with other values of them differentiates as they say. TorchDEQ's ``--ift`` flag cannot
-    say "off"; only a dict or a keyword asks for phantom gradients.
+    say "off": on a command line, ``--pcdeq_phantom`` asks for phantom gradients.
     """
     return "hook_ift" if config.get("hook_ift") else "ift" if config.get("ift", True) else "phantom"
 
 
+# TorchDEQ's phantom-gradient options, and the values that leave them unused.
+_NEUTRAL_PHANTOM_OPTIONS = {
+    "grad": (1, [1]),
+    "tau": (1.0, [1.0]),
+    "sup_gap": (-1, 0),
+    "sup_loc": (None, [], ()),
+}
+
+
 def _warn_unused_phantom_options(config: dict) -> None:
-    """``grad`` / ``tau`` set for a solve whose one returned state gets the default IFT."""
+    """``grad`` / ``tau`` / ``sup_gap`` / ``sup_loc`` set for a solve whose one returned state gets
+    the default IFT."""
     if config.get("n_states", 1) != 1 or config.get("indexing"):
         return  # the intermediate states keep TorchDEQ's phantom gradient, grad and tau included
     unused = [
         f"{key}={config[key]!r}"
-        for key, default in (("grad", 1), ("tau", 1.0))
-        if key in config and config[key] not in (default, [default])
+        for key, neutral in _NEUTRAL_PHANTOM_OPTIONS.items()
+        if key in config and not any(config[key] == value for value in neutral)
     ]
     if unused:
+        states = any(item.startswith("sup_") for item in unused)
+        named = " and ".join([", ".join(unused[:-1]), unused[-1]] if len(unused) > 1 else unused)
         warn(
-            f"{' and '.join(unused)} configure{'s' if len(unused) == 1 else ''} TorchDEQ's phantom "
+            f"{named} configure{'s' if len(unused) == 1 else ''} TorchDEQ's phantom "
             "gradient, which the pcdeq core does not use here: it differentiates implicitly by "
-            "default (ift=True). For phantom gradients pass ift=False as a keyword "
-            "(torchdeq.get_deq(args, ift=False) or PcDEQCore(args, ift=False)), or in a dict config "
-            "that does not hold every TorchDEQ flag. TorchDEQ's --ift flag cannot say off, and in "
-            "an argparse config (or a dict holding every TorchDEQ flag) False is TorchDEQ's default, "
-            "which reads as unset."
+            "default (ift=True)"
+            + (
+                ", and returns one state in training (sup_gap / sup_loc add states only to phantom gradients)"
+                if states
+                else ""
+            )
+            + ". For phantom gradients pass --pcdeq_phantom on the command line "
+            "(to the runner, or to a parser with torchdeq_pcdeq.add_pcdeq_args), or "
+            "pcdeq_phantom=True or ift=False as a keyword (torchdeq.get_deq(args, ift=False)) or in "
+            "a dict config. TorchDEQ's --ift flag cannot say off, and in an argparse config False "
+            "is TorchDEQ's default, which reads as unset."
         )
 
 

@@ -61,12 +61,13 @@ from .backward import (
     closed_form_is_exact,
 )
 from .certify import RateCertificate, closed_form_certificate, min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, get_deq_keywords, gradient_mode, resolve_core_config
+from .config import SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, positive_int, warn
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
+from .solver import pcdeq_fixed_point
 
 __all__ = ["PcDEQCore", "COMPILE_REASON"]
 
@@ -125,6 +126,7 @@ class PcDEQCore(DEQSliced):
         _make_forward_eager_under_compile()
         config = resolve_core_config(args, {**get_deq_keywords(args), **kwargs})
         super().__init__(config)
+        self.args = CoreArgs(config)
         self.guard = config["pcdeq_guard"]
         self.nonconvergence = config["pcdeq_nonconvergence"]
         self.check_every = config["pcdeq_check_every"]
@@ -133,7 +135,7 @@ class PcDEQCore(DEQSliced):
         self.certify_rate = config["pcdeq_rate_bound"]
         self.sradius_method = config["pcdeq_sradius"]
         self.gradient = gradient_mode(config)
-        self.owns_f_solver = config["f_solver"] == SOLVER_NAME
+        self.configured_f_solver = self.f_solver  # (a solver swapped in later is reported)
         self.owns_b_solver = config["b_solver"] == SOLVER_NAME
         self.certify_backward = self.certify_rate and self.owns_b_solver
         b_solver_kwargs = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
@@ -248,8 +250,35 @@ class PcDEQCore(DEQSliced):
                 "pcdeq_sradius='rate_bound' (a certified upper bound, which runs here)."
             )
 
+    @property
+    def owns_f_solver(self) -> bool:
+        """Whether the forward solver is ``pcdeq_fixed_point``, which the guard and the enclosure
+        need; read at each solve, so that a solver assigned after construction counts."""
+        return self.f_solver is pcdeq_fixed_point
+
+    def _check_swapped_f_solver(self) -> None:
+        """``core.f_solver = ...`` after construction: what the config check would have said."""
+        swapped = self.f_solver
+        if self.enclosure and not self.owns_f_solver:
+            raise InvalidInputError(
+                f"This core's f_solver was replaced by {getattr(swapped, '__name__', swapped)!r} after "
+                f"it was built, and pcdeq_enclosure=True asks for a certified forward solve, which "
+                f"only {SOLVER_NAME!r} computes. Build a core without pcdeq_enclosure for that solver."
+            )
+        if getattr(self, "_reported_f_solver", None) is not swapped:
+            self._reported_f_solver = swapped
+            if not self.owns_f_solver:
+                warn(
+                    f"This core's f_solver was replaced by {getattr(swapped, '__name__', swapped)!r} "
+                    f"after it was built: its solves get no guard (pcdeq_guard), which only "
+                    f"{SOLVER_NAME!r} applies. Pass f_solver=... when building the core instead, which "
+                    "checks the choice and says what it loses."
+                )
+
     def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
         options = {}
+        if self.f_solver is not getattr(self, "configured_f_solver", self.f_solver):  # (older pickles)
+            self._check_swapped_f_solver()
         _LAST_SOLVE.chain = None
         call = _current_call(self)
         # The solve's last layer call gives the closed-form gradient (backward.ClosedFormImplicitGradient),
@@ -491,10 +520,13 @@ def _check_iteration_budgets(core: PcDEQCore) -> None:
             "bracket. Use n_states=1 and no indexing with the enclosure."
         )
     if min(segments) < 1:
+        if min(segments[:-1], default=1) < 1 and core.args.get("n_states", 1) <= 1:
+            remedy = "The indices must be iteration numbers that strictly increase from 1 on."
+        else:
+            remedy = "Raise f_max_iter, or use fewer states or earlier indices."
         raise InvalidInputError(
             f"{_states_setting(core)} splits f_max_iter={core.f_max_iter} into solver segments of "
-            f"{segments} iterations; each needs at least one. Raise f_max_iter, or use fewer states "
-            "or earlier indices."
+            f"{segments} iterations; each needs at least one. {remedy}"
         )
     if core.eval_f_max_iter < 1:
         raise InvalidInputError(
