@@ -336,6 +336,56 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
     assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
 
 
+def test_a_certified_backward_finer_than_its_forward_is_said_to_miss_the_forwards_error():
+    with pytest.warns(PcDEQWarning, match=r"to b_tol=1e-09, .* within f_tol=0.001 .*\(f_tol <= b_tol\)"):
+        torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-3, b_tol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-9, b_tol=1e-9)
+        torchdeq.get_deq(core="pcdeq", f_tol=1e-3, b_tol=1e-9)  # no certificate to misread
+
+
+@pytest.mark.parametrize("gap", [2.0**-18, 2.0**-21])
+def test_the_certified_backward_bound_covers_the_rounding_of_q_itself(gap, monkeypatch):
+    """J = W = 1 - gap on a 1-unit layer in float32 (tiny injections: tanh's slope rounds to 1):
+    q computed an ulp below J made the bound (q d + r) / (1 - q) 25% short of the error of the
+    very system solved (the stop is early, abs tolerance, a tiny loss gradient). Raised by its
+    rounding, q certifies where it can and is refused (q >= 1) where it cannot."""
+    torch.manual_seed(0)
+    layer = PcDEQLinear(1, "tanh", nonnegativity="project")
+    with torch.no_grad():
+        layer.linear.weight.fill_(1 - gap)
+    x = (torch.rand(256, 1, dtype=torch.float64) * 1e-10 + 1e-12).float()
+    deq = torchdeq.get_deq(
+        core="pcdeq", f_max_iter=50, b_tol=1e-3, b_stop_mode="abs", pcdeq_rate_bound=True,
+        pcdeq_nonconvergence="ignore",
+    )  # fmt: skip
+    from torchdeq_pcdeq import backward
+
+    monkeypatch.setattr(backward, "_warned_uncertifiable", set())  # said once per process
+    producer, seen = deq.produce_grad[-1], {}
+    solver = producer.b_solver
+
+    def recording(func, x0, **kwargs):
+        y, states, info = solver(func, x0, **kwargs)
+        seen.update(kwargs, g=x0, y=y, info=info)
+        return y, states, info
+
+    producer.b_solver = recording
+    z_out, _ = deq(lambda z: layer(z, x), torch.zeros_like(x))
+    exact_j = (1 - z_out[-1].detach().double() ** 2) * layer.weight.detach().double()
+    if gap < 2.0**-20:  # within q's rounding margin of 1: nothing to certify
+        with pytest.warns(PcDEQWarning, match="cannot be certified"):
+            (z_out[-1] * 1e-9).sum().backward()
+        assert "weights" not in seen
+        return
+    (z_out[-1] * 1e-9).sum().backward()
+    assert (seen["rate"].double() >= exact_j.view(-1)).all()
+    y_star = seen["g"].double() / (1 - exact_j)  # the exact adjoint of the system solved
+    error = ((seen["y"].double() - y_star).abs() * seen["weights"].double()).view(-1)
+    assert (error <= seen["info"]["error_bound"].double()).all()
+
+
 @pytest.mark.parametrize("asked", ["pcdeq_rate_bound", "sradius", "training, phantom gradient"])
 @pytest.mark.parametrize("no_grad", [True, False])
 def test_the_rate_bound_of_a_layer_solve_is_taken_in_closed_form(asked, no_grad, monkeypatch):
@@ -832,6 +882,7 @@ def test_the_rate_bound_of_an_unconverged_enclosure_still_bounds_the_spectral_ra
             pcdeq_rate_bound=True,
             f_max_iter=budget,
             f_tol=1e-3,
+            b_tol=1e-3,
             pcdeq_nonconvergence="ignore",
         ).eval()
         _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
@@ -947,7 +998,7 @@ def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkey
     monkeypatch.setattr(backward, "_warned_uncertifiable", set())
     f, x = dense_instance(dtype=torch.float64)
     x.requires_grad_()
-    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, b_max_iter=500)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-10, b_tol=1e-10, b_max_iter=500)
     stats = []
     func = (lambda z: f(z, x)) if path == "closed_form" else (lambda z: f(z, x).clone())
     z_out, _ = deq(func, torch.zeros_like(x), backward_writer=stats.append)

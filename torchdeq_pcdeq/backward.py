@@ -55,7 +55,8 @@ def _solve_adjoint(
     With ``trainer.certify_backward``, the solve runs in the ``v``-weighted l1 norm in which the
     adjoint map contracts by the rate bound ``q`` computed at ``z_in`` (``certificate``, else
     :func:`~torchdeq_pcdeq.certify.rate_certificate` of ``func``), and stops on the certified
-    bound ``(q ||y_k - y_{k-1}||_v + rounding) / (1 - q)``. The iterates are held in the memory
+    bound ``(q ||y_k - y_{k-1}||_v + rounding) / (1 - q)``: the error of this solve, for the
+    Jacobian at ``z_in``, not the forward's (docs/guarantees.md). The iterates are held in the memory
     format ``layout`` (``None``: ``z_in``'s), so that no product converts them.
 
     In float16 arithmetic (see :func:`_solve_in_range`), a loss gradient holding Inf or NaN

@@ -545,6 +545,14 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
 
+    tighter = config["b_tol"] < config["f_tol"] and config["b_stop_mode"] == config["f_stop_mode"]
+    if config["pcdeq_rate_bound"] and tighter:
+        warn(
+            f"pcdeq_rate_bound certifies the backward solve to b_tol={config['b_tol']:g}, but its "
+            f"Jacobian is taken at the forward's last step, within f_tol={config['f_tol']:g} of the "
+            "fixed point: the gradient's error is the forward's, which the backward's error_bound "
+            "does not include. Solve the forward at least as tightly (f_tol <= b_tol)."
+        )
     for prefix in ("f", "b"):
         check_choice(f"{prefix}_stop_mode", config[f"{prefix}_stop_mode"], ("rel", "abs"))
         solver = check_choice(f"{prefix}_solver", config[f"{prefix}_solver"], registered_solvers())
