@@ -336,13 +336,25 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
     assert (rate < 0.9 * one_product).all()  # the power step's bound, in its own norm
 
 
-def test_a_certified_backward_finer_than_its_forward_is_said_to_miss_the_forwards_error():
-    with pytest.warns(PcDEQWarning, match=r"to b_tol=1e-09, .* within f_tol=0.001 .*\(f_tol <= b_tol\)"):
-        torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-3, b_tol=1e-9)
+def test_a_certified_backward_finer_than_its_forward_is_said_to_miss_the_forwards_error(monkeypatch):
+    from torchdeq_pcdeq import backward
+
+    f, x = dense_instance(activation="tanh", scale=0.9)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-3, b_tol=1e-9)
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))  # (built and solved: nothing to say)
+    monkeypatch.setattr(backward, "_warned_forward_coarser", False)  # said once per process
+    f.linear.weight.requires_grad_()
+    z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
+    with pytest.warns(PcDEQWarning, match=r"below b_tol=1e-09, .* within f_tol=0.001 .* well below b_tol"):
+        z_out[-1].sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-9, b_tol=1e-9)
-        torchdeq.get_deq(core="pcdeq", f_tol=1e-3, b_tol=1e-9)  # no certificate to misread
+        for config in (dict(f_tol=1e-9, b_tol=1e-9), dict(f_tol=1e-3, b_tol=1e-9, pcdeq_rate_bound=False)):
+            monkeypatch.setattr(backward, "_warned_forward_coarser", False)
+            deq = torchdeq.get_deq(core="pcdeq", **{"pcdeq_rate_bound": True, **config})
+            deq(lambda z: f(z, x), torch.zeros_like(x))[0][-1].sum().backward()
+        eval_only = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-3).eval()
+        eval_only(lambda z: f(z, x), torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("gap", [2.0**-18, 2.0**-21])
@@ -882,7 +894,6 @@ def test_the_rate_bound_of_an_unconverged_enclosure_still_bounds_the_spectral_ra
             pcdeq_rate_bound=True,
             f_max_iter=budget,
             f_tol=1e-3,
-            b_tol=1e-3,
             pcdeq_nonconvergence="ignore",
         ).eval()
         _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
@@ -998,7 +1009,7 @@ def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkey
     monkeypatch.setattr(backward, "_warned_uncertifiable", set())
     f, x = dense_instance(dtype=torch.float64)
     x.requires_grad_()
-    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-10, b_tol=1e-10, b_max_iter=500)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, b_max_iter=500)
     stats = []
     func = (lambda z: f(z, x)) if path == "closed_form" else (lambda z: f(z, x).clone())
     z_out, _ = deq(func, torch.zeros_like(x), backward_writer=stats.append)

@@ -174,6 +174,11 @@ def test_pcdeq_phantom_asks_for_phantom_gradients_where_ift_false_cannot_be_type
     z_out, _ = solve(deq.train(), f, x)
     assert z_out[-1].requires_grad and not isinstance(deq.produce_grad[-1], ClosedFormImplicitGradient)
     assert torchdeq.get_deq(deq.args).gradient == "phantom"  # rebuilt: the same core
+    # a keyword is more specific than the config it rebuilds from: it wins, either way
+    assert torchdeq.get_deq(deq.args, ift=True).gradient == "ift"
+    assert torchdeq.get_deq(torchdeq.get_deq(core="pcdeq").args, pcdeq_phantom=True).gradient == "phantom"
+    with pytest.raises(InvalidInputError, match="tau"):  # checked as for ift=False
+        torchdeq.get_deq(core="pcdeq", pcdeq_phantom=True, tau=-1.0)
     for asked in ({"ift": True}, {"hook_ift": True}):
         with pytest.raises(InvalidInputError, match=f"pcdeq_phantom=True .* and {next(iter(asked))}=True"):
             torchdeq.get_deq(core="pcdeq", pcdeq_phantom=True, **asked)
@@ -342,6 +347,11 @@ def test_an_abbreviated_flag_counts_as_typed_as_argparse_reads_it():
     args = parse(argv)
     sys.argv[1:] = [*argv, "--", "--b_max_iter"]  # after "--", a positional argument
     assert torchdeq.get_deq(args).b_max_iter == 200
+    # A prefix of several keys is a flag of the script's own: Jupyter's kernel file, a --b 64
+    args = parse([])
+    sys.argv[1:] = ["--f=/run/jupyter/kernel-1.json", "--b", "64"]
+    deq = torchdeq.get_deq(args, core="pcdeq", norm_type="pcdeq_nonneg")
+    assert (deq.f_solver, deq.f_tol, deq.f_max_iter, deq.b_tol) == (pcdeq_fixed_point, 1e-4, 200, 1e-4)
 
 
 def test_keywords_of_get_deq_are_no_evidence_that_the_namespace_was_not_parsed_from_argv():

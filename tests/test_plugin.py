@@ -199,6 +199,8 @@ def test_runner_says_when_its_options_go_to_a_core_or_norm_that_the_script_does_
     assert "--pcdeq_nonneg_init configures the pcdeq_nonneg norm type, and --norm_type weight_norm" in (
         result.stderr
     )
+    result = run_module(str(script), "--co", "sliced", "--pcdeq_guard", "warn")  # argparse's prefix
+    assert "--pcdeq_guard configures the pcdeq core, and --core sliced asks for another" in result.stderr
     result = run_module(str(script), "--core", "pcdeq", "--pcdeq_enclosure", "--norm_type", "pcdeq_nonneg")
     assert result.returncode == 0 and "PcDEQWarning" not in result.stderr
 

@@ -91,29 +91,18 @@ def _explained_registry_errors(argv: list[str]):
         raise explained from error
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of ``--flag value`` / ``--flag=value`` among ``argv`` (the last one), or None."""
-    value = None
-    for i, token in enumerate(argv):
-        if token == "--":
-            break
-        if token == f"--{flag}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif token.startswith(f"--{flag}="):
-            value = token.partition("=")[2]
-    return value
-
-
 def _warn_unused_options(options: dict, argv: list[str]) -> None:
     """Options of the pcdeq core (or of the norm pcdeq_nonneg) given with a ``--core`` (or
     ``--norm_type``) that builds another one: TorchDEQ's cores take them without a word."""
+    from torchdeq_pcdeq.config import command_line_flags, torchdeq_argparse_defaults
     from torchdeq_pcdeq.errors import warn
 
+    flags = command_line_flags(argv, torchdeq_argparse_defaults())
     for flag, ours, owners in (
         ("core", "pcdeq", [key for key in options if key != "pcdeq_nonneg_init"]),
         ("norm_type", "pcdeq_nonneg", [key for key in options if key == "pcdeq_nonneg_init"]),
     ):
-        chosen = _flag_value(argv, flag)
+        chosen = flags.get(flag)
         if owners and chosen is not None and chosen != ours:
             named = ", ".join(f"--{key}" for key in owners)
             warn(

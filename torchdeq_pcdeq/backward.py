@@ -75,6 +75,8 @@ def _solve_adjoint(
         worst = rate.max().item()
         if worst < 1:
             kwargs = {**kwargs, "weights": weights, "rate": rate}
+            if trainer.f_stop_mode == trainer.b_stop_mode == "rel" and trainer.b_tol < trainer.f_tol:
+                _warn_forward_coarser(trainer.f_tol, trainer.b_tol)
         else:
             _warn_uncertifiable(worst, arithmetic_dtype(z_in))
 
@@ -172,6 +174,24 @@ def _warn_loss_scale_overflow() -> None:
         "statistics for this step) and the non-finite gradient is passed on, so that GradScaler "
         "skips the step and lowers its scale; without a GradScaler the optimizer would write NaN "
         "into the weights. Said once per process: GradScaler's scale shows how often it recurs."
+    )
+
+
+_warned_forward_coarser = False
+
+
+def _warn_forward_coarser(f_tol: float, b_tol: float) -> None:
+    """A certified backward solve finer than the forward one (once per process)."""
+    global _warned_forward_coarser
+    if _warned_forward_coarser:
+        return
+    _warned_forward_coarser = True
+    warn(
+        f"The certified backward solve stops on an error_bound below b_tol={b_tol:g}, but it "
+        f"linearizes f at the forward's last step, within f_tol={f_tol:g} of the fixed point: the "
+        "gradient also carries the forward's error, which error_bound does not include (an audit "
+        "found up to 8 times error_bound at equal tolerances). For error_bound to describe the "
+        "gradient, solve the forward well below b_tol."
     )
 
 

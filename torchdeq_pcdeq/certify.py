@@ -78,10 +78,10 @@ class RateCertificate(NamedTuple):
 _POWER_STEP_SHARE = 1e-3
 
 # q is raised by this many ulps of its dtype for the rounding of the products it is computed
-# from (a bound that q underestimates by one ulp near 1 fails by 25%; audits saw up to 3). A
-# pcDEQ layer's closed form raises it by its fan-in plus 4 where that is more, which covers the
-# worst case: each (J v)_i is a sum of fan-in nonnegative products (in any order, a relative
-# error of at most fan-in ulps), times the slope, over v_i. (Not in float16 / bfloat16.)
+# from: near 1, a bound built on a q one ulp below the exact ratio fails by 25%. Audits saw up
+# to 3 ulps, over sums of up to 2,048 terms; the worst case of a sum of n nonnegative terms, n
+# ulps, is not covered beyond 12 terms (blocked and pairwise summation stay far below it). The
+# same margin on every path, so that a map's q does not depend on how it is computed.
 _RATE_ULPS = 16
 
 
@@ -144,7 +144,7 @@ def rate_certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bo
 
 
 def _certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) -> RateCertificate:
-    return _from_products(lambda direction: _jvp(func, z, direction), z, power_step, _RATE_ULPS)
+    return _from_products(lambda direction: _jvp(func, z, direction), z, power_step)
 
 
 def closed_form_certificate(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, out: Tensor) -> RateCertificate:
@@ -169,25 +169,20 @@ def closed_form_certificate(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, out
     """
     z_in, weight = z_in.detach(), weight.detach()
     slope = layer.activation.slope(out.detach())
-    ulps = max(_RATE_ULPS, weight[0].numel() + 4)  # (the fan-in: one row of W)
     with torch.no_grad():
-        return _from_products(
-            lambda direction: slope * layer.apply_operator(direction, weight), z_in, True, ulps
-        )
+        return _from_products(lambda direction: slope * layer.apply_operator(direction, weight), z_in, True)
 
 
-def _from_products(
-    jvp: Callable[[Tensor], Tensor], z: Tensor, power_step: bool, ulps: float
-) -> RateCertificate:
-    """The certificate from ``jvp(d) = J d``, its rate raised by ``ulps`` for their rounding."""
+def _from_products(jvp: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) -> RateCertificate:
+    """The certificate from ``jvp(d) = J d``."""
     jz = jvp(z)
-    rate = _collatz_wielandt(jz, z, ulps)
+    rate = _collatz_wielandt(jz, z)
     if not power_step:
         return RateCertificate(rate, z)
     v = jz + _POWER_STEP_SHARE * z
     # Any positive vector certifies: where eps z underflowed on a vanishing row of J, z stays.
     v = torch.where(v > 0, v, z)
-    stepped = _collatz_wielandt(jvp(v), v, ulps)
+    stepped = _collatz_wielandt(jvp(v), v)
     # Below the normal range rounding is absolute, up to an ulp of the smallest normal number:
     # relative to an entry v_i that small, (J v)_i can round to nothing (v ~ q z underflows in
     # float16 where z ~ 1e-5), and q with it. A v within the normal range keeps each ratio
@@ -223,15 +218,15 @@ def _jvp(func: Callable[[Tensor], Tensor], z: Tensor, direction: Tensor) -> Tens
     return tangent
 
 
-def _collatz_wielandt(jv: Tensor, v: Tensor, ulps: float) -> Tensor:
-    """Per-sample ``max_i (J v)_i / v_i`` from ``jv = J v``, raised by ``ulps`` of its dtype (an
+def _collatz_wielandt(jv: Tensor, v: Tensor) -> Tensor:
+    """Per-sample ``max_i (J v)_i / v_i`` from ``jv = J v``, raised by ``_RATE_ULPS`` (an
     exact 0, from products that are all exactly 0, stays 0). In float16 and bfloat16, where
     ``q`` is an estimate (the slope itself keeps few digits), it is not raised."""
     positive = v > 0
     ratio = torch.where(positive, jv / torch.where(positive, v, 1.0), 0.0)
     ratio = torch.where(~positive & (jv != 0), math.inf, ratio)
     rate = ratio.amax(dim=sample_dims(ratio))
-    return rate * (1 + ulps * torch.finfo(rate.dtype).eps) if rate.dtype.itemsize >= 4 else rate
+    return rate * (1 + _RATE_ULPS * torch.finfo(rate.dtype).eps) if rate.dtype.itemsize >= 4 else rate
 
 
 def upper_bound(seen: dict) -> float:

@@ -462,15 +462,40 @@ def _warn_replaced_defaults(config: dict, replaced: dict, unexplained: list[str]
 
 
 def _typed_flags(keys: Iterable[str]) -> set[str]:
-    """The keys among ``keys`` whose flag is on this process's command line (``--key value`` or
-    ``--key=value``, or a prefix of the flag, ``--f_max 40``, which argparse takes when it names
-    one flag): typed, so set, even to TorchDEQ's default value."""
-    arguments = sys.argv[1:]
-    if "--" in arguments:  # the end of the options: what follows is positional
-        arguments = arguments[: arguments.index("--")]
-    given = {token[2:].partition("=")[0] for token in arguments if token.startswith("--")}
-    # (a prefix of several keys counts for each: argparse refused it unless the parser has one)
-    return {key for key in keys if any(key.startswith(flag) for flag in given)}
+    """The keys among ``keys`` whose flag is on this process's command line: typed, so set, even
+    to TorchDEQ's default value."""
+    return set(command_line_flags(sys.argv[1:], keys))
+
+
+def command_line_flags(arguments: list[str], keys: Iterable[str]) -> dict[str, str | None]:
+    """``{key: value}`` for each of ``keys`` whose flag is among ``arguments`` (``--key value``,
+    ``--key=value``; the last one given; ``None`` for a flag at the end, or followed by another
+    flag), up to ``--``, after which arguments are positional.
+
+    A flag may be abbreviated, as argparse allows, to a prefix of one key only: a prefix of
+    several (Jupyter's ``--f=kernel.json`` starts ``f_solver``, ``f_tol``, ...) is a flag of
+    the script's own, which argparse would otherwise refuse as ambiguous.
+
+    Example:
+        >>> command_line_flags(["--f_max", "40", "--f=k.json", "--core=pcdeq"], ["f_max_iter", "f_tol",
+        ...                     "core"])
+        {'f_max_iter': '40', 'core': 'pcdeq'}
+    """
+    keys = list(keys)
+    found: dict[str, str | None] = {}
+    for i, token in enumerate(arguments):
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        flag, given, value = token[2:].partition("=")
+        matches = [key for key in keys if key == flag] or [key for key in keys if key.startswith(flag)]
+        if flag and len(matches) == 1:
+            following = arguments[i + 1] if i + 1 < len(arguments) else None
+            if not given:
+                value = following if following is not None and not following.startswith("--") else None
+            found[matches[0]] = value
+    return found
 
 
 def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> None:
@@ -521,14 +546,13 @@ def resolve_core_config(args, kwargs: dict) -> dict:
             if key in config and config[key] != value:
                 replaced[key] = (config[key], value)
             config[key] = value
-    _check_numbers(config)
     _check_switches(config)
     _with_runner_options(config, source, from_argparse, kwargs)
     for key, option in PCDEQ_OPTIONS.items():
         config[key] = option.convert(key, config.get(key, option.default))
-    if config["pcdeq_phantom"]:
-        _ask_for_phantom_gradients(config, explicit)
+    if config["pcdeq_phantom"] and _ask_for_phantom_gradients(config, explicit, kwargs):
         replaced.pop("ift", None)  # (TorchDEQ's False stands)
+    _check_numbers(config)  # (after the gradient is known: phantom gradients check tau)
     if from_argparse and replaced:
         # (the call's keywords, merged into the Namespace by get_deq, are no evidence)
         unexplained = [key for key in _unexplained_by_argv(source) if key not in kwargs]
@@ -545,14 +569,6 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     if gradient != "phantom" and not {"ift", "hook_ift"} & explicit:
         _warn_unused_phantom_options(config)
 
-    tighter = config["b_tol"] < config["f_tol"] and config["b_stop_mode"] == config["f_stop_mode"]
-    if config["pcdeq_rate_bound"] and tighter:
-        warn(
-            f"pcdeq_rate_bound certifies the backward solve to b_tol={config['b_tol']:g}, but its "
-            f"Jacobian is taken at the forward's last step, within f_tol={config['f_tol']:g} of the "
-            "fixed point: the gradient's error is the forward's, which the backward's error_bound "
-            "does not include. Solve the forward at least as tightly (f_tol <= b_tol)."
-        )
     for prefix in ("f", "b"):
         check_choice(f"{prefix}_stop_mode", config[f"{prefix}_stop_mode"], ("rel", "abs"))
         solver = check_choice(f"{prefix}_solver", config[f"{prefix}_solver"], registered_solvers())
@@ -587,15 +603,30 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     return ResolvedConfig(config)
 
 
-def _ask_for_phantom_gradients(config: dict, explicit: set[str]) -> None:
-    """``pcdeq_phantom=True``: ``ift`` and ``hook_ift`` off, unless one was set on."""
-    asked = [key for key in ("ift", "hook_ift") if key in explicit and config.get(key)]
-    if asked:
-        raise InvalidInputError(
-            f"pcdeq_phantom=True asks for TorchDEQ's phantom gradient, and {asked[0]}=True for "
-            "implicit differentiation. Keep one of them."
-        )
+def _ask_for_phantom_gradients(config: dict, explicit: set[str], kwargs: dict) -> bool:
+    """``pcdeq_phantom=True``: ``ift`` and ``hook_ift`` off; return whether they were turned off.
+
+    One of them set on wins where it is set more specifically (a keyword over the config object
+    over the runner), so a core rebuilt from ``core.args`` with ``ift=True`` differentiates
+    implicitly; set on as specifically as ``pcdeq_phantom``, the two conflict.
+    """
+
+    def level(keys: list[str]) -> int:  # 2: a keyword, 1: the config object, 0: the runner
+        return 2 if any(key in kwargs for key in keys) else 1 if any(key in explicit for key in keys) else 0
+
+    on = [key for key in ("ift", "hook_ift") if key in explicit and config.get(key)]
+    if on:
+        implicit, phantom = level(on), level(["pcdeq_phantom"])
+        if implicit == phantom:
+            raise InvalidInputError(
+                f"pcdeq_phantom=True asks for TorchDEQ's phantom gradient, and {on[0]}=True for "
+                "implicit differentiation. Keep one of them."
+            )
+        if implicit > phantom:
+            config["pcdeq_phantom"] = False
+            return False
     config["ift"] = config["hook_ift"] = False
+    return True
 
 
 def gradient_mode(config: dict) -> str:
@@ -639,11 +670,10 @@ def _warn_unused_phantom_options(config: dict) -> None:
                 if states
                 else ""
             )
-            + ". For phantom gradients pass --pcdeq_phantom on the command line "
-            "(to the runner, or to a parser with torchdeq_pcdeq.add_pcdeq_args), or "
-            "pcdeq_phantom=True or ift=False as a keyword (torchdeq.get_deq(args, ift=False)) or in "
-            "a dict config. TorchDEQ's --ift flag cannot say off, and in an argparse config False "
-            "is TorchDEQ's default, which reads as unset."
+            + ". For phantom gradients pass pcdeq_phantom=True (--pcdeq_phantom on a command line, "
+            "to the runner or to a parser with torchdeq_pcdeq.add_pcdeq_args), or ift=False as a "
+            "keyword: torchdeq.get_deq(args, ift=False). TorchDEQ's --ift flag cannot say off, and "
+            "in an argparse config False is TorchDEQ's default, which reads as unset."
         )
 
 

@@ -16,7 +16,7 @@ import torchdeq.core
 import torchdeq.norm.base_norm
 import torchdeq.solver
 
-from .config import NORM_NAME, SOLVER_NAME
+from .config import NORM_NAME, SOLVER_NAME, command_line_flags, torchdeq_argparse_defaults
 from .constraints import PcDEQNonnegNorm
 from .core import PcDEQCore
 from .errors import UnknownNameError, warn
@@ -90,17 +90,8 @@ def explain_registry_error(error: BaseException, argv: list[str] | None = None) 
         return None
     key, valid_names = _TORCHDEQ_REGISTRY_ASSERTIONS[str(error)]
     valid = valid_names()
-    name = _flag_value(argv or [], f"--{key}")
+    name = command_line_flags(argv or [], torchdeq_argparse_defaults()).get(key)
     return UnknownNameError(key, name if name not in valid else None, valid)
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg[len(flag) + 1 :]
-    return None
 
 
 def _same(current: object, ours: object) -> bool:

@@ -519,11 +519,11 @@ class _Monitor:
     def _warn_abs_floor(self, converged: Tensor) -> None:
         """Say (once per dtype and tolerance) that samples counted as converged at their rounding
         floor, above the absolute tolerance (one host sync per solve until it has been said)."""
-        raised = converged & (self.abs_limit[-1] > self.tol)
+        raised = converged & (self.abs[-1] > self.tol)  # (met their floor, not tol)
         count = int(raised.sum())
         if count:
             worst = float(self.abs_limit[-1][raised].max())
-            _warn_floor(self.arithmetic, "abs", self.tol, worst, count, raised.numel())
+            _warn_abs_floor(self.arithmetic, self.tol, worst, count, raised.numel())
 
     def stat(self, k: int, device: torch.device) -> SolverStat:
         """TorchDEQ's ``SolverStat`` plus ``converged``, ``trace_steps`` (and ``error_bound``).
@@ -812,27 +812,25 @@ def _check_upper_start(start: float, high_next: Tensor) -> None:
         )
 
 
-def _warn_floor(
-    dtype: torch.dtype, stop_mode: str, tol: float, floor: float, count: int = 0, batch: int = 0
-) -> None:
-    """Once per (dtype, stop_mode, tol). ``"abs"``: ``count`` of ``batch`` samples stopped at their
-    own floor, the largest ``floor`` (their rounding, which grows with their size)."""
+def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) -> None:
     key = (dtype, stop_mode, tol)
-    if key in _warned_floors:
-        return
-    _warned_floors.add(key)
-    wider = "" if dtype == torch.float64 else ", or a wider dtype"
-    if stop_mode == "abs":
+    if key not in _warned_floors:
+        _warned_floors.add(key)
         warn(
-            f"tol={tol:g} (abs) is below what {dtype} iterates can resolve in {count} of {batch} "
-            f"samples, whose rounding floor (it grows with a sample's size) is up to {floor:.3g}: "
-            "they count as converged at that floor, so their info['abs_lowest'] may exceed tol. "
-            f"Use stop_mode='rel'{wider} for a finer tolerance."
+            f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
+            f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
         )
-        return
+
+
+def _warn_abs_floor(dtype: torch.dtype, tol: float, floor: float, count: int, batch: int) -> None:
+    """``count`` of ``batch`` samples met their rounding floor (up to ``floor``), not ``tol``."""
+    _warned_floors.add((dtype, "abs", tol))
+    wider = "" if dtype == torch.float64 else ", or a wider dtype"
     warn(
-        f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals under "
-        f"{floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
+        f"tol={tol:g} (abs) is below what {dtype} iterates can resolve in {count} of {batch} "
+        f"samples, whose rounding floor (it grows with a sample's size) is up to {floor:.3g}: they "
+        "count as converged at that floor, with info['abs_lowest'] above tol. For a tolerance "
+        f"that follows each sample's size, use the relative stop mode ('rel'){wider}."
     )
 
 
