@@ -188,6 +188,25 @@ def test_pcdeq_phantom_asks_for_phantom_gradients_where_ift_false_cannot_be_type
     assert "ift False" not in str(caught[0].message)
 
 
+@pytest.mark.parametrize("with_plugin_flags", [True, False])
+def test_pcdeq_phantom_from_the_runner_conflicts_with_an_ift_typed_beside_it(monkeypatch, with_plugin_flags):
+    from torchdeq_pcdeq.config import RUNNER_OPTIONS_ENV
+
+    monkeypatch.setenv(RUNNER_OPTIONS_ENV, '{"pcdeq_phantom": true}')
+    argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg"]
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)
+    if with_plugin_flags:  # (the script's pcdeq_phantom flag, at its default, is no setting)
+        add_pcdeq_args(parser)
+    sys.argv[1:] = [*argv, "--ift"]
+    with pytest.raises(InvalidInputError, match=r"pcdeq_phantom=True \(given to the runner\) .* ift=True"):
+        torchdeq.get_deq(parser.parse_args(sys.argv[1:]))
+    with pytest.raises(InvalidInputError, match="given to the runner"):
+        torchdeq.get_deq({"core": "pcdeq", "ift": True})
+    sys.argv[1:] = argv
+    assert torchdeq.get_deq(parser.parse_args(argv)).gradient == "phantom"
+
+
 def test_phantom_gradient_when_a_dict_config_turns_ift_off():
     deq = torchdeq.get_deq({"core": "pcdeq", "ift": False, "grad": 3})
     assert deq.gradient == "phantom"

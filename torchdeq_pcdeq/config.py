@@ -550,7 +550,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     _with_runner_options(config, source, from_argparse, kwargs)
     for key, option in PCDEQ_OPTIONS.items():
         config[key] = option.convert(key, config.get(key, option.default))
-    if config["pcdeq_phantom"] and _ask_for_phantom_gradients(config, explicit, kwargs):
+    if config["pcdeq_phantom"] and _ask_for_phantom_gradients(config, source, explicit, kwargs):
         replaced.pop("ift", None)  # (TorchDEQ's False stands)
     _check_numbers(config)  # (after the gradient is known: phantom gradients check tau)
     if from_argparse and replaced:
@@ -603,28 +603,28 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     return ResolvedConfig(config)
 
 
-def _ask_for_phantom_gradients(config: dict, explicit: set[str], kwargs: dict) -> bool:
+def _ask_for_phantom_gradients(config: dict, source: dict, explicit: set[str], kwargs: dict) -> bool:
     """``pcdeq_phantom=True``: ``ift`` and ``hook_ift`` off; return whether they were turned off.
 
-    One of them set on wins where it is set more specifically (a keyword over the config object
-    over the runner), so a core rebuilt from ``core.args`` with ``ift=True`` differentiates
-    implicitly; set on as specifically as ``pcdeq_phantom``, the two conflict.
+    One of them set on in a keyword over ``pcdeq_phantom`` in the config object wins (a core
+    rebuilt from ``core.args`` with ``ift=True`` differentiates implicitly), and the other way
+    round; set on as specifically as ``pcdeq_phantom``, or against the runner's, they conflict.
     """
-
-    def level(keys: list[str]) -> int:  # 2: a keyword, 1: the config object, 0: the runner
-        return 2 if any(key in kwargs for key in keys) else 1 if any(key in explicit for key in keys) else 0
-
     on = [key for key in ("ift", "hook_ift") if key in explicit and config.get(key)]
-    if on:
-        implicit, phantom = level(on), level(["pcdeq_phantom"])
-        if implicit == phantom:
-            raise InvalidInputError(
-                f"pcdeq_phantom=True asks for TorchDEQ's phantom gradient, and {on[0]}=True for "
-                "implicit differentiation. Keep one of them."
-            )
-        if implicit > phantom:
-            config["pcdeq_phantom"] = False
-            return False
+    if not on:
+        config["ift"] = config["hook_ift"] = False
+        return True
+    implicit = 2 if any(key in kwargs for key in on) else 1  # a keyword, or the config object
+    phantom = 2 if "pcdeq_phantom" in kwargs else 1 if source.get("pcdeq_phantom") else 0  # 0: the runner
+    if implicit == phantom or phantom == 0:
+        where = " (given to the runner)" if phantom == 0 else ""
+        raise InvalidInputError(
+            f"pcdeq_phantom=True{where} asks for TorchDEQ's phantom gradient, and {on[0]}=True for "
+            "implicit differentiation. Keep one of them."
+        )
+    if implicit > phantom:
+        config["pcdeq_phantom"] = False
+        return False
     config["ift"] = config["hook_ift"] = False
     return True
 

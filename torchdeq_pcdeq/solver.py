@@ -516,12 +516,16 @@ class _Monitor:
         need = (k - self.steps[-2]) * math.log(now) / math.log(before / now)
         return min(max(1, math.ceil(need)), k)
 
-    def _warn_abs_floor(self, converged: Tensor) -> None:
+    def _warn_abs_floor(self, converged: Tensor, abs_lowest: Tensor) -> None:
         """Say (once per dtype and tolerance) that samples counted as converged at their rounding
         floor, above the absolute tolerance (one host sync per solve until it has been said)."""
-        raised = converged & (self.abs[-1] > self.tol)  # (met their floor, not tol)
+        key = (self.arithmetic, "abs", self.tol)
+        if key in _warned_floors:
+            return
+        raised = converged & (abs_lowest > self.tol)  # (met their floor, never tol)
         count = int(raised.sum())
         if count:
+            _warned_floors.add(key)
             worst = float(self.abs_limit[-1][raised].max())
             _warn_abs_floor(self.arithmetic, self.tol, worst, count, raised.numel())
 
@@ -562,8 +566,8 @@ class _Monitor:
             else:  # a flagged sample's later measures may be finite (an overflowed norm)
                 entries["diverged"] = self.diverged
                 entries["converged"] = entries["converged"] & ~self.diverged
-        if self.stop_mode == "abs" and (self.arithmetic, "abs", self.tol) not in _warned_floors:
-            self._warn_abs_floor(entries["converged"])
+        if self.stop_mode == "abs":
+            self._warn_abs_floor(entries["converged"], abs_lowest)
         # SolverStat's constructor builds a default tensor per key; every key is given here.
         info = SolverStat.__new__(SolverStat)
         dict.__init__(info, entries)
@@ -824,7 +828,6 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
 
 def _warn_abs_floor(dtype: torch.dtype, tol: float, floor: float, count: int, batch: int) -> None:
     """``count`` of ``batch`` samples met their rounding floor (up to ``floor``), not ``tol``."""
-    _warned_floors.add((dtype, "abs", tol))
     wider = "" if dtype == torch.float64 else ", or a wider dtype"
     warn(
         f"tol={tol:g} (abs) is below what {dtype} iterates can resolve in {count} of {batch} "
