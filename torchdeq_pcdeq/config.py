@@ -491,9 +491,9 @@ def command_line_flags(arguments: list[str], keys: Iterable[str]) -> dict[str, s
         flag, given, value = token[2:].partition("=")
         matches = [key for key in keys if key == flag] or [key for key in keys if key.startswith(flag)]
         if flag and len(matches) == 1:
-            following = arguments[i + 1] if i + 1 < len(arguments) else None
-            if not given:
-                value = following if following is not None and not following.startswith("--") else None
+            if not given:  # the next argument, unless it is another flag (or there is none)
+                following = arguments[i + 1] if i + 1 < len(arguments) else "--"
+                value = None if following.startswith("--") else following
             found[matches[0]] = value
     return found
 
@@ -659,21 +659,20 @@ def _warn_unused_phantom_options(config: dict) -> None:
         if key in config and not any(config[key] == value for value in neutral)
     ]
     if unused:
-        states = any(item.startswith("sup_") for item in unused)
         named = " and ".join([", ".join(unused[:-1]), unused[-1]] if len(unused) > 1 else unused)
+        states = ""
+        if any(item.startswith("sup_") for item in unused):
+            states = (
+                ", and returns one state in training (sup_gap / sup_loc add states only to phantom gradients)"
+            )
         warn(
             f"{named} configure{'s' if len(unused) == 1 else ''} TorchDEQ's phantom "
             "gradient, which the pcdeq core does not use here: it differentiates implicitly by "
-            "default (ift=True)"
-            + (
-                ", and returns one state in training (sup_gap / sup_loc add states only to phantom gradients)"
-                if states
-                else ""
-            )
-            + ". For phantom gradients pass pcdeq_phantom=True (--pcdeq_phantom on a command line, "
-            "to the runner or to a parser with torchdeq_pcdeq.add_pcdeq_args), or ift=False as a "
-            "keyword: torchdeq.get_deq(args, ift=False). TorchDEQ's --ift flag cannot say off, and "
-            "in an argparse config False is TorchDEQ's default, which reads as unset."
+            f"default (ift=True){states}. For phantom gradients pass pcdeq_phantom=True "
+            "(--pcdeq_phantom on a command line, to the runner or to a parser with "
+            "torchdeq_pcdeq.add_pcdeq_args), or ift=False as a keyword: "
+            "torchdeq.get_deq(args, ift=False). TorchDEQ's --ift flag cannot say off, and in an "
+            "argparse config False is TorchDEQ's default, which reads as unset."
         )
 
 

@@ -259,9 +259,10 @@ class PcDEQCore(DEQSliced):
     def _check_swapped_f_solver(self) -> None:
         """``core.f_solver = ...`` after construction: what the config check would have said."""
         swapped = self.f_solver
+        name = getattr(swapped, "__name__", swapped)
         if self.enclosure and not self.owns_f_solver:
             raise InvalidInputError(
-                f"This core's f_solver was replaced by {getattr(swapped, '__name__', swapped)!r} after "
+                f"This core's f_solver was replaced by {name!r} after "
                 f"it was built, and pcdeq_enclosure=True asks for a certified forward solve, which "
                 f"only {SOLVER_NAME!r} computes. Build a core without pcdeq_enclosure for that solver."
             )
@@ -269,7 +270,7 @@ class PcDEQCore(DEQSliced):
             self._reported_f_solver = swapped
             if not self.owns_f_solver:
                 warn(
-                    f"This core's f_solver was replaced by {getattr(swapped, '__name__', swapped)!r} "
+                    f"This core's f_solver was replaced by {name!r} "
                     f"after it was built: its solves get no guard (pcdeq_guard), which only "
                     f"{SOLVER_NAME!r} applies. Pass f_solver=... when building the core instead, which "
                     "checks the choice and says what it loses."

@@ -524,10 +524,18 @@ class _Monitor:
             return
         raised = converged & (abs_lowest > self.tol)  # (met their floor, never tol)
         count = int(raised.sum())
-        if count:
-            _warned_floors.add(key)
-            worst = float(self.abs_limit[-1][raised].max())
-            _warn_abs_floor(self.arithmetic, self.tol, worst, count, raised.numel())
+        if not count:
+            return
+        _warned_floors.add(key)
+        worst = float(self.abs_limit[-1][raised].max())
+        wider = "" if self.arithmetic == torch.float64 else ", or a wider dtype"
+        warn(
+            f"tol={self.tol:g} (abs) is below what {self.arithmetic} iterates can resolve in {count} "
+            f"of {raised.numel()} samples, whose rounding floor (it grows with a sample's size) is up "
+            f"to {worst:.3g}: they count as converged at that floor, with info['abs_lowest'] above "
+            f"tol. For a tolerance that follows each sample's size, use the relative stop mode "
+            f"('rel'){wider}."
+        )
 
     def stat(self, k: int, device: torch.device) -> SolverStat:
         """TorchDEQ's ``SolverStat`` plus ``converged``, ``trace_steps`` (and ``error_bound``).
@@ -824,17 +832,6 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
             f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
             f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
         )
-
-
-def _warn_abs_floor(dtype: torch.dtype, tol: float, floor: float, count: int, batch: int) -> None:
-    """``count`` of ``batch`` samples met their rounding floor (up to ``floor``), not ``tol``."""
-    wider = "" if dtype == torch.float64 else ", or a wider dtype"
-    warn(
-        f"tol={tol:g} (abs) is below what {dtype} iterates can resolve in {count} of {batch} "
-        f"samples, whose rounding floor (it grows with a sample's size) is up to {floor:.3g}: they "
-        "count as converged at that floor, with info['abs_lowest'] above tol. For a tolerance "
-        f"that follows each sample's size, use the relative stop mode ('rel'){wider}."
-    )
 
 
 _warned_rates: set[tuple[torch.dtype, int]] = set()
