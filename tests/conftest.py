@@ -87,6 +87,12 @@ def iterate(f, x, z, steps):
     return out
 
 
+def forget_warnings(monkeypatch) -> None:
+    """Let the warnings said once per process be said again in this test, without using them up
+    for the tests that check them."""
+    monkeypatch.setattr(torchdeq_pcdeq.errors, "_warned_once", set())
+
+
 @pytest.fixture
 def clean_activation_registry():
     """Remove activations registered by a test."""

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks.baselines import KINDS
 from benchmarks.data import augment, load
+from conftest import forget_warnings
 from torchdeq_pcdeq import InvalidInputError, PcDEQWarning, UnknownNameError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -404,13 +405,10 @@ def test_torchdeq_baselines_train_under_bfloat16_autocast(kind):
 
 def test_tables_record_the_command_and_settings_that_made_them(tmp_path, monkeypatch):
     from benchmarks import certificates, long_run
-    from torchdeq_pcdeq import backward, solver
 
     # bfloat16 cannot resolve the tolerance nor certify: warnings said once per process, which
     # this test must neither see nor use up for the tests that check them
-    for registry in ("_warned_floors", "_warned_rates"):
-        monkeypatch.setattr(solver, registry, set())
-    monkeypatch.setattr(backward, "_warned_uncertifiable", set())
+    forget_warnings(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PcDEQWarning)
         certificates.main(["--smoke", "--repeats", "1", "--bf16", "--out", str(tmp_path / "cert")])

@@ -14,7 +14,7 @@ import torchdeq
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from conftest import ACTIVATIONS, INSTANCES, MODES, conv_instance, dense_instance, iterate
+from conftest import ACTIVATIONS, INSTANCES, MODES, conv_instance, dense_instance, forget_warnings, iterate
 from torchdeq_pcdeq import (
     Activation,
     InvalidInputError,
@@ -337,12 +337,10 @@ def test_the_certified_backward_solves_in_the_norm_its_rate_holds_in(path, monke
 
 
 def test_a_certified_backward_finer_than_its_forward_is_said_to_miss_the_forwards_error(monkeypatch):
-    from torchdeq_pcdeq import backward
-
     f, x = dense_instance(activation="tanh", scale=0.9)
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-3, b_tol=1e-9)
     z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))  # (built and solved: nothing to say)
-    monkeypatch.setattr(backward, "_warned_forward_coarser", False)  # said once per process
+    forget_warnings(monkeypatch)  # said once per process
     f.linear.weight.requires_grad_()
     z_out, _ = deq(lambda z: f(z, x), torch.zeros_like(x))
     with pytest.warns(PcDEQWarning, match=r"below b_tol=1e-09, .* within f_tol=0.001 .* well below b_tol"):
@@ -350,7 +348,7 @@ def test_a_certified_backward_finer_than_its_forward_is_said_to_miss_the_forward
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for config in (dict(f_tol=1e-9, b_tol=1e-9), dict(f_tol=1e-3, b_tol=1e-9, pcdeq_rate_bound=False)):
-            monkeypatch.setattr(backward, "_warned_forward_coarser", False)
+            forget_warnings(monkeypatch)
             deq = torchdeq.get_deq(core="pcdeq", **{"pcdeq_rate_bound": True, **config})
             deq(lambda z: f(z, x), torch.zeros_like(x))[0][-1].sum().backward()
         eval_only = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-3).eval()
@@ -372,9 +370,8 @@ def test_the_certified_backward_bound_covers_the_rounding_of_q_itself(gap, monke
         core="pcdeq", f_max_iter=50, b_tol=1e-3, b_stop_mode="abs", pcdeq_rate_bound=True,
         pcdeq_nonconvergence="ignore",
     )  # fmt: skip
-    from torchdeq_pcdeq import backward
 
-    monkeypatch.setattr(backward, "_warned_uncertifiable", set())  # said once per process
+    forget_warnings(monkeypatch)  # said once per process
     producer, seen = deq.produce_grad[-1], {}
     solver = producer.b_solver
 
@@ -437,7 +434,7 @@ def test_a_core_solving_inside_f_leaves_the_outer_solve_its_own_options(monkeypa
     segments still take their rate bound, and its start from 0 is not mistaken for the inner's."""
     from torchdeq_pcdeq import core as core_module
 
-    monkeypatch.setattr(core_module, "_warned_above", False)  # the warning would be said again
+    forget_warnings(monkeypatch)  # the warning would be said again
     f, x = dense_instance(activation="tanh", scale=2.0)
     inner = torchdeq.get_deq(core="pcdeq").eval()
 
@@ -653,10 +650,7 @@ def test_a_contraction_bound_at_float16s_absolute_rounding_stops_there_and_says_
     """A sample whose gradient lies near float16's subnormal range cannot be certified below
     twice its rounding bound, absolute there: it stops at that floor, honest, instead of
     iterating to max_iter, and the sample of normal size still meets the relative limit."""
-    from torchdeq_pcdeq import solver
-
-    for registry in ("_warned_floors", "_warned_rates"):  # said once per process
-        monkeypatch.setattr(solver, registry, set())
+    forget_warnings(monkeypatch)  # said once per process
     g = torch.tensor([[0.3, -0.1, 0.15, 0.3], [3e-6, -1e-6, 1.5e-6, 3e-6]], dtype=torch.float16)
     weights, rate = torch.ones(2, 4, dtype=torch.float16), torch.full((2,), 0.5)
     with warnings.catch_warnings(record=True) as caught:
@@ -719,9 +713,7 @@ def test_the_sradius_bound_reuses_the_rate_bound_of_the_solve(monkeypatch):
 
 
 def test_a_rate_bound_from_a_nonzero_start_says_it_is_an_estimate(monkeypatch):
-    from torchdeq_pcdeq import core as core_module
-
-    monkeypatch.setattr(core_module, "_warned_above", False)
+    forget_warnings(monkeypatch)
     f, x, rho = _one_tanh_unit()
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_max_iter=3, pcdeq_nonconvergence="ignore")
     with pytest.warns(PcDEQWarning, match="nonzero z_init.*estimate, not a bound"):
@@ -834,9 +826,7 @@ def test_option_values_are_validated():
 
 
 def test_the_enclosure_stops_at_its_rounding_floor_instead_of_running_out_of_iterations(monkeypatch):
-    from torchdeq_pcdeq import solver
-
-    monkeypatch.setattr(solver, "_warned_floors", set())  # warned once per process
+    forget_warnings(monkeypatch)  # warned once per process
     f, x = dense_instance(activation="tanh", scale=2.0, dtype=torch.float32)
     with pytest.warns(PcDEQWarning, match="below what"):
         _, _, info = pcdeq_fixed_point(
@@ -949,9 +939,7 @@ def test_a_slow_valid_layers_stalled_gap_is_never_called_two_fixed_points(contex
     computed and the stall was called two fixed points (NonUniqueFixedPointError, iteration
     20,559); it is now computed on a copy outside inference mode. Where f has no forward-mode
     product at all, the guard gives no verdict, with a warning, rather than a false one."""
-    from torchdeq_pcdeq import solver
-
-    monkeypatch.setattr(solver, "_warned_no_verdict", False)  # said once per process
+    forget_warnings(monkeypatch)  # said once per process
     options = dict(max_iter=25_000, tol=1e-5, enclosure=True, upper=1.0, guard="raise")
     if context == "inference_mode":
         with torch.inference_mode():
@@ -1006,7 +994,7 @@ def test_an_uncertifiable_backward_is_said_and_solved_with_the_plain_test(monkey
     uncertifiable = lambda func, z: RateCertificate(torch.ones(z.shape[0], dtype=z.dtype), z)  # noqa: E731
     monkeypatch.setattr(backward, "rate_certificate", uncertifiable)
     monkeypatch.setattr(core, "closed_form_certificate", lambda layer, w, z, out: uncertifiable(None, z))
-    monkeypatch.setattr(backward, "_warned_uncertifiable", set())
+    forget_warnings(monkeypatch)
     f, x = dense_instance(dtype=torch.float64)
     x.requires_grad_()
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, b_tol=1e-10, b_max_iter=500)
@@ -1029,7 +1017,7 @@ def test_an_uncertifiable_backward_under_autocast_names_autocast_dtype(monkeypat
 
     uncertifiable = lambda func, z: RateCertificate(torch.ones(z.shape[0]), z)  # noqa: E731
     monkeypatch.setattr(backward, "rate_certificate", uncertifiable)
-    monkeypatch.setattr(backward, "_warned_uncertifiable", set())
+    forget_warnings(monkeypatch)
     f, x = dense_instance(dtype=torch.float32)
     x.requires_grad_()
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, pcdeq_nonconvergence="ignore")

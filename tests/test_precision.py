@@ -14,6 +14,7 @@ import torch
 import torchdeq
 from torch import nn
 
+from conftest import forget_warnings
 from torchdeq_pcdeq import (
     NonFiniteError,
     PcDEQConv2d,
@@ -22,7 +23,6 @@ from torchdeq_pcdeq import (
     attach_projection,
     rate_bound,
 )
-from torchdeq_pcdeq import backward as backward_module
 from torchdeq_pcdeq.solver import resolution_floor
 
 CASES = [
@@ -65,7 +65,7 @@ def test_a_training_step_under_autocast_is_finite_converged_and_stops_at_the_res
     model = ConvClassifier(**GRADIENTS[gradient]).to(device)
     images = (torch.rand(16, 1, 12, 12, device=device) - 0.5) * 40  # many injections underflow
     labels = torch.arange(16, device=device) % 10
-    monkeypatch.setattr(backward_module, "_warned_uncertifiable", set())  # said once per process
+    forget_warnings(monkeypatch)  # said once per process
     backward_stats = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -283,7 +283,7 @@ def test_an_adjoint_beyond_float16s_range_in_a_half_model_is_said(monkeypatch):
     tanh with W = 0.9 / 8 and a loss gradient of 30,000 per entry: the first solve overflows,
     the solve in range converges, and the solution multiplied back is beyond float16's range.
     """
-    monkeypatch.setattr(backward_module, "_warned_beyond_range", False)  # said once per process
+    forget_warnings(monkeypatch)  # said once per process
     f = PcDEQLinear(8, nonnegativity="project")
     with torch.no_grad():
         f.linear.weight.fill_(0.9 / 8)
@@ -300,7 +300,7 @@ def test_an_adjoint_beyond_float16s_range_in_a_half_model_is_said(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_an_overflowed_loss_gradient_under_float16_reaches_gradscaler(device, monkeypatch):
     """GradScaler's overflow steps pass through the core: no exception, each step skipped, one warning."""
-    monkeypatch.setattr(backward_module, "_warned_overflow", False)
+    forget_warnings(monkeypatch)
     model = AmplifyingClassifier("ift").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     attach_projection(optimizer, model)  # the layer's weight is projected to >= 0

@@ -21,10 +21,9 @@ import torchdeq
 
 import torchdeq_pcdeq
 import torchdeq_pcdeq.__main__ as runner
-from conftest import dense_instance
+from conftest import dense_instance, forget_warnings
 from torchdeq_pcdeq import PcDEQConv2d, PcDEQLinear, pcdeq_fixed_point
 from torchdeq_pcdeq import activations as activation_registry
-from torchdeq_pcdeq import solver as solver_module
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Errors and guarantees"
@@ -252,7 +251,7 @@ def ift_that_is_not_a_bool():
 
 
 def tolerance_below_dtype_resolution(monkeypatch):
-    monkeypatch.setattr(solver_module, "_warned_floors", set())  # warned once per process
+    forget_warnings(monkeypatch)  # warned once per process
     f, x = dense_instance(dtype=torch.float32)
     deq = torchdeq.get_deq(core="pcdeq", f_tol=1e-9)
     return lambda: deq(lambda z: f(z, x), torch.zeros_like(x)), [f]

@@ -6,7 +6,7 @@ import torch
 import torchdeq
 from torchdeq import get_solver
 
-from conftest import ACTIVATIONS, dense_instance, upper_bound
+from conftest import ACTIVATIONS, dense_instance, forget_warnings, upper_bound
 from torchdeq_pcdeq import (
     InvalidInputError,
     NonFiniteError,
@@ -16,7 +16,6 @@ from torchdeq_pcdeq import (
     UnknownNameError,
     pcdeq_fixed_point,
 )
-from torchdeq_pcdeq import solver as solver_module
 
 TORCHDEQ_KEYS = {"abs_lowest", "rel_lowest", "abs_trace", "rel_trace", "nstep", "sradius"}
 
@@ -148,7 +147,7 @@ def test_registered_and_usable_as_a_backward_solver_with_a_bare_lambda():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_an_absolute_tolerance_below_the_rounding_of_large_samples_is_said_once(monkeypatch, dtype):
-    monkeypatch.setattr(solver_module, "_warned_floors", set())  # said once per process
+    forget_warnings(monkeypatch)  # said once per process
     f, x = dense_instance(batch=4, scale=0.5, dtype=dtype)  # (a contraction: z* shrinks with x)
     x = torch.cat([1e-4 * x, x])  # states about 1e4 times smaller, and so is their rounding floor
     fine = 100 * torch.finfo(dtype).eps * float(x[:4].norm(dim=1).max())
@@ -481,8 +480,7 @@ def test_nonfinite_report_still_raises_for_a_start_that_was_never_finite():
 def test_an_absolute_certified_stop_says_nothing_of_a_relative_floor(monkeypatch):
     """abs: each sample's limit already covers its rounding (twice it, over 1 - q); the relative
     floor's warning named a 'raised tolerance' the user never set. The absolute one is said."""
-    monkeypatch.setattr(solver_module, "_warned_rates", set())
-    monkeypatch.setattr(solver_module, "_warned_floors", set())
+    forget_warnings(monkeypatch)
     with pytest.warns(PcDEQWarning) as said:
         _, _, info = pcdeq_fixed_point(
             lambda z: 0.9 * z + 1,
@@ -503,7 +501,7 @@ def test_an_absolute_certified_stop_says_nothing_of_a_relative_floor(monkeypatch
 def test_a_sample_whose_rate_is_not_below_1_does_not_keep_the_others_from_certifying(monkeypatch):
     # q = 0.5 can certify down to 32 eps / (1 - q) = 7.6e-6 relative (its bound stalls at about
     # 3.8e-6, above tol), sample 1 (q = 1.5) nothing
-    monkeypatch.setattr(solver_module, "_warned_rates", set())  # the warning is once per process
+    forget_warnings(monkeypatch)  # the warning is once per process
     growth = torch.tensor([[0.5], [1.5]])
     said = r"cannot go below 7.63e-06 .relative. in torch.float32 .* contraction factor q = 0.5\. "
     with pytest.warns(PcDEQWarning, match=said):

@@ -40,7 +40,7 @@ from torch import Tensor, autograd
 
 from .certify import closed_form_certificate, rate_certificate, under_autocast
 from .conv_kernels import sign_exact_products
-from .errors import InvalidInputError, NonFiniteError, warn
+from .errors import InvalidInputError, NonFiniteError, warn_once
 from .layers import LastStep
 from .solver import arithmetic_dtype
 
@@ -142,73 +142,50 @@ def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict, half_model: boo
     return y, info
 
 
-_warned_beyond_range = False
-
-
 def _warn_beyond_half_range(samples: int, batch: int) -> None:
-    global _warned_beyond_range
-    if _warned_beyond_range:
-        return
-    _warned_beyond_range = True
-    warn(
+    warn_once(
+        "adjoint beyond float16's range",
         f"The adjoint of the implicit gradient exceeds float16's range (65,504) in {samples} of "
         f"{batch} samples of this float16 model, although its solve converged (for the loss "
         "gradient scaled into range): their gradients hold Inf, which an optimizer would write "
         "into the weights. Keep float32 weights and run the model under float16 autocast with a "
         "GradScaler (which skips such a step and lowers its scale), or train in float32 or "
-        "bfloat16. Said once per process."
+        "bfloat16. Said once per process.",
     )
 
 
-_warned_overflow = False
-
-
 def _warn_loss_scale_overflow() -> None:
-    global _warned_overflow
-    if _warned_overflow:  # GradScaler overflows by design every so often: say it once
-        return
-    _warned_overflow = True
-    warn(
+    warn_once(  # GradScaler overflows by design every so often: say it once
+        "loss scale overflow",
         "The loss gradient arriving at the pcdeq core holds NaN or Inf under float16 autocast, "
         "as a GradScaler step that overflowed does. The adjoint is not solved (no backward "
         "statistics for this step) and the non-finite gradient is passed on, so that GradScaler "
         "skips the step and lowers its scale; without a GradScaler the optimizer would write NaN "
-        "into the weights. Said once per process: GradScaler's scale shows how often it recurs."
+        "into the weights. Said once per process: GradScaler's scale shows how often it recurs.",
     )
-
-
-_warned_forward_coarser = False
 
 
 def _warn_forward_coarser(f_tol: float, b_tol: float) -> None:
     """A certified backward solve finer than the forward one (once per process)."""
-    global _warned_forward_coarser
-    if _warned_forward_coarser:
-        return
-    _warned_forward_coarser = True
-    warn(
+    warn_once(
+        "certified backward finer than the forward",
         f"The certified backward solve stops on an error_bound below b_tol={b_tol:g}, but it "
         f"linearizes f at the forward's last step, within f_tol={f_tol:g} of the fixed point: the "
         "gradient also carries the forward's error, which error_bound does not include (an audit "
         "found up to 8 times error_bound at equal tolerances). For error_bound to describe the "
-        "gradient, solve the forward well below b_tol."
+        "gradient, solve the forward well below b_tol.",
     )
-
-
-_warned_uncertifiable: set[torch.dtype] = set()
 
 
 def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
     """``dtype``: the arithmetic's (autocast's when coarser than the state's)."""
-    if dtype in _warned_uncertifiable:  # once per dtype: training would repeat it every step
-        return
-    _warned_uncertifiable.add(dtype)
-    warn(
+    warn_once(
+        ("uncertifiable backward", dtype),
         f"The backward solve cannot be certified: the rate bound q = {rate:.6g} in {dtype} "
         "arithmetic is not below 1 (q approaches 1 on slow layers, whose spectral radius does, "
         "and low-precision arithmetic, a low-precision state or autocast, is only as accurate as "
         "its dtype). It is solved with the plain residual test instead, and its statistics carry no "
-        "error_bound. Certify in float32 or wider, outside autocast."
+        "error_bound. Certify in float32 or wider, outside autocast.",
     )
 
 

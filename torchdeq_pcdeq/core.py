@@ -64,7 +64,7 @@ from .certify import RateCertificate, closed_form_certificate, min_injection, ra
 from .config import SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
-from .errors import ConvergenceError, InvalidInputError, positive_int, warn
+from .errors import ConvergenceError, InvalidInputError, positive_int, warn, warn_once
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
 from .solver import pcdeq_fixed_point
@@ -493,21 +493,17 @@ def _current_call(core: PcDEQCore) -> _Call:
     return call if call is not None and call.core is core else _Call(core, True, core.certify_rate)
 
 
-_warned_above = False
-
-
 def _warn_if_above(plain: bool, from_zero: bool) -> None:
     """Say once that a rate bound taken at the state of a plain solve from above 0 may be low."""
-    global _warned_above
-    if not plain or from_zero or _warned_above:
+    if not plain or from_zero:
         return
-    _warned_above = True
-    warn(
+    warn_once(
+        "rate bound above the fixed point",
         "The rate bound q is taken at the solve's returned state (or, in closed form, at the "
         "iterate before it), which a plain solve from a nonzero z_init may leave above z*, where "
         "q can fall below the spectral radius at z*: it is then an estimate, not a bound. Start "
         "from torch.zeros_like(x), or set pcdeq_enclosure=True (q at its lower sequence), for a "
-        "certified q."
+        "certified q.",
     )
 
 

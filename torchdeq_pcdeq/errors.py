@@ -14,7 +14,7 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 import torchdeq
@@ -129,6 +129,33 @@ def warn(message: str) -> None:
         # (no module_globals: with them the source line is asked of the module's loader, which
         # raises ImportError for a script run as ``python -m pkg.module``, named __main__)
     )
+
+
+# The causes warned about once per process (training would repeat most of them at every step).
+_warned_once: set[Hashable] = set()
+
+
+def warned_once(key: Hashable) -> bool:
+    """Whether :func:`warn_once` has already said ``key`` in this process (for callers whose check
+    itself costs something, such as a host sync)."""
+    return key in _warned_once
+
+
+def warn_once(key: Hashable, message: str) -> None:
+    """:func:`warn` ``message`` the first time this process meets ``key``, the cause's identity
+    (a name, and what the message depends on, such as a dtype).
+
+    Example:
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     for step in range(3):
+        ...         warn_once(("example", torch.float32), "a cause each training step meets")
+        >>> len(caught)
+        1
+    """
+    if key not in _warned_once:
+        _warned_once.add(key)
+        warn(message)
 
 
 def quote_all(names: Iterable[str]) -> str:

@@ -63,6 +63,8 @@ from .errors import (
     positive_float,
     positive_int,
     warn,
+    warn_once,
+    warned_once,
 )
 from .reductions import extremes, sample_dims
 
@@ -78,7 +80,6 @@ _RESOLUTION_ULPS = 2.0
 # Rounding slack of the guard, and rounding margin added to the enclosure's bound, in ulps of
 # the largest entry.
 _GUARD_ULPS = 16.0
-_warned_floors: set[tuple[torch.dtype, str, float]] = set()
 
 
 def resolution_floor(dtype: torch.dtype) -> float:
@@ -519,22 +520,22 @@ class _Monitor:
     def _warn_abs_floor(self, converged: Tensor, abs_lowest: Tensor) -> None:
         """Say (once per dtype and tolerance) that samples counted as converged at their rounding
         floor, above the absolute tolerance (one host sync per solve until it has been said)."""
-        key = (self.arithmetic, "abs", self.tol)
-        if key in _warned_floors:
+        key = _floor_warning(self.arithmetic, "abs", self.tol)
+        if warned_once(key):
             return
         raised = converged & (abs_lowest > self.tol)  # (met their floor, never tol)
         count = int(raised.sum())
         if not count:
             return
-        _warned_floors.add(key)
         worst = float(self.abs_limit[-1][raised].max())
         wider = "" if self.arithmetic == torch.float64 else ", or a wider dtype"
-        warn(
+        warn_once(
+            key,
             f"tol={self.tol:g} (abs) is below what {self.arithmetic} iterates can resolve in {count} "
             f"of {raised.numel()} samples, whose rounding floor (it grows with a sample's size) is up "
             f"to {worst:.3g}: they count as converged at that floor, with info['abs_lowest'] above "
             f"tol. For a tolerance that follows each sample's size, use the relative stop mode "
-            f"('rel'){wider}."
+            f"('rel'){wider}.",
         )
 
     def stat(self, k: int, device: torch.device) -> SolverStat:
@@ -824,53 +825,48 @@ def _check_upper_start(start: float, high_next: Tensor) -> None:
         )
 
 
+def _floor_warning(dtype: torch.dtype, stop_mode: str, tol: float) -> tuple:
+    """The once-per-process key of a tolerance below the rounding floor (both kinds of warning)."""
+    return ("tolerance below the rounding floor", dtype, stop_mode, tol)
+
+
 def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) -> None:
-    key = (dtype, stop_mode, tol)
-    if key not in _warned_floors:
-        _warned_floors.add(key)
-        warn(
-            f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
-            f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance."
-        )
-
-
-_warned_rates: set[tuple[torch.dtype, int]] = set()
-_warned_no_verdict = False
+    warn_once(
+        _floor_warning(dtype, stop_mode, tol),
+        f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
+        f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance.",
+    )
 
 
 def _warn_no_verdict() -> None:
-    global _warned_no_verdict
-    if _warned_no_verdict:  # once per process
-        return
-    _warned_no_verdict = True
-    warn(
+    warn_once(
+        "guard without a verdict",
         "pcDEQ guard: the gap between the enclosure's two sequences stopped shrinking while still "
         "above the tolerance. That is a slow layer's rounding stall or two fixed points (a "
         "non-concave activation), which the rate bound q tells apart, and q cannot be computed "
         "here: it needs a forward-mode product, which an operation in f does not support. The "
-        "guard gives no verdict; samples whose gap stays open end unconverged."
+        "guard gives no verdict; samples whose gap stays open end unconverged.",
     )
 
 
 def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype) -> None:
-    key = (dtype, round(math.log10(max(1 - rate, 1e-300))))
-    if key not in _warned_rates:
-        _warned_rates.add(key)
-        # Said once per order of magnitude of 1 - q: up to q = 0.68 (1 / (1 - q) < 3.2) the
-        # dtype's resolution, not q, sets the floor.
-        widest = dtype == torch.float64
-        if key[1] < 0:
-            cause = "q close to 1 sets this floor (q approaches 1 on slow layers, whose spectral radius does)"
-            cause += "." if widest else "; a wider dtype rounds less."
-        else:
-            cause = "The dtype's resolution sets this floor"
-            cause += "." if widest else ": certify in a wider dtype for a finer tolerance."
-        warn(
-            f"The certified bound cannot go below {floor:.3g} (relative) in {dtype} arithmetic, where "
-            f"each step rounds by up to {_GUARD_ULPS:g} ulps (eps {torch.finfo(dtype).eps:.3g}) and "
-            f"the bound counts that 1 / (1 - q) times, with the contraction factor q = {rate:.6g}. "
-            f"The tolerance {tol:g} is raised to it. {cause}"
-        )
+    # Said once per order of magnitude of 1 - q: up to q = 0.68 (1 / (1 - q) < 3.2) the
+    # dtype's resolution, not q, sets the floor.
+    magnitude = round(math.log10(max(1 - rate, 1e-300)))
+    widest = dtype == torch.float64
+    if magnitude < 0:
+        cause = "q close to 1 sets this floor (q approaches 1 on slow layers, whose spectral radius does)"
+        cause += "." if widest else "; a wider dtype rounds less."
+    else:
+        cause = "The dtype's resolution sets this floor"
+        cause += "." if widest else ": certify in a wider dtype for a finer tolerance."
+    warn_once(
+        ("certified floor", dtype, magnitude),
+        f"The certified bound cannot go below {floor:.3g} (relative) in {dtype} arithmetic, where "
+        f"each step rounds by up to {_GUARD_ULPS:g} ulps (eps {torch.finfo(dtype).eps:.3g}) and "
+        f"the bound counts that 1 / (1 - q) times, with the contraction factor q = {rate:.6g}. "
+        f"The tolerance {tol:g} is raised to it. {cause}",
+    )
 
 
 def _check_output(fz, z: Tensor) -> None:
