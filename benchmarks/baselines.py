@@ -17,8 +17,9 @@
 Every kind stops at the same tolerance (``tol``, relative; :data:`TOL` unless the arithmetic
 cannot resolve it, see :func:`tolerance`) within the same budget.
 
-Every model returns ``(logits, infos)`` with per-sample ``nstep`` and ``converged`` in each info,
-and has ``after_step()`` for what must follow an optimizer step.
+Every model returns ``(logits, infos)`` with per-sample ``nstep`` and ``converged`` in each info
+(TorchDEQ's kinds: ``rel_lowest`` instead of ``converged``, and their solvers' calls of ``f`` in
+``calls``), and has ``after_step()`` for what must follow an optimizer step.
 """
 
 from __future__ import annotations
@@ -89,19 +90,54 @@ def build(
         else:
             model.layers[i] = StandardLayer(operator)
             solver = "anderson" if kind == "torchdeq_anderson" else "fixed_point_iter"
-            model.cores[i] = torchdeq.get_deq(
-                core="sliced",
-                ift=True,
-                f_solver=solver,
-                b_solver=solver,
-                f_tol=tol,
-                b_tol=tol,
-                f_stop_mode="rel",
-                b_stop_mode="rel",
-                **budgets,
+            model.cores[i] = _counting_calls(
+                torchdeq.get_deq(
+                    core="sliced",
+                    ift=True,
+                    f_solver=solver,
+                    b_solver=solver,
+                    f_tol=tol,
+                    b_tol=tol,
+                    f_stop_mode="rel",
+                    b_stop_mode="rel",
+                    **budgets,
+                )
             )
     model.after_step = lambda: [layer.project() for layer in model.layers if hasattr(layer, "project")]
     return model
+
+
+def _counting_calls(core: nn.Module) -> nn.Module:
+    """``core`` (TorchDEQ's) with solvers that report their calls of the function they iterate
+    as ``info["calls"]``: TorchDEQ's ``nstep`` is each sample's step of lowest residual, which
+    undercounts a solve that ran to its budget without converging."""
+    core.f_solver = _counted(core.f_solver)
+    core.b_solver = _counted(core.b_solver)
+    # The implicit backward took its solver when the core was built: built again around the
+    # counted one, with the arguments TorchDEQ's constructor gives it.
+    core.produce_grad[-1] = torchdeq.grad.backward_factory(
+        grad_type="ift",
+        hook_ift=False,
+        b_solver=core.b_solver,
+        b_solver_kwargs=dict(max_iter=core.b_max_iter, tol=core.b_tol, stop_mode=core.b_stop_mode),
+    )
+    return core
+
+
+def _counted(solver):
+    def counted_solver(func, *args, **kwargs):
+        calls = 0
+
+        def counted_func(z):
+            nonlocal calls
+            calls += 1
+            return func(z)
+
+        z, trajectory, info = solver(counted_func, *args, **kwargs)
+        info["calls"] = torch.full((z.shape[0],), float(calls), device=z.device)
+        return z, trajectory, info
+
+    return counted_solver
 
 
 def _fresh_operator(operator: nn.Module) -> nn.Module:
@@ -183,9 +219,10 @@ class ReferenceSolve(nn.Module):
 
         def backward_hook(grad):
             adjoint = lambda y: autograd.grad(f0, z0, y, retain_graph=True)[0] + grad  # noqa: E731
-            y, steps, _ = _plain_iteration(adjoint, grad, self.tol, self.b_max_iter)
+            y, steps, per_sample = _plain_iteration(adjoint, grad, self.tol, self.b_max_iter)
             if backward_writer is not None:
-                backward_writer({"nstep": torch.full((grad.shape[0],), float(steps))})
+                steps = torch.full((grad.shape[0],), float(steps))
+                backward_writer({"nstep": steps, "converged": per_sample <= self.tol})
             return y
 
         z.register_hook(backward_hook)

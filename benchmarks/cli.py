@@ -1,9 +1,9 @@
 """What every benchmark entry point shares: argument types, the command line it records, results files.
 
-* ``positive_int``, ``positive_float``, ``nonnegative_int``, ``available_device``: argparse
-  types that refuse bad values with a message saying what was expected (argparse then prints the
-  usage and exits with 2). ``available_device`` also refuses a CUDA device on a machine where
-  torch sees none, before any work.
+* ``positive_int``, ``positive_float``, ``nonnegative_int``, ``training_batch_size``,
+  ``available_device``: argparse types that refuse bad values with a message saying what was
+  expected (argparse then prints the usage and exits with 2). ``available_device`` also refuses
+  a CUDA device on a machine where torch sees none, before any work.
 * ``command``: the command line that reproduces a run, recorded in its tables.
 * ``run_as_command`` and ``configuring``: how each entry point runs ``main()`` as
   ``python -m benchmarks.<name>``. An error of the run's configuration (a missing dataset, an
@@ -42,6 +42,7 @@ __all__ = [
     "positive_int",
     "positive_float",
     "nonnegative_int",
+    "training_batch_size",
     "available_device",
     "command",
     "run_as_command",
@@ -59,6 +60,17 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
+
+
+def training_batch_size(text: str) -> int:
+    """A number of training images per batch, or in all: batch normalization needs two or more."""
+    value = _int_at_least(text, 1)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2, got {value}: the models' batch normalization cannot train "
+            "on one image"
+        )
+    return value
 
 
 def positive_float(text: str) -> float:

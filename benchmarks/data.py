@@ -65,6 +65,14 @@ class Data:
     model_dataset: str  # the key of torchdeq_pcdeq.models.DATASETS with these shapes
     synthetic: bool = False
 
+    @property
+    def black(self) -> Tensor:
+        """Per channel, the value of a black pixel in these images: 0, or in a standardized
+        dataset ``-mean / std`` (the padding of :func:`augment`)."""
+        channels = self.train_x.shape[1]
+        mean, std = _STATS.get(self.name, ((0.0,) * channels, (1.0,) * channels))
+        return -torch.tensor(mean) / torch.tensor(std)
+
     def subset(self, train: int | None, test: int | None, seed: int = 0) -> Data:
         """The first ``train`` / ``test`` samples of a fixed permutation (all when None)."""
         gen = torch.Generator().manual_seed(seed)
@@ -196,10 +204,18 @@ def _unreadable(name: str, root: pathlib.Path, exc: Exception) -> InvalidInputEr
     )
 
 
-def augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """RandomCrop(32, padding=4) and horizontal flip, per image, on a batch (CIFAR-10 augmented)."""
-    n, _, h, w = images.shape
+def augment(images: Tensor, generator: torch.Generator | None = None, fill: Tensor | None = None) -> Tensor:
+    """RandomCrop(32, padding=4) and horizontal flip, per image, on a batch (CIFAR-10 augmented).
+
+    ``fill``: per channel, the padding's value (default 0). The reference pads the raw image with
+    black before it standardizes: pass :attr:`Data.black` for standardized images.
+    """
+    n, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    if fill is not None:
+        border = torch.ones(1, 1, h + 8, w + 8, dtype=images.dtype)
+        border[..., 4:-4, 4:-4] = 0
+        padded += border * fill.to(images.dtype).view(1, c, 1, 1)
     dx = torch.randint(0, 9, (n,), generator=generator)
     dy = torch.randint(0, 9, (n,), generator=generator)
     rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)

@@ -16,7 +16,7 @@ import pathlib
 import time
 
 from benchmarks import train
-from benchmarks.cli import available_device, positive_float, positive_int, run_as_command
+from benchmarks.cli import available_device, positive_float, positive_int, run_as_command, training_batch_size
 
 OUT = pathlib.Path(__file__).parent / "results" / "demo"
 
@@ -26,7 +26,7 @@ def main(argv=None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--epochs", type=positive_int, default=2)
-    parser.add_argument("--train-subset", type=positive_int, default=2000)
+    parser.add_argument("--train-subset", type=training_batch_size, default=2000)
     parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--device", type=available_device, default="cpu")
     args = parser.parse_args(argv)
@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
         f"forward iterations   {last['train_forward_iterations']:.1f} in training, "
         f"{last['test_forward_iterations']:.1f} at test (mean per solve)\n"
         f"backward iterations  {last['train_backward_iterations']:.1f} (implicit differentiation)\n"
-        f"converged solves     {100 * min(r['train_converged'] for r in history):.2f}% in training, "
+        f"converged solves     {100 * min(r['train_converged'] for r in history):.2f}% in training "
+        f"(backward {100 * min(r['train_backward_converged'] for r in history):.2f}%), "
         f"{100 * last['test_converged']:.2f}% at test\n"
         f"certificates         max|z - z*| <= {cert['relative_error_bound']:.1e} x max|z| (enclosure, "
         f"{cert['enclosure_iterations']} iterations); spectral radius of df/dz <= {cert['rate_bound']:.4f}\n"

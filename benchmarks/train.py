@@ -10,12 +10,14 @@ implementation's way). The kinds' epochs alternate (epoch 1 of every kind, then 
 each kind with its own data order and RNG, so timing drift hits them alike. Per epoch: train and
 test loss and accuracy, mean forward and backward iterations (calls of f per solve, whatever
 each solver's own ``nstep`` means), the fraction of solves (samples x equilibrium layers) that
-reached the tolerance in training and at test (the table gives each one's worst epoch), seconds
-per epoch and peak memory during the epoch's training (CUDA: allocated by tensors; CPU: resident
-set above the epoch's start, see ``benchmarks.memory``). Every kind stops at one relative
-tolerance, 1e-4, or under ``--bf16`` the coarser one a bfloat16 pcDEQ solve can resolve
-(``benchmarks.baselines.tolerance``). A last training batch of one image joins the one before
-(batch normalization cannot train on one sample).
+reached the tolerance, forward and backward in training and forward at test (the table gives
+each one's worst epoch), seconds per epoch and peak memory during the epoch's training (CUDA:
+allocated by tensors; CPU: resident set above the epoch's start, see ``benchmarks.memory``).
+Every kind stops at one relative tolerance, 1e-4, or under ``--bf16`` the coarser one a bfloat16
+pcDEQ solve can resolve (``benchmarks.baselines.tolerance``). A last training batch of one image
+joins the one before (batch normalization cannot train on one sample). Before its first epoch,
+each kind makes an untimed forward and backward pass at each batch size, then undone
+(``Run.warm_up``).
 Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json`` and ``.md``;
 ``--plots`` adds PNG plots next to them.
 """
@@ -23,6 +25,7 @@ Results go to ``benchmarks/results/train_<model>_<dataset>_<device>.json`` and `
 from __future__ import annotations
 
 import argparse
+import copy
 import pathlib
 import statistics
 import time
@@ -43,6 +46,7 @@ from benchmarks.cli import (
     positive_int,
     results_stem,
     run_as_command,
+    training_batch_size,
     write_results,
 )
 from benchmarks.data import DATASETS, augment, load
@@ -65,13 +69,13 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--milestone", type=positive_int, default=None, help="epoch of the x0.1 drop (default 3/4)"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=training_batch_size, default=64)
     parser.add_argument("--lr", type=positive_float, default=5e-4)
     parser.add_argument(
         "--seed", type=nonnegative_int, default=0, help="initialisation and data order (the split is fixed)"
     )
     parser.add_argument(
-        "--train-subset", type=positive_int, default=None, help="use only this many training images"
+        "--train-subset", type=training_batch_size, default=None, help="use only this many training images"
     )
     parser.add_argument(
         "--test-subset", type=positive_int, default=None, help="use only this many test images"
@@ -130,6 +134,8 @@ def main(argv=None) -> dict:
                 f"{sum(p.numel() for p in model.parameters()):,} parameters"
             )
             trainings[kind] = Run(kind, model, data, args, device)
+    for run in trainings.values():
+        run.warm_up()
     # The kinds' epochs alternate: a machine whose speed drifts during the run (shared CPUs,
     # clocks) then slows every kind alike, and the per-epoch times compare like with like.
     for epoch in range(1, args.epochs + 1):
@@ -204,7 +210,7 @@ def residual_trace(model, kind: str, images) -> tuple[list[int], list[float]]:
         # the lowest values up to the budget. fixed_point_iter's column j is call j; Anderson
         # calls f twice before its first residual, so its column j is call j + 2.
         offset = 2 if kind == "torchdeq_anderson" else 0
-        last = int(info["nstep"].max())
+        last = int(iterations(info))
         steps = list(range(1 + offset, last + 1))
         return steps, info["rel_trace"][:, 1 : 1 + len(steps)].mean(dim=0).tolist()
     return [], []  # the reference records no trace
@@ -267,10 +273,40 @@ class Run:
             f"  {self.kind} epoch {epoch:3d}: train {100 * row['train_accuracy']:5.2f}% "
             f"(loss {row['train_loss']:.3f})  test {100 * row['test_accuracy']:5.2f}%  "
             f"fwd {row['train_forward_iterations']:.1f} bwd {row['train_backward_iterations']:.1f} it  "
-            f"converged {100 * row['train_converged']:.1f}%  {row['seconds']:.1f} s  "
+            f"converged {100 * row['train_converged']:.1f}% fwd "
+            f"{100 * row['train_backward_converged']:.1f}% bwd  {row['seconds']:.1f} s  "
             f"{row['peak_memory_mb']:.1f} MB"
         )
         return row
+
+    def warm_up(self) -> None:
+        """One untimed forward and backward at each batch size of an epoch, then undone (weights,
+        normalization statistics, gradients, RNG): the first call at a shape pays one-time costs
+        (pcdeq's "auto" convolution kernels are timed then, oneDNN builds its primitives) that
+        would otherwise land in this kind's first epoch only."""
+        state = copy.deepcopy(self.model.state_dict())
+        self.model.train()
+        sizes = {
+            batch.stop - batch.start
+            for batch in training_batches(len(self.data.train_x), self.args.batch_size)
+        }
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for size in sorted(sizes):
+                images, labels = self._batch(torch.arange(size), torch.Generator().manual_seed(0))
+                self._loss(images, labels)[0].backward()
+        self.model.load_state_dict(state)
+        self.opt.zero_grad(set_to_none=True)
+
+    def _batch(self, idx, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.data.train_x[idx], self.data.train_y[idx]
+        if self.args.augment:
+            images = augment(images, generator, fill=self.data.black)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _loss(self, images, labels, backward_writer=None):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            logits, infos = self.model(images, backward_writer=backward_writer)
+            return F.cross_entropy(logits.float(), labels), logits, infos
 
     def _epoch(self, epoch: int) -> dict:
         model, data, args, device = self.model, self.data, self.args, self.device
@@ -284,14 +320,8 @@ class Run:
         for batch in tqdm(
             training_batches(len(order), args.batch_size), desc=desc, leave=False, disable=args.quiet or None
         ):
-            idx = order[batch]
-            images, labels = data.train_x[idx], data.train_y[idx]
-            if args.augment:
-                images = augment(images, self.gen)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                logits, infos = model(images, backward_writer=stats.backward)
-                loss = F.cross_entropy(logits.float(), labels)
+            images, labels = self._batch(order[batch], self.gen)
+            loss, logits, infos = self._loss(images, labels, stats.backward)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -300,13 +330,14 @@ class Run:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        peak_memory_mb = memory.peak_mb()  # the training's, before the test set is evaluated
         self.schedule.step()
         return {
             "epoch": epoch,
             **stats.summary("train"),
             **evaluate(model, data, args, device),
             "seconds": seconds,
-            "peak_memory_mb": memory.peak_mb(),
+            "peak_memory_mb": peak_memory_mb,
         }
 
 
@@ -333,16 +364,24 @@ def evaluate(model, data, args, device) -> dict:
 
 
 class _Stats:
-    """Running means of one epoch; per-sample convergence over every equilibrium layer (where a
-    solver reports no ``converged``, its lowest relative residual against ``tol``)."""
+    """Running means of one epoch; per-sample convergence over every equilibrium layer, forward
+    and backward solves apart (where a solver reports no ``converged``, its lowest relative
+    residual against ``tol``)."""
 
     def __init__(self, tol: float):
         self.tol = tol
         self.loss, self.correct, self.seen = 0.0, 0, 0
-        self.forward, self.backward_steps, self.converged, self.solves = [], [], 0, 0
+        self.forward, self.backward_steps = [], []
+        self.converged, self.solves, self.backward_converged, self.backward_solves = 0, 0, 0, 0
+
+    def _converged(self, info: dict) -> torch.Tensor:
+        return info["converged"] if "converged" in info else info["rel_lowest"] <= self.tol
 
     def backward(self, info: dict) -> None:
         self.backward_steps.append(iterations(info))
+        converged = self._converged(info)
+        self.backward_converged += int(converged.sum())
+        self.backward_solves += converged.numel()
 
     def batch(self, loss, logits, labels, infos) -> None:
         n = len(labels)
@@ -351,18 +390,20 @@ class _Stats:
         self.seen += n
         for info in infos:
             self.forward.append(iterations(info))
-            converged = info["converged"] if "converged" in info else info["rel_lowest"] <= self.tol
+            converged = self._converged(info)
             self.converged += int(converged.sum())
             self.solves += converged.numel()
 
     def summary(self, split: str) -> dict:
         mean = lambda values: statistics.fmean(values) if values else float("nan")  # noqa: E731
+        fraction = lambda part, whole: part / whole if whole else float("nan")  # noqa: E731
         return {
             f"{split}_loss": self.loss / self.seen,
             f"{split}_accuracy": self.correct / self.seen,
             f"{split}_forward_iterations": mean(self.forward),
             f"{split}_backward_iterations": mean(self.backward_steps),
-            f"{split}_converged": self.converged / max(1, self.solves),
+            f"{split}_converged": fraction(self.converged, self.solves),
+            f"{split}_backward_converged": fraction(self.backward_converged, self.backward_solves),
         }
 
 
@@ -379,19 +420,20 @@ def markdown(report: dict) -> str:
         f"Hardware: {report['hardware']}",
         "",
         "| kind | test accuracy | train accuracy | fwd iterations | bwd iterations "
-        "| solves converged, train (worst epoch) | test (worst epoch) "
+        "| solves converged, train fwd (worst epoch) | train bwd (worst epoch) | test (worst epoch) "
         "| s / epoch (median) | peak memory MB (above epoch start) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, history in report["runs"].items():
         last = history[-1]
         seconds = statistics.median(row["seconds"] for row in history)
-        converged = {split: min(row[f"{split}_converged"] for row in history) for split in ("train", "test")}
+        worst = ("train_converged", "train_backward_converged", "test_converged")
+        converged = [min(row[key] for row in history) for key in worst]
         lines.append(
             f"| {kind} | {100 * last['test_accuracy']:.2f}% | {100 * last['train_accuracy']:.2f}% | "
             f"{last['train_forward_iterations']:.1f} | {last['train_backward_iterations']:.1f} | "
-            f"{100 * converged['train']:.2f}% | {100 * converged['test']:.2f}% | {seconds:.2f} | "
-            f"{max(row['peak_memory_mb'] for row in history):.1f} |"
+            + " | ".join(f"{100 * fraction:.2f}%" for fraction in converged)
+            + f" | {seconds:.2f} | {max(row['peak_memory_mb'] for row in history):.1f} |"
         )
     return "\n".join(lines)
 

@@ -238,7 +238,8 @@ def test_a_kind_trains_the_same_alone_and_with_its_epochs_alternating_with_other
     mixed = train.main([*common, "--kinds", "pcdeq", "reference", "--out", str(tmp_path / "mixed")])
     assert len(draws_alone) == 4 and draws_alone[:2] != draws_alone[2:]  # 2 epochs of 2 batches, one stream
     assert draws["pcdeq"] == draws_alone
-    timing = {"seconds", "peak_memory_mb", "test_backward_iterations"}  # the last is NaN: no backward in test
+    timing = {"seconds", "peak_memory_mb"}
+    timing |= {"test_backward_iterations", "test_backward_converged"}  # NaN: no backward in test
     strip = lambda history: [{k: v for k, v in row.items() if k not in timing} for row in history]  # noqa: E731
     assert strip(alone["runs"]["pcdeq"]) == strip(mixed["runs"]["pcdeq"])
     assert len(mixed["runs"]["reference"]) == 2
@@ -258,6 +259,8 @@ def _refusal(capsys, main, argv) -> str:
     [
         (["--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
         (["--batch-size", "-4"], "--batch-size: expected an integer >= 1, got -4"),
+        (["--batch-size", "1"], "--batch-size: expected an integer >= 2, got 1: the models' batch"),
+        (["--train-subset", "1"], "--train-subset: expected an integer >= 2, got 1"),
         (["--train-subset", "-30"], "--train-subset: expected an integer >= 1, got -30"),
         (["--milestone", "0"], "--milestone: expected an integer >= 1, got 0"),
         (["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
@@ -495,3 +498,91 @@ def test_residual_traces_are_placed_at_the_calls_of_f_they_were_measured_at():
         )
         assert steps == list(range(first, last + 1)) and len(values) == len(steps), kind
         assert values[-1] <= 1e-4 < values[0], kind  # ends at the tolerance, not on padding
+
+
+@pytest.mark.parametrize(
+    ("kind", "b_max_iter"),
+    # (the reference's small initial weights meet the tolerance in 2 adjoint steps; Anderson
+    # makes 2 calls before its first test)
+    [("torchdeq_anderson", 2), ("torchdeq_fixed_point", 2), ("reference", 1)],
+)
+def test_a_baselines_solves_that_run_out_of_budget_count_as_unconverged_at_their_budget(kind, b_max_iter):
+    """TorchDEQ's nstep is each sample's step of lowest residual, which undercounts a solve that
+    ran to its budget; and a backward solve that did not converge was not counted at all."""
+    from benchmarks.baselines import build
+    from benchmarks.train import _Stats
+
+    torch.manual_seed(0)
+    model = build(kind, "linear", "digits", deq={"f_max_iter": 3, "b_max_iter": b_max_iter}).train()
+    images, labels = torch.rand(8, 1, 8, 8), torch.arange(8)
+    stats = _Stats(1e-4)
+    logits, infos = model(images, backward_writer=stats.backward)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    stats.batch(loss, logits, labels, infos)
+    summary = stats.summary("train")
+    assert summary["train_forward_iterations"] == 3 and summary["train_backward_iterations"] == b_max_iter
+    assert summary["train_converged"] < 0.5 and summary["train_backward_converged"] < 0.5
+
+
+def test_the_epochs_peak_memory_is_the_trainings_not_the_evaluations(monkeypatch, tmp_path):
+    from benchmarks import train
+
+    evaluated = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *args: (evaluated.append(1), evaluate(*args))[1])
+    monkeypatch.setattr(train.PeakMemory, "peak_mb", lambda self: 100.0 * len(evaluated))
+    argv = ["--dataset", "digits", "--kinds", "pcdeq", "--epochs", "2", "--train-subset", "32"]
+    report = train.main([*argv, "--test-subset", "16", "--quiet", "--out", str(tmp_path / "run")])
+    assert [row["peak_memory_mb"] for row in report["runs"]["pcdeq"]] == [0.0, 100.0]
+
+
+def test_the_warm_up_before_the_first_epoch_leaves_the_training_as_it_was(tmp_path):
+    from benchmarks import train
+    from benchmarks.baselines import build
+    from benchmarks.data import load
+
+    args = train.parse(["--dataset", "digits", "--batch-size", "24", "--train-subset", "40", "--quiet"])
+    data = load("digits").subset(40, 8)
+    for kind in ("pcdeq", "reference"):
+        torch.manual_seed(0)
+        model = build(kind, "single_conv", "digits", channels=4)
+        run = train.Run(kind, model, data, args, torch.device("cpu"))
+        before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+        run.warm_up()  # batches of 24 and 16 images
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), kind  # BatchNorm statistics too
+        assert torch.equal(torch.get_rng_state(), rng) and torch.equal(run.rng[0], rng)
+        assert all(p.grad is None for p in model.parameters()), kind
+
+
+def test_augmentation_pads_with_black_as_the_reference_does_before_it_standardizes():
+    from benchmarks.data import _STATS, Data
+
+    images = torch.full((6, 3, 32, 32), 5.0)
+    data = Data("cifar10", images, torch.zeros(6), images, torch.zeros(6), "cifar10")
+    mean, std = (torch.tensor(v) for v in _STATS["cifar10"])
+    assert torch.allclose(data.black, (0 - mean) / std)
+    out = augment(images, torch.Generator().manual_seed(0), fill=data.black)
+    for channel in range(3):
+        values = set(out[:, channel].unique().tolist())
+        assert values == {5.0, data.black[channel].item()}, channel  # every crop here shows padding
+    assert set(augment(images, torch.Generator().manual_seed(0)).unique().tolist()) == {0.0, 5.0}
+
+
+def test_the_suite_has_no_float32_long_run_in_a_bf16_suite_and_a_bf16_smoke_is_bf16_throughout():
+    from benchmarks import suite
+
+    for smoke in (False, True):
+        plan = suite.plan("cpu", smoke, True)
+        assert "long run" not in [name for name, _, _ in plan]
+        assert "long run" in [name for name, _, _ in suite.plan("cpu", smoke, False)]
+    assert all("--bf16" in argv for _, _, argv in suite.plan("cpu", True, True))
+
+
+def test_micro_refuses_two_equal_budgets_before_any_work(capsys):
+    from benchmarks import micro
+
+    assert "--budgets compares two different f_max_iter, got 10 twice" in _refusal(
+        capsys, micro.main, ["--budgets", "10", "10"]
+    )
