@@ -11,6 +11,7 @@ from torchdeq_pcdeq import (
     NegativeWeightError,
     NonNegative,
     NonNegativeWeightNorm,
+    PcDEQConv2d,
     PcDEQLinear,
     PcDEQWarning,
     UnknownNameError,
@@ -231,6 +232,35 @@ def test_attach_projection_errors():
         g.linear.weight[0, 0] = -1.0
     with pytest.raises(NegativeWeightError, match="1 negative entries"):
         attach_projection(opt_g, g)
+
+
+def test_attach_projection_leaves_out_frozen_layers_of_a_module():
+    """A frozen layer needs no projection: the optimizer of the rest is accepted, not told to
+    pass "the optimizer that trains them"."""
+    frozen, trained = PcDEQLinear(4, nonnegativity="project"), PcDEQLinear(4, nonnegativity="project")
+    frozen.requires_grad_(False)
+    model = nn.ModuleList([frozen, trained])
+    opt = torch.optim.SGD(trained.parameters(), lr=10.0)
+    attach_projection(opt, model)
+    trained.linear.weight.grad = torch.ones(4, 4)
+    opt.step()
+    assert bool((trained.linear.weight >= 0).all())
+    with pytest.raises(InvalidInputError, match=r"all 1 weight.* are frozen .* nothing to project"):
+        attach_projection(opt, frozen)
+
+
+@pytest.mark.parametrize("nonnegativity", ["weight_norm", "parametrize", "project"])
+def test_a_layer_built_on_the_meta_device_loads_a_checkpoint(nonnegativity):
+    """meta -> to_empty -> load_state_dict, the usual way to load a large model: the negative-
+    initialisation check has no values to read on "meta"."""
+    source = PcDEQConv2d(3, nonnegativity=nonnegativity)
+    target = PcDEQConv2d(3, nonnegativity=nonnegativity, device="meta").to_empty(device="cpu")
+    target.load_state_dict(source.state_dict())
+    x, z = torch.rand(2, 3, 5, 5), torch.rand(2, 3, 5, 5)
+    assert torch.equal(target(z, x), source(z, x))
+    meta = nn.Sequential(nn.Linear(4, 4, bias=False, device="meta"))
+    torchdeq.apply_norm(meta, norm_type="pcdeq_nonneg")
+    assert meta[0].weight.is_meta
 
 
 def test_projection_clamps_after_each_step_and_detaches():

@@ -143,7 +143,8 @@ def test_removing_pcdeq_nonneg_through_torchdeq_leaves_a_plain_nonnegative_param
 
 @pytest.mark.parametrize("how", ["project", "folded"])
 def test_a_weight_edited_through_data_after_a_checked_forward_is_caught_at_the_next_solve(how):
-    """``.data`` edits keep the version counter; the weight is checked again per injection."""
+    """``.data`` edits keep the version counter; the weight is checked again per injection
+    (outside a solve) and per solve."""
     torch.manual_seed(0)
     f = PcDEQLinear(4, nonnegativity="project" if how == "project" else "weight_norm")
     if how == "folded":
@@ -153,6 +154,22 @@ def test_a_weight_edited_through_data_after_a_checked_forward_is_caught_at_the_n
     f.linear.weight.data[0, 0] = -0.5
     with pytest.raises(NegativeWeightError, match="1 negative entry"):
         f(z, f.inject(torch.randn(2, 4)))  # the next solve's injection
+
+
+@pytest.mark.parametrize("how", ["project", "folded"])
+def test_a_weight_edited_through_data_between_solves_with_one_injection_is_caught(how):
+    """A solve that reuses the last solve's injection tensor (an evaluation loop over one batch)
+    checks the weight again all the same: once per solve, not only per new injection."""
+    torch.manual_seed(0)
+    f = PcDEQLinear(4, nonnegativity="project" if how == "project" else "weight_norm")
+    if how == "folded":
+        f.fold_nonnegativity()
+    deq = torchdeq.get_deq(core="pcdeq").eval()
+    x = f.inject(torch.randn(2, 4))
+    deq(lambda z: f(z, x), torch.zeros_like(x))
+    f.linear.weight.data[0, 0] = -0.5
+    with pytest.raises(NegativeWeightError, match="1 negative entry"):
+        deq(lambda z: f(z, x), torch.zeros_like(x))
 
 
 def test_a_folded_layer_checks_any_weight_it_is_given():

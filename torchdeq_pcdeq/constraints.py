@@ -102,6 +102,8 @@ def _trainable(magnitude: Tensor) -> Tensor:
 
 
 def _warn_if_negative(weight: Tensor, what: str) -> None:
+    if weight.is_meta:  # no values yet (a model built on "meta" to load a checkpoint into)
+        return
     negative = int((weight < 0).sum())
     if not negative:
         return
@@ -392,7 +394,8 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
     """Clamp ``params`` to ``>= 0`` after every ``optimizer.step()``; return the hook handle.
 
     One line keeps any training loop unchanged. ``params`` is either an iterable of parameters
-    or a module, in which case the weights of its pcDEQ layers in ``"project"`` mode are used.
+    or a module, in which case the weights of its pcDEQ layers in ``"project"`` mode are used,
+    but for frozen ones (``requires_grad=False``), which no step changes.
 
     Raises:
         InvalidInputError: nothing to project, a parameter the optimizer does not update, or
@@ -410,13 +413,20 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
         True
     """
     if isinstance(params, nn.Module):
-        params = [
+        targets = [
             p for m in params.modules() if hasattr(m, "projection_targets") for p in m.projection_targets()
         ]
-        if not params:
+        if not targets:
             raise InvalidInputError(
                 "attach_projection found no pcDEQ layer with nonnegativity='project' in the "
                 "module; pass the parameters to project explicitly."
+            )
+        params = [p for p in targets if p.requires_grad]  # (no optimizer step moves a frozen one)
+        if not params:
+            raise InvalidInputError(
+                f"attach_projection: all {len(targets)} weight(s) of the module's 'project'-mode "
+                "pcDEQ layers are frozen (requires_grad=False), so no optimizer step changes them "
+                "and there is nothing to project. Attach the projection once they are unfrozen."
             )
     params = list(params)
     if not params:
@@ -427,7 +437,7 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
         raise InvalidInputError(
             f"attach_projection: {len(missing)} parameter(s) (shapes {missing}) are not updated "
             "by this optimizer, so projecting them after its step does nothing. Pass the "
-            "optimizer that trains them."
+            "optimizer that trains them (a frozen parameter needs no projection: leave it out)."
         )
     negative = sum(int((p < 0).sum()) for p in params)
     if negative:

@@ -478,6 +478,10 @@ class PcDEQLayer(nn.Module):
             # A plain parameter ("project" mode, or a folded parametrization) is checked; so is
             # any parametrization other than ours (looked up once per injection: it is slow).
             if self._check_weight or isinstance(weight, nn.Parameter):
+                if context.observers and id(self) not in context.observers[-1]:
+                    # Edits through .data, or under no_grad on a detached alias, can keep the
+                    # weight's version counter: checked again at the first call of each solve.
+                    self._verified_weight = None
                 self._verify_weight(weight)
             for seen in context.observers:
                 seen.setdefault(id(self), (self, x))
@@ -537,8 +541,7 @@ class PcDEQLayer(nn.Module):
         self._check_compatible(z, x, weight)
         self._verify_injection(x)
         self._check_weight = not is_nonnegative_by_construction(self.operator)
-        # Edits through .data or under torch.no_grad() on a detached alias can keep the weight's
-        # version counter: a checked weight is checked again once per new injection (per solve).
+        # (and once per new injection outside a solve: see forward)
         self._verified_weight = None
         self._verified_call = (weakref.ref(x), key)
 
