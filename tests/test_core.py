@@ -1393,3 +1393,22 @@ def test_warnings_point_at_the_users_line_whatever_the_path_in():
         name for name, _ in located(lambda: outputs.append(deq(lambda z: f(z, u), torch.zeros_like(x))))
     } == {__file__}
     assert {name for name, _ in located(lambda: outputs[0][0][-1].sum().backward())} == {__file__}
+
+
+_BUILT_IN = [("f_max_iter", "f_max_iter"), ("b_max_iter", "b_max_iter"), ("b_tol", "b_tol")]
+_BUILT_IN += [("b_stop_mode", "b_stop_mode"), ("b_solver", "b_solver"), ("gradient", "ift")]
+_BUILT_IN += [("certify_rate", "pcdeq_rate_bound")]
+
+
+@pytest.mark.parametrize(("name", "key"), _BUILT_IN)
+def test_an_attribute_read_when_the_core_was_built_cannot_be_assigned_to_no_effect(name, key):
+    """core.b_tol = 1e-7 used to leave the backward at the old tolerance, and its statistics then
+    said converged above the new one; the attributes read at each solve can still be assigned."""
+    deq = torchdeq.get_deq(core="pcdeq")
+    message = rf"core\.{name} was read when the core was built.*{key}=\.\.\."
+    with pytest.raises(InvalidInputError, match=message):
+        setattr(deq, name, getattr(deq, name))
+    deq.f_tol, deq.eval_f_max_iter = 1e-7, 3
+    f, x = dense_instance()
+    with pytest.warns(PcDEQWarning, match="did not reach rel tol 1e-07 within 3 iterations"):
+        copy.deepcopy(deq).eval()(lambda z: f(z, x), torch.zeros_like(x))

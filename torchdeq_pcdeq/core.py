@@ -147,6 +147,17 @@ class PcDEQCore(DEQSliced):
             recorded = make(self.b_solver, b_solver_kwargs)
             self.produce_grad[-1] = ClosedFormImplicitGradient(self.b_solver, b_solver_kwargs, recorded)
         _check_iteration_budgets(self)
+        self._built = True
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _FIXED_WHEN_BUILT and self.__dict__.get("_built"):
+            key, into = _FIXED_WHEN_BUILT[name]
+            raise InvalidInputError(
+                f"core.{name} was read when the core was built, into {into}: a value assigned now "
+                f"would be ignored. Build a new core with it, e.g. torchdeq.get_deq(core.args, "
+                f"{key}=...), which checks it as well."
+            )
+        super().__setattr__(name, value)
 
     # The solve's length and its checks depend on the data (a host sync per convergence check),
     # which a compiled graph cannot express: torch.compile runs the solve, and every call of
@@ -462,6 +473,18 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
 
 
 # What TorchDEQ passes the forward solver itself, and where the user sets it instead.
+# Attributes read when a core is built (name -> the config key that sets it, what it went into).
+_FIXED_WHEN_BUILT = {
+    "f_max_iter": ("f_max_iter", "the training solve's segments (eval_f_max_iter can be assigned)"),
+    "b_max_iter": ("b_max_iter", "the backward solve's options"),
+    "b_tol": ("b_tol", "the backward solve's options"),
+    "b_stop_mode": ("b_stop_mode", "the backward solve's options"),
+    "b_solver": ("b_solver", "the implicit gradient"),
+    "gradient": ("ift", "the implicit gradient"),
+    "certify_rate": ("pcdeq_rate_bound", "the implicit gradient (certified backward solve)"),
+    "certify_backward": ("pcdeq_rate_bound", "the implicit gradient (certified backward solve)"),
+}
+
 _SET_BY_THE_CORE = {
     "x0": "The initial state is the core's second argument, z_init.",
     "max_iter": "Set the budget of this call with solver_kwargs={'f_max_iter': n}, or f_max_iter "
