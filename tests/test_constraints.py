@@ -385,3 +385,26 @@ def test_a_weight_chained_with_another_parametrization_is_not_kept_by_the_layer(
             )
         layer.linear.parametrizations.weight[1].s.fill_(0.1)
         torch.testing.assert_close(layer._weight_in(layers._CONTEXT), 0.1 * base)
+
+
+@pytest.mark.parametrize("nonnegativity", ["weight_norm", "parametrize", "project"])
+def test_assigning_a_layers_weight_stores_it_in_every_mode(nonnegativity):
+    """``layer.weight = W`` raised a raw AttributeError (and a raw KeyError for an nn.Parameter);
+    it now stores W: through the parametrization, or checked and copied in "project" mode."""
+    torch.manual_seed(0)
+    f = PcDEQLinear(4, nonnegativity=nonnegativity)
+    names = [name for name, _ in f.named_parameters()]
+    target = torch.rand(4, 4)
+    f.weight = target
+    torch.testing.assert_close(f.weight.detach(), target)
+    f.weight = nn.Parameter(2 * target)
+    torch.testing.assert_close(f.weight.detach(), 2 * target)
+    assert [name for name, _ in f.named_parameters()] == names  # no second parameter
+    with pytest.raises(InvalidInputError, match=r"the weight's shape \(4, 4\), got shape \(3, 4\)"):
+        f.weight = torch.rand(3, 4)
+    if nonnegativity == "project":
+        negative = target.clone()
+        negative[0, 0] = -1.0
+        with pytest.raises(NegativeWeightError, match="assigned weight has 1 negative entry;"):
+            f.weight = negative
+        torch.testing.assert_close(f.weight.detach(), 2 * target)  # unchanged

@@ -334,8 +334,46 @@ class PcDEQLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The effective nonnegative weight ``W`` used by :meth:`forward`."""
+        """The effective nonnegative weight ``W`` used by :meth:`forward`.
+
+        In the ``"weight_norm"`` and ``"parametrize"`` modes it is computed from the stored
+        parameters at each access: an in-place edit of it (``layer.weight.copy_(W)``,
+        ``nn.init.*(layer.weight)``) changes a copy and nothing else. Assign instead:
+        ``layer.weight = W`` stores ``W`` (through the parametrization, or, in ``"project"``
+        mode, copied into the parameter once checked to be nonnegative).
+        """
         return self.operator.weight
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        operator = self.operator
+        if not isinstance(value, Tensor) or value.shape != operator.weight.shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise InvalidInputError(
+                f"{type(self).__name__}.weight takes a tensor of the weight's shape "
+                f"{tuple(operator.weight.shape)}, got {got}."
+            )
+        if parametrize.is_parametrized(operator, "weight"):
+            operator.weight = value.detach()  # through the parametrization's right_inverse
+            return
+        negative = int((value < 0).sum())
+        if negative:
+            raise NegativeWeightError(
+                f"{type(self).__name__} (nonnegativity={self.nonnegativity!r}): the assigned weight "
+                f"has {negative} negative {'entry' if negative == 1 else 'entries'}; pcDEQ needs W >= 0, and "
+                "this mode does not change "
+                "what it is given. Assign a nonnegative weight (value.clamp(min=0), or "
+                "torchdeq_pcdeq.reference_init_), or use nonnegativity='weight_norm' or 'parametrize'."
+            )
+        with torch.no_grad():
+            operator.weight.copy_(value)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and isinstance(value, nn.Parameter):
+            # (nn.Module would register a second parameter named like the property)
+            type(self).weight.fset(self, value)
+            return
+        super().__setattr__(name, value)
 
     def fold_nonnegativity(self) -> Tensor:
         """Replace the weight's parametrization by a plain parameter holding ``W >= 0``; return it.
