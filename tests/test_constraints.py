@@ -245,8 +245,16 @@ def test_attach_projection_leaves_out_frozen_layers_of_a_module():
     trained.linear.weight.grad = torch.ones(4, 4)
     opt.step()
     assert bool((trained.linear.weight >= 0).all())
-    with pytest.raises(InvalidInputError, match=r"all 1 weight.* are frozen .* nothing to project"):
+    with pytest.raises(InvalidInputError, match=r"all 1 weight.* are frozen .* not in this optimizer"):
         attach_projection(opt, frozen)
+    # a frozen weight the optimizer holds is projected once it is unfrozen (progressive unfreezing)
+    frozen = PcDEQLinear(4, nonnegativity="project").requires_grad_(False)
+    opt = torch.optim.SGD(frozen.parameters(), lr=10.0)
+    attach_projection(opt, frozen)
+    frozen.requires_grad_(True)
+    frozen.linear.weight.grad = torch.ones(4, 4)
+    opt.step()
+    assert bool((frozen.linear.weight >= 0).all())
 
 
 @pytest.mark.parametrize("nonnegativity", ["weight_norm", "parametrize", "project"])
@@ -402,9 +410,32 @@ def test_assigning_a_layers_weight_stores_it_in_every_mode(nonnegativity):
     assert [name for name, _ in f.named_parameters()] == names  # no second parameter
     with pytest.raises(InvalidInputError, match=r"the weight's shape \(4, 4\), got shape \(3, 4\)"):
         f.weight = torch.rand(3, 4)
+    f.weight = 3 * target.double()  # converted to the layer's dtype, as copy_ would
+    torch.testing.assert_close(f.weight.detach(), 3 * target)
     if nonnegativity == "project":
         negative = target.clone()
         negative[0, 0] = -1.0
         with pytest.raises(NegativeWeightError, match="assigned weight has 1 negative entry;"):
             f.weight = negative
-        torch.testing.assert_close(f.weight.detach(), 2 * target)  # unchanged
+        torch.testing.assert_close(f.weight.detach(), 3 * target)  # unchanged
+
+
+@pytest.mark.parametrize(("saved", "built"), [("weight_norm", "project"), ("project", "parametrize")])
+def test_a_checkpoint_of_another_nonnegativity_mode_is_named_as_such(saved, built):
+    """PyTorch's error listed parametrization keys, and strict=False kept the initial W silently."""
+    source, target = PcDEQLinear(4, nonnegativity=saved), PcDEQLinear(4, nonnegativity=built)
+    message = f"stores W as nonnegativity='{saved}'.*built with nonnegativity='{built}'"
+    for strict in (True, False):
+        with pytest.raises(InvalidInputError, match=message):
+            target.load_state_dict(source.state_dict(), strict=strict)
+    folded = PcDEQLinear(4)
+    folded.fold_nonnegativity()  # a folded layer is a "project" one: its checkpoint loads there
+    PcDEQLinear(4, nonnegativity="project").load_state_dict(folded.state_dict())
+
+
+def test_a_project_layer_with_another_parametrization_loads_its_own_checkpoint():
+    """Its own keys (a spectral norm's parametrizations.weight.original) are not another mode's."""
+    layers = [PcDEQLinear(4, nonnegativity="project") for _ in range(2)]
+    for layer in layers:
+        nn.utils.parametrizations.spectral_norm(layer.linear)
+    layers[1].load_state_dict(layers[0].state_dict())

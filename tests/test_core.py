@@ -1397,7 +1397,7 @@ def test_warnings_point_at_the_users_line_whatever_the_path_in():
 
 _BUILT_IN = [("f_max_iter", "f_max_iter"), ("b_max_iter", "b_max_iter"), ("b_tol", "b_tol")]
 _BUILT_IN += [("b_stop_mode", "b_stop_mode"), ("b_solver", "b_solver"), ("gradient", "ift")]
-_BUILT_IN += [("certify_rate", "pcdeq_rate_bound")]
+_BUILT_IN += [("certify_rate", "pcdeq_rate_bound"), ("indexing", "indexing")]
 
 
 @pytest.mark.parametrize(("name", "key"), _BUILT_IN)

@@ -395,7 +395,7 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
 
     One line keeps any training loop unchanged. ``params`` is either an iterable of parameters
     or a module, in which case the weights of its pcDEQ layers in ``"project"`` mode are used,
-    but for frozen ones (``requires_grad=False``), which no step changes.
+    but for frozen ones (``requires_grad=False``) that the optimizer does not hold.
 
     Raises:
         InvalidInputError: nothing to project, a parameter the optimizer does not update, or
@@ -412,6 +412,7 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
         >>> bool((f.linear.weight >= 0).all())
         True
     """
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if isinstance(params, nn.Module):
         targets = [
             p for m in params.modules() if hasattr(m, "projection_targets") for p in m.projection_targets()
@@ -421,17 +422,19 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
                 "attach_projection found no pcDEQ layer with nonnegativity='project' in the "
                 "module; pass the parameters to project explicitly."
             )
-        params = [p for p in targets if p.requires_grad]  # (no optimizer step moves a frozen one)
+        # A frozen weight outside the optimizer needs no projection (no step of it moves the
+        # weight); one it holds is kept, for when the weight is unfrozen.
+        params = [p for p in targets if p.requires_grad or id(p) in in_optimizer]
         if not params:
             raise InvalidInputError(
                 f"attach_projection: all {len(targets)} weight(s) of the module's 'project'-mode "
-                "pcDEQ layers are frozen (requires_grad=False), so no optimizer step changes them "
-                "and there is nothing to project. Attach the projection once they are unfrozen."
+                "pcDEQ layers are frozen (requires_grad=False) and not in this optimizer, so none "
+                "of its steps changes them and there is nothing to project. Give the optimizer "
+                "those weights, or attach the projection to the one that will train them."
             )
     params = list(params)
     if not params:
         raise InvalidInputError("attach_projection needs at least one parameter to project.")
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [tuple(p.shape) for p in params if id(p) not in in_optimizer]
     if missing:
         raise InvalidInputError(

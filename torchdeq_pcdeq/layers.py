@@ -278,6 +278,14 @@ def _option(args, key: str, default):
     return getattr(args, key, default)
 
 
+# How each nonnegativity mode stores W in a state_dict, under the operator's prefix.
+_STORED_AS = {
+    "weight_norm": ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+    "parametrize": ("parametrizations.weight.original",),
+    "project": ("weight",),
+}
+
+
 class PcDEQLayer(nn.Module):
     """Base class: ``sigma(W z + x)`` for a nonnegative linear operator ``W`` held by ``operator``.
 
@@ -347,6 +355,8 @@ class PcDEQLayer(nn.Module):
     @weight.setter
     def weight(self, value: Tensor) -> None:
         operator = self.operator
+        if isinstance(value, Tensor):  # (as copy_ would: the parametrizations' set_ refuses others)
+            value = value.detach().to(operator.weight.device, operator.weight.dtype)
         if not isinstance(value, Tensor) or value.shape != operator.weight.shape:
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
             raise InvalidInputError(
@@ -354,7 +364,7 @@ class PcDEQLayer(nn.Module):
                 f"{tuple(operator.weight.shape)}, got {got}."
             )
         if parametrize.is_parametrized(operator, "weight"):
-            operator.weight = value.detach()  # through the parametrization's right_inverse
+            operator.weight = value  # through the parametrization's right_inverse
             return
         negative = int((value < 0).sum())
         if negative:
@@ -374,6 +384,23 @@ class PcDEQLayer(nn.Module):
             type(self).weight.fset(self, value)
             return
         super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of another mode has none of this layer's keys: strict loading names
+        # PyTorch's keys only, and strict=False would keep the initial W without a word.
+        operator, where = f"{prefix}{self._operator_name}.", f" at {prefix[:-1]!r}" if prefix else ""
+        # (this layer's own keys, whatever else parametrizes its weight, such as a spectral norm)
+        if not any(operator + key in state_dict for key in self.operator.state_dict()):
+            for mode, keys in _STORED_AS.items():
+                if mode != self.nonnegativity and all(operator + key in state_dict for key in keys):
+                    raise InvalidInputError(
+                        f"{type(self).__name__}{where}: the checkpoint stores W as "
+                        f"nonnegativity={mode!r} ({', '.join(operator + key for key in keys)}), and this "
+                        f"layer is built with nonnegativity={self.nonnegativity!r}. Build the layer "
+                        f"with nonnegativity={mode!r} to load it; to change modes afterwards, assign "
+                        "its W to a layer of the other mode (other.weight = layer.weight)."
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fold_nonnegativity(self) -> Tensor:
         """Replace the weight's parametrization by a plain parameter holding ``W >= 0``; return it.
