@@ -1412,3 +1412,13 @@ def test_an_attribute_read_when_the_core_was_built_cannot_be_assigned_to_no_effe
     f, x = dense_instance()
     with pytest.warns(PcDEQWarning, match="did not reach rel tol 1e-07 within 3 iterations"):
         copy.deepcopy(deq).eval()(lambda z: f(z, x), torch.zeros_like(x))
+
+
+def test_an_eval_mode_core_returns_z_star_without_its_graph_as_torchdeq_does_and_train_mode_differentiates():
+    f, x0 = dense_instance()
+    u = x0.clone().requires_grad_()
+    deq = torchdeq.get_deq(core="pcdeq").eval()
+    z, _ = deq(lambda z: f(z, u), torch.zeros_like(u))
+    assert not z[0].requires_grad  # (README: a head can train on such frozen features)
+    z, _ = deq.train()(lambda z: f(z, u), torch.zeros_like(u))
+    assert torch.autograd.grad(z[-1].sum(), u)[0].abs().sum() > 0
