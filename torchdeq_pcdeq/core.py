@@ -481,7 +481,7 @@ _FIXED_WHEN_BUILT = {
     "b_tol": ("b_tol", "the backward solve's options"),
     "b_stop_mode": ("b_stop_mode", "the backward solve's options"),
     "b_solver": ("b_solver", "the implicit gradient"),
-    "gradient": ("ift", "the implicit gradient"),
+    "gradient": ("ift", "the gradient it attaches (set by ift, hook_ift or, for phantom gradients, grad)"),
     "certify_rate": ("pcdeq_rate_bound", "the implicit gradient (certified backward solve)"),
     "certify_backward": ("pcdeq_rate_bound", "the implicit gradient (certified backward solve)"),
 }
