@@ -412,6 +412,9 @@ def test_assigning_a_layers_weight_stores_it_in_every_mode(nonnegativity):
         f.weight = torch.rand(3, 4)
     f.weight = 3 * target.double()  # converted to the layer's dtype, as copy_ would
     torch.testing.assert_close(f.weight.detach(), 3 * target)
+    on_meta = PcDEQLinear(4, nonnegativity=nonnegativity, device="meta")
+    on_meta.weight = torch.empty(4, 4, device="meta")  # (no values to check yet)
+    assert on_meta.weight.is_meta
     if nonnegativity == "project":
         negative = target.clone()
         negative[0, 0] = -1.0
@@ -424,13 +427,24 @@ def test_assigning_a_layers_weight_stores_it_in_every_mode(nonnegativity):
 def test_a_checkpoint_of_another_nonnegativity_mode_is_named_as_such(saved, built):
     """PyTorch's error listed parametrization keys, and strict=False kept the initial W silently."""
     source, target = PcDEQLinear(4, nonnegativity=saved), PcDEQLinear(4, nonnegativity=built)
-    message = f"stores W as nonnegativity='{saved}'.*built with nonnegativity='{built}'"
+    message = f"under the keys of nonnegativity='{saved}'.*stores it as nonnegativity='{built}' does"
     for strict in (True, False):
         with pytest.raises(InvalidInputError, match=message):
             target.load_state_dict(source.state_dict(), strict=strict)
     folded = PcDEQLinear(4)
     folded.fold_nonnegativity()  # a folded layer is a "project" one: its checkpoint loads there
     PcDEQLinear(4, nonnegativity="project").load_state_dict(folded.state_dict())
+    # judged by what the layer holds now: a buffer of its operator (the same key in every mode)
+    # is not its W, and a parametrization removed by hand leaves a plain weight
+    masked = PcDEQLinear(4, nonnegativity=built)
+    masked.linear.register_buffer("mask", torch.ones(4, 4))
+    source.linear.register_buffer("mask", torch.ones(4, 4))
+    with pytest.raises(InvalidInputError, match=message):
+        masked.load_state_dict(source.state_dict(), strict=False)
+    removed = PcDEQLinear(4, nonnegativity="weight_norm")
+    parametrize.remove_parametrizations(removed.linear, "weight")
+    with pytest.raises(InvalidInputError, match="stores it as nonnegativity='project' does"):
+        removed.load_state_dict(PcDEQLinear(4).state_dict(), strict=False)
 
 
 def test_a_project_layer_with_another_parametrization_loads_its_own_checkpoint():

@@ -395,7 +395,8 @@ def attach_projection(optimizer: torch.optim.Optimizer, params: nn.Module | Iter
 
     One line keeps any training loop unchanged. ``params`` is either an iterable of parameters
     or a module, in which case the weights of its pcDEQ layers in ``"project"`` mode are used,
-    but for frozen ones (``requires_grad=False``) that the optimizer does not hold.
+    but for frozen ones (``requires_grad=False``) that the optimizer does not hold when this is
+    called (a weight given to it later with ``add_param_group`` needs a projection of its own).
 
     Raises:
         InvalidInputError: nothing to project, a parameter the optimizer does not update, or

@@ -476,7 +476,7 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
 # Attributes read when a core is built (name -> the config key that sets it, what it went into).
 _FIXED_WHEN_BUILT = {
     "f_max_iter": ("f_max_iter", "the training solve's segments (eval_f_max_iter can be assigned)"),
-    "indexing": ("indexing", "the training solve's segments and their gradients"),
+    "indexing": ("indexing", "the training solve's segments (set by n_states or indexing, with f_max_iter)"),
     "b_max_iter": ("b_max_iter", "the backward solve's options"),
     "b_tol": ("b_tol", "the backward solve's options"),
     "b_stop_mode": ("b_stop_mode", "the backward solve's options"),

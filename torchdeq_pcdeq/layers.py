@@ -355,18 +355,19 @@ class PcDEQLayer(nn.Module):
     @weight.setter
     def weight(self, value: Tensor) -> None:
         operator = self.operator
-        if isinstance(value, Tensor):  # (as copy_ would: the parametrizations' set_ refuses others)
-            value = value.detach().to(operator.weight.device, operator.weight.dtype)
         if not isinstance(value, Tensor) or value.shape != operator.weight.shape:
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
             raise InvalidInputError(
                 f"{type(self).__name__}.weight takes a tensor of the weight's shape "
                 f"{tuple(operator.weight.shape)}, got {got}."
             )
+        value = value.detach()
         if parametrize.is_parametrized(operator, "weight"):
-            operator.weight = value  # through the parametrization's right_inverse
+            # through the parametrization's right_inverse (whose set_ needs the stored dtype and
+            # device: converted as copy_ converts below)
+            operator.weight = value.to(operator.weight.device, operator.weight.dtype)
             return
-        negative = int((value < 0).sum())
+        negative = 0 if value.is_meta else int((value < 0).sum())
         if negative:
             raise NegativeWeightError(
                 f"{type(self).__name__} (nonnegativity={self.nonnegativity!r}): the assigned weight "
@@ -389,14 +390,18 @@ class PcDEQLayer(nn.Module):
         # A checkpoint of another mode has none of this layer's keys: strict loading names
         # PyTorch's keys only, and strict=False would keep the initial W without a word.
         operator, where = f"{prefix}{self._operator_name}.", f" at {prefix[:-1]!r}" if prefix else ""
-        # (this layer's own keys, whatever else parametrizes its weight, such as a spectral norm)
-        if not any(operator + key in state_dict for key in self.operator.state_dict()):
+        # The parameters that hold W here (whatever else parametrizes it, such as a spectral
+        # norm; buffers have the same keys in every mode), and how this layer stores W now (a
+        # parametrization removed by hand leaves a plain weight, as folding does).
+        own = [name for name, _ in self.operator.named_parameters()]
+        current = self.nonnegativity if parametrize.is_parametrized(self.operator, "weight") else "project"
+        if not any(operator + key in state_dict for key in own):
             for mode, keys in _STORED_AS.items():
-                if mode != self.nonnegativity and all(operator + key in state_dict for key in keys):
+                if mode != current and all(operator + key in state_dict for key in keys):
                     raise InvalidInputError(
-                        f"{type(self).__name__}{where}: the checkpoint stores W as "
-                        f"nonnegativity={mode!r} ({', '.join(operator + key for key in keys)}), and this "
-                        f"layer is built with nonnegativity={self.nonnegativity!r}. Build the layer "
+                        f"{type(self).__name__}{where}: the checkpoint holds W under the keys of "
+                        f"nonnegativity={mode!r} ({', '.join(operator + key for key in keys)}), and "
+                        f"this layer stores it as nonnegativity={current!r} does. Build the layer "
                         f"with nonnegativity={mode!r} to load it; to change modes afterwards, assign "
                         "its W to a layer of the other mode (other.weight = layer.weight)."
                     )
@@ -409,7 +414,8 @@ class PcDEQLayer(nn.Module):
         ``"project"`` mode, so attach :func:`~torchdeq_pcdeq.attach_projection` to the
         optimizer (or keep the weight fixed), and a negative entry is reported by the next
         forward. A layer already in ``"project"`` mode is left as it is. Calling
-        ``torch.nn.utils.parametrize.remove_parametrizations`` directly has the same effect.
+        ``torch.nn.utils.parametrize.remove_parametrizations`` directly does the same to ``W``
+        and its checks, but leaves ``nonnegativity`` at its old name.
 
         Example:
             >>> import torch
