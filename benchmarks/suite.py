@@ -175,7 +175,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", type=available_device, default="cpu")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds, to check that everything runs")
+    parser.add_argument("--smoke", action="store_true", help="a minute or two, to check that everything runs")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast where it applies")
     args = parser.parse_args(argv)
     kind = args.device.type

@@ -5,7 +5,7 @@ Linear(64, 64) -> BatchNorm -> admissible injection -> pcDEQ[tanh, W >= 0] -> Ba
 trained with AdamW and implicit differentiation. Each epoch prints accuracy, forward and
 backward iterations, the worst final residual and the fraction of converged solves.
 
-Run: ``make demo`` (or ``python examples/train_digits.py --epochs 10``).
+Run: ``python examples/train_digits.py`` (``--epochs``, 12 by default).
 """
 
 from __future__ import annotations

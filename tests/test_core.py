@@ -1422,3 +1422,13 @@ def test_an_eval_mode_core_returns_z_star_without_its_graph_as_torchdeq_does_and
     assert not z[0].requires_grad  # (README: a head can train on such frozen features)
     z, _ = deq.train()(lambda z: f(z, u), torch.zeros_like(u))
     assert torch.autograd.grad(z[-1].sum(), u)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("key", ["ift", "hook_ift", "tau", "pcdeq_rate_bound", "pcdeq_guard"])
+def test_a_config_key_assigned_to_a_built_core_is_refused_not_kept_as_a_stray_attribute(key):
+    """core.ift = False or core.pcdeq_rate_bound = True made a new attribute that nothing read."""
+    deq = torchdeq.get_deq(core="pcdeq")
+    message = rf"core\.{key} is a config key.*get_deq\(core\.args, {key}=\.\.\.\)"
+    with pytest.raises(InvalidInputError, match=message):
+        setattr(deq, key, True)
+    assert key not in vars(deq)

@@ -207,7 +207,7 @@ PCDEQ_OPTIONS: dict[str, Option] = {
     "pcdeq_nonneg_init": Option(
         "keep",
         "how norm_type='pcdeq_nonneg' starts each weight it constrains: 'keep' its magnitudes "
-        "(|W|: a signed default initialisation gives rows summing to about sqrt(3 fan_in) / 2, "
+        "(|W|: a signed default initialisation gives rows summing to about sqrt(fan_in) / 2, "
         "which saturates a bounded activation) or 'reference' (torchdeq_pcdeq.reference_init_: "
         "small and nonnegative, the reference's start)",
         ("keep", "reference"),

@@ -108,7 +108,7 @@ def _warn_if_negative(weight: Tensor, what: str) -> None:
     if not negative:
         return
     # A signed initialisation (PyTorch's default) made nonnegative keeps its magnitudes: the rows
-    # of |W| then sum to about sqrt(3 fan_in) / 2, 4 for 64 inputs, which saturates a bounded
+    # of |W| then sum to about sqrt(fan_in) / 2, 4 for 64 inputs, which saturates a bounded
     # activation. The model converges at every solve yet cannot learn: say so here.
     gain = weight.detach().abs().flatten(1).sum(1).max().item() if weight.dim() > 1 else 0.0
     saturates = (

@@ -61,7 +61,7 @@ from .backward import (
     closed_form_is_exact,
 )
 from .certify import RateCertificate, closed_form_certificate, min_injection, rate_bound, upper_bound
-from .config import SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
+from .config import PCDEQ_OPTIONS, SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
 from .errors import ConvergenceError, InvalidInputError, positive_int, warn, warn_once
@@ -150,13 +150,20 @@ class PcDEQCore(DEQSliced):
         self._built = True
 
     def __setattr__(self, name: str, value) -> None:
-        if name in _FIXED_WHEN_BUILT and self.__dict__.get("_built"):
-            key, into = _FIXED_WHEN_BUILT[name]
-            raise InvalidInputError(
-                f"core.{name} was read when the core was built, into {into}: a value assigned now "
-                f"would be ignored. Build a new core with it, e.g. torchdeq.get_deq(core.args, "
-                f"{key}=...), which checks it as well."
-            )
+        if self.__dict__.get("_built"):
+            if name in _FIXED_WHEN_BUILT:
+                key, into = _FIXED_WHEN_BUILT[name]
+                raise InvalidInputError(
+                    f"core.{name} was read when the core was built, into {into}: a value assigned "
+                    f"now would be ignored. Build a new core with it, e.g. torchdeq.get_deq(core.args, "
+                    f"{key}=...), which checks it as well."
+                )
+            if (name in PCDEQ_OPTIONS or name in _GRADIENT_KEYS) and not hasattr(self, name):
+                raise InvalidInputError(
+                    f"core.{name} is a config key, which a core reads when it is built, not one of its "
+                    f"attributes: a value assigned now would be ignored. Build a new core with it, e.g. "
+                    f"torchdeq.get_deq(core.args, {name}=...)."
+                )
         super().__setattr__(name, value)
 
     # The solve's length and its checks depend on the data (a host sync per convergence check),
@@ -473,6 +480,9 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
 
 
 # What TorchDEQ passes the forward solver itself, and where the user sets it instead.
+# TorchDEQ's config keys for the gradient, read when a core is built (not attributes).
+_GRADIENT_KEYS = ("ift", "hook_ift", "grad", "tau", "sup_gap", "sup_loc", "n_states")
+
 # Attributes read when a core is built (name -> the config key that sets it, what it went into).
 _FIXED_WHEN_BUILT = {
     "f_max_iter": ("f_max_iter", "the training solve's segments (eval_f_max_iter can be assigned)"),
