@@ -156,8 +156,12 @@ def test_the_enclosure_needs_a_finite_upper_bound(clean_activation_registry):
     g = PcDEQLinear(4, "log1p")
     deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True)
     u = g.inject(torch.randn(2, 4))
-    with pytest.raises(InvalidInputError, match="'log1p' has none"):
+    with pytest.raises(InvalidInputError, match=r"'log1p' has none.*Set pcdeq_enclosure_upper"):
         deq(lambda z: g(z, u), torch.zeros_like(u))
+    # the remedy it names: an upper start known to bound z* (guarantees.md), checked by the enclosure
+    bounded = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_enclosure_upper=5.0)
+    _, info = bounded(lambda z: g(z, u), torch.zeros_like(u))
+    assert bool(info["converged"].all()) and float(info["error_bound"].max()) < 1e-3
 
 
 @pytest.mark.parametrize("guard", ["off", "raise"])

@@ -246,8 +246,9 @@ def upper_bound(seen: dict) -> float:
     if unbounded:
         raise InvalidInputError(
             f"The enclosure needs an activation with a finite supremum; {unbounded[0]!r} has none, "
-            "so no upper sequence can start above the fixed point. Use the plain solve "
-            "(pcdeq_enclosure off) with this activation."
+            "so no upper sequence starts above the fixed point by itself. Set pcdeq_enclosure_upper "
+            "to a value known to bound z* (the enclosure checks that f does not rise above it), or "
+            "use the plain solve (pcdeq_enclosure off) with this activation."
         )
     return max(layer.activation.supremum for layer in layers)
 
