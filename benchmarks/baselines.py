@@ -221,8 +221,8 @@ class ReferenceSolve(nn.Module):
             adjoint = lambda y: autograd.grad(f0, z0, y, retain_graph=True)[0] + grad  # noqa: E731
             y, steps, per_sample = _plain_iteration(adjoint, grad, self.tol, self.b_max_iter)
             if backward_writer is not None:
-                steps = torch.full((grad.shape[0],), float(steps))
-                backward_writer({"nstep": steps, "converged": per_sample <= self.tol})
+                nstep = torch.full((grad.shape[0],), float(steps))
+                backward_writer({"nstep": nstep, "converged": per_sample <= self.tol})
             return y
 
         z.register_hook(backward_hook)

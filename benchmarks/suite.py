@@ -46,7 +46,7 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
     half = ["--bf16"] if bf16 else []
     if smoke:
         out = ["--out", str(RESULTS / "smoke" / "train")]
-        return [
+        runs = [
             (
                 "solver overhead",
                 solver_overhead,
@@ -97,18 +97,17 @@ def plan(device: str, smoke: bool, bf16: bool) -> list[tuple[str, object, list[s
                 ),
             ),
             ("certificates", certificates, [*dev, *half, "--repeats", "1", "--smoke"]),
-            *(
-                []
-                if bf16  # (the long run has no bfloat16 mode)
-                else [
-                    (
-                        "long run",
-                        long_run,
-                        [*dev, "--steps", "5", "--nonnegativity", "project", "--out", str(RESULTS / "smoke")],
-                    )
-                ]
-            ),
         ]
+        if not bf16:  # (the long run has no bfloat16 mode)
+            smoke_out = str(RESULTS / "smoke")
+            runs.append(
+                (
+                    "long run",
+                    long_run,
+                    [*dev, "--steps", "5", "--nonnegativity", "project", "--out", smoke_out],
+                )
+            )
+        return runs
     cuda = torch.device(device).type == "cuda"
     # On GPU the TorchDEQ baselines dominate (Anderson: about 8 s per linear epoch, 20 to 40 s
     # per single-conv epoch on an H200), so fewer epochs keep the suite within 5 minutes.

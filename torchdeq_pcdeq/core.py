@@ -479,7 +479,6 @@ def _diverged_message(info: dict, tol: float, stop_mode: str) -> str:
     )
 
 
-# What TorchDEQ passes the forward solver itself, and where the user sets it instead.
 # TorchDEQ's config keys for the gradient, read when a core is built (not attributes).
 _GRADIENT_KEYS = ("ift", "hook_ift", "grad", "tau", "sup_gap", "sup_loc", "n_states")
 
@@ -496,6 +495,7 @@ _FIXED_WHEN_BUILT = {
     "certify_backward": ("pcdeq_rate_bound", "the implicit gradient (certified backward solve)"),
 }
 
+# What TorchDEQ passes the forward solver itself, and where the user sets it instead.
 _SET_BY_THE_CORE = {
     "x0": "The initial state is the core's second argument, z_init.",
     "max_iter": "Set the budget of this call with solver_kwargs={'f_max_iter': n}, or f_max_iter "

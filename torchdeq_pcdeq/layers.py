@@ -371,10 +371,10 @@ class PcDEQLayer(nn.Module):
         if negative:
             raise NegativeWeightError(
                 f"{type(self).__name__} (nonnegativity={self.nonnegativity!r}): the assigned weight "
-                f"has {negative} negative {'entry' if negative == 1 else 'entries'}; pcDEQ needs W >= 0, and "
-                "this mode does not change "
-                "what it is given. Assign a nonnegative weight (value.clamp(min=0), or "
-                "torchdeq_pcdeq.reference_init_), or use nonnegativity='weight_norm' or 'parametrize'."
+                f"has {negative} negative {'entry' if negative == 1 else 'entries'}; pcDEQ needs "
+                "W >= 0, and this mode does not change what it is given. Assign a nonnegative weight "
+                "(value.clamp(min=0), or torchdeq_pcdeq.reference_init_), or use "
+                "nonnegativity='weight_norm' or 'parametrize'."
             )
         with torch.no_grad():
             operator.weight.copy_(value)
