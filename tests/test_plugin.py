@@ -1,4 +1,5 @@
 import argparse
+import inspect
 import os
 import subprocess
 import sys
@@ -279,6 +280,18 @@ def test_package_exports_are_explicit():
     for name in torchdeq_pcdeq.__all__:
         assert hasattr(torchdeq_pcdeq, name), name
     assert torchdeq_pcdeq.__version__ == "0.1.0"
+
+
+def test_every_public_function_and_class_shows_its_use_in_a_doctest():
+    # (the error types are documented by the README's table of errors instead)
+    shown = [
+        name
+        for name in torchdeq_pcdeq.__all__
+        if callable(obj := getattr(torchdeq_pcdeq, name))
+        and not (isinstance(obj, type) and issubclass(obj, (Exception, Warning)))
+    ]
+    missing = [name for name in shown if ">>>" not in (inspect.getdoc(getattr(torchdeq_pcdeq, name)) or "")]
+    assert len(shown) >= 20 and missing == []
 
 
 def test_registry_errors_name_the_flag_only_when_the_flag_is_the_bad_name():

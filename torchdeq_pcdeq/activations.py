@@ -115,7 +115,13 @@ _REGISTRY: dict[str, Activation] = dict(_BUILTINS)
 
 
 def available_activations() -> list[str]:
-    """Names of the registered activations, sorted."""
+    """Names of the registered activations, sorted.
+
+    Example:
+        >>> from torchdeq_pcdeq import available_activations
+        >>> available_activations()
+        ['relu6', 'sigmoid', 'softsign', 'tanh']
+    """
     return sorted(_REGISTRY)
 
 
@@ -125,6 +131,15 @@ def get_activation(name: str | Activation) -> Activation:
     Raises:
         UnknownNameError: ``name`` is not registered; the message lists the valid names.
         InvalidInputError: ``name`` is neither a string nor an :class:`Activation`.
+
+    Example:
+        >>> from torchdeq_pcdeq import get_activation
+        >>> get_activation("sigmoid")  # pcDEQ-2: positive at 0
+        Activation(name='sigmoid', value_at_zero=0.5, supremum=1.0, variant=2)
+        >>> get_activation("tahn")
+        Traceback (most recent call last):
+        ...
+        torchdeq_pcdeq.errors.UnknownNameError: Unknown activation 'tahn'. ...
     """
     if isinstance(name, Activation):
         return name
@@ -192,7 +207,18 @@ def register_activation(
 
 
 def unregister_activation(name: str) -> None:
-    """Remove a user-registered activation (built-ins cannot be removed)."""
+    """Remove a user-registered activation (built-ins cannot be removed).
+
+    Example:
+        >>> import torch
+        >>> from torchdeq_pcdeq import available_activations, register_activation, unregister_activation
+        >>> _ = register_activation("atan", torch.atan, supremum=torch.pi / 2)
+        >>> "atan" in available_activations()
+        True
+        >>> unregister_activation("atan")
+        >>> "atan" in available_activations()
+        False
+    """
     _check_is_name(name)
     if name in _BUILTINS:
         raise InvalidInputError(f"Activation {name!r} is a built-in and cannot be removed.")

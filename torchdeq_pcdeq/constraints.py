@@ -355,6 +355,21 @@ def constrain_nonnegative(module: nn.Module, mode: str, *, name: str = "weight",
     Raises:
         UnknownNameError: ``mode`` is not one of ``NONNEGATIVITY_MODES``.
         InvalidInputError: the parameter is missing or already parametrized.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchdeq_pcdeq import constrain_nonnegative
+        >>> from torchdeq_pcdeq import reference_init_
+        >>> layer = nn.Linear(4, 4, bias=False)
+        >>> _ = reference_init_(layer.weight)  # a nonnegative start (else a warning says why)
+        >>> layer = constrain_nonnegative(layer, "parametrize")
+        >>> optimizer = torch.optim.SGD(layer.parameters(), lr=10.0)
+        >>> layer.weight.sum().backward()
+        >>> optimizer.step()  # drives every stored entry below 0
+        >>> raw = layer.parametrizations.weight.original
+        >>> bool((raw < 0).all()), bool((layer.weight >= 0).all())
+        (True, True)
     """
     check_choice("nonnegativity mode", mode, NONNEGATIVITY_MODES)
     weight = getattr(module, name, None)
@@ -383,7 +398,16 @@ def is_nonnegative_by_construction(module: nn.Module, name: str = "weight") -> b
 
 
 def project_nonnegative_(params: Iterable[Tensor]) -> None:
-    """Clamp every tensor of ``params`` to ``>= 0`` in place (the paper's projection)."""
+    """Clamp every tensor of ``params`` to ``>= 0`` in place (the paper's projection).
+
+    Example:
+        >>> import torch
+        >>> from torchdeq_pcdeq import project_nonnegative_
+        >>> w = torch.tensor([-0.5, 0.0, 2.0], requires_grad=True)
+        >>> project_nonnegative_([w])
+        >>> w
+        tensor([0., 0., 2.], requires_grad=True)
+    """
     params = [p for p in params]
     if params:
         with torch.no_grad():

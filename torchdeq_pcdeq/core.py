@@ -120,6 +120,19 @@ class PcDEQCore(DEQSliced):
             pcDEQ layers called by ``f``).
         pcdeq_rate_bound: ``info["rate_bound"]`` and a certified backward solve.
         pcdeq_sradius: ``"power"`` (default) or ``"rate_bound"`` for eval ``sradius_mode``.
+
+    Example:
+        >>> import torch, torchdeq
+        >>> from torchdeq_pcdeq import PcDEQLinear
+        >>> deq = torchdeq.get_deq(core="pcdeq", f_max_iter=30, pcdeq_rate_bound=True)
+        >>> f = PcDEQLinear(8)
+        >>> x = f.inject(torch.randn(3, 8))
+        >>> z_out, info = deq(lambda z: f(z, x), torch.zeros(3, 8))
+        >>> bool(info["converged"].all()), bool((info["rate_bound"] < 1).all())
+        (True, True)
+        >>> z_out[-1].sum().backward()  # implicit gradient, by plain iteration on the adjoint
+        >>> [tuple(p.grad.shape) for p in f.parameters()]  # weight norm: scale and direction
+        [(8, 1), (8, 8)]
     """
 
     def __init__(self, args=None, **kwargs):

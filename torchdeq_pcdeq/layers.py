@@ -300,6 +300,27 @@ class PcDEQLayer(nn.Module):
         injection_floor: the positive floor added by :meth:`inject` for pcDEQ-1 activations;
             ``None`` reads ``pcdeq_injection_floor`` from ``args``, else ``1e-6``.
         args: a dict, argparse ``Namespace`` or ``DEQConfig`` (see ``add_pcdeq_args``).
+
+    Example:
+        A 1-D convolutional layer (no closed-form gradient without ``operator_vjp``: it gets
+        the recorded implicit gradient):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchdeq_pcdeq import InvalidInputError, pcdeq_fixed_point
+        >>> class PcDEQConv1d(PcDEQLayer):
+        ...     def __init__(self, channels, activation="tanh"):
+        ...         super().__init__(nn.Conv1d(channels, channels, 3, padding=1, bias=False), activation)
+        ...     def apply_operator(self, z, weight):
+        ...         return nn.functional.conv1d(z, weight, padding=1)
+        ...     def check_state(self, z):
+        ...         if z.dim() != 3:
+        ...             raise InvalidInputError(f"expected (batch, channels, length), got {tuple(z.shape)}")
+        >>> f = PcDEQConv1d(4)
+        >>> x = f.inject(torch.randn(2, 4, 16))
+        >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(2, 4, 16))
+        >>> bool(info["converged"].all()), bool((f.weight >= 0).all())
+        (True, True)
     """
 
     def __init__(

@@ -109,6 +109,14 @@ def register() -> dict[str, str]:
         ``{"kind:key": status}`` with status ``"registered"`` (added now), ``"present"``
         (already ours) or ``"skipped"`` (another object holds the key; a
         :class:`~torchdeq_pcdeq.PcDEQWarning` says which).
+
+    Example:
+        >>> import torchdeq
+        >>> from torchdeq_pcdeq import register
+        >>> register()  # (importing torchdeq_pcdeq has registered them already)
+        {'core:pcdeq': 'present', 'solver:pcdeq_fixed_point': 'present', 'norm:pcdeq_nonneg': 'present'}
+        >>> type(torchdeq.get_deq(core="pcdeq")).__name__
+        'PcDEQCore'
     """
     status = {}
     for kind, key, ours, registry, register_fn in _entries():

@@ -188,6 +188,18 @@ def pcdeq_fixed_point(
             whose ``x0`` does).
         PreconditionError: ``guard="raise"`` and the iterates betray a map that is not a
             pcDEQ map (:class:`NotPositiveMonotoneError`, :class:`NonUniqueFixedPointError`).
+
+    Example:
+        >>> import torch
+        >>> from torchdeq_pcdeq import PcDEQLinear
+        >>> f = PcDEQLinear(8)
+        >>> x = f.inject(torch.randn(3, 8))
+        >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), tol=1e-5)
+        >>> bool(info["converged"].all()), bool((info["rel_lowest"] <= 1e-5).all())
+        (True, True)
+        >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), enclosure=True, upper=1.0)
+        >>> bool(((info["lower"] <= z) & (z <= info["upper"])).all())  # z* lies in [lower, upper]
+        True
     """
     if kwargs:
         warn(
