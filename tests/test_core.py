@@ -29,6 +29,7 @@ from torchdeq_pcdeq import (
     NonFiniteError,
     NonNegativeWeightNorm,
     NotPositiveMonotoneError,
+    PcDEQConv2d,
     PcDEQCore,
     PcDEQLayer,
     PcDEQLinear,
@@ -683,8 +684,10 @@ def test_initial_state_errors_before_any_solve():
     bad[0, 0] = float("nan")
     with pytest.raises(InvalidInputError, match="NaN or Inf"):
         solve(deq, f, x, bad)
-    with pytest.raises(InvalidInputError, match="one tensor, got list"):
-        deq(lambda z: z, [x])
+    with pytest.raises(
+        InvalidInputError, match="one tensor, or several as a list or tuple of tensors, got dict"
+    ):
+        deq(lambda z: z, {"z": x})
     with pytest.raises(InvalidInputError, match=r"batch dimension first, got torch.float32 of shape \(12,\)"):
         deq(lambda z: z, x[0])
 
@@ -1432,3 +1435,106 @@ def test_a_config_key_assigned_to_a_built_core_is_refused_not_kept_as_a_stray_at
     with pytest.raises(InvalidInputError, match=message):
         setattr(deq, key, True)
     assert key not in vars(deq)
+
+
+def _two_scale_model(dtype=torch.float64):
+    """Two pcDEQ conv layers at two resolutions, the coarse one fed by the pooled fine state (a
+    nonnegative, monotone coupling: the pair is a pcDEQ map), and their raw injections."""
+    torch.manual_seed(0)
+    fine, coarse = PcDEQConv2d(3, dtype=dtype), PcDEQConv2d(3, dtype=dtype)
+    u = (torch.randn(2, 3, 6, 6, dtype=dtype), torch.randn(2, 3, 3, 3, dtype=dtype))
+
+    def make_f():
+        x_fine, x_coarse = fine.inject(u[0]), coarse.inject(u[1])
+
+        def f(z_fine, z_coarse):
+            return fine(z_fine, x_fine), coarse(
+                z_coarse, x_coarse + torch.nn.functional.avg_pool2d(z_fine, 2)
+            )
+
+        return f, [torch.zeros_like(x_fine), torch.zeros_like(x_coarse)]
+
+    return [fine, coarse], make_f
+
+
+@pytest.mark.parametrize("options", [{}, {"hook_ift": True, "pcdeq_rate_bound": True}, {"n_states": 2}])
+def test_several_states_are_solved_as_torchdeq_packs_them(options):
+    layers, make_f = _two_scale_model()
+    params = [p for layer in layers for p in layer.parameters()]
+
+    def solve_and_grad(core, **kw):
+        f, z0 = make_f()
+        deq = torchdeq.get_deq(core=core, f_tol=1e-12, b_tol=1e-12, f_max_iter=100, b_max_iter=100, **kw)
+        z_out, info = deq(f, tuple(z0))
+        loss = sum((z**2).sum() for z in z_out[-1])
+        return z_out, info, torch.autograd.grad(loss, params)
+
+    ours, info, grads = solve_and_grad("pcdeq", **options)
+    n_states = options.get("n_states", 1)
+    theirs, _, expected = solve_and_grad(
+        "sliced", f_solver="fixed_point_iter", b_solver="fixed_point_iter", ift=True, n_states=n_states
+    )
+    assert [[tuple(z.shape) for z in states] for states in ours] == [
+        [tuple(z.shape) for z in states] for states in theirs
+    ]
+    assert len(ours) == n_states and info["converged"].tolist() == [True, True]
+    for a, b in zip(ours[-1], theirs[-1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    if "pcdeq_rate_bound" in options:
+        assert bool((info["rate_bound"] < 1).all())
+
+
+def test_several_states_in_eval_and_with_the_enclosure():
+    _, make_f = _two_scale_model()
+    f, z0 = make_f()
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, f_tol=1e-10).eval()
+    z_out, info = deq(f, z0, sradius_mode=True)
+    ((fine, coarse),) = z_out
+    assert fine.shape == z0[0].shape and coarse.shape == z0[1].shape
+    residual = max((a - b).abs().max().item() for a, b in zip(f(fine, coarse), (fine, coarse)))
+    assert residual < 1e-9 and bool((info["error_bound"] < 1e-9).all())
+    assert 0 < float(info["sradius"].max()) < 1
+
+
+def test_several_states_errors_name_the_mismatch():
+    _, make_f = _two_scale_model()
+    f, z0 = make_f()
+    deq = torchdeq.get_deq(core="pcdeq")
+    with pytest.raises(InvalidInputError, match=r"return as many.*got torch.float64 of shape \(2, 3, 6, 6\)"):
+        deq(lambda a, b: f(a, b)[0], z0)
+    with pytest.raises(
+        InvalidInputError, match=r"dtype torch.float64, got tuple of \[.*torch.float32 of shape"
+    ):
+        deq(lambda a, b: (a, b.float()), z0)
+    with pytest.raises(
+        InvalidInputError, match=r"share their batch size.*\[\(2, torch.float64, 'cpu'\), \(1,"
+    ):
+        deq(f, [z0[0], z0[1][:1]])
+    with pytest.raises(InvalidInputError, match=r"got list of \[\]"):
+        deq(f, [])
+
+
+def test_unknown_call_keywords_are_reported_not_dropped():
+    f, x = dense_instance()
+    deq = torchdeq.get_deq(core="pcdeq")
+    with pytest.warns(
+        PcDEQWarning, match=r"ignores the keyword arguments \['writer'\].*'backward_writer'\]\.$"
+    ):
+        deq(lambda z: f(z, x), torch.zeros_like(x), writer=print)
+    with pytest.warns(PcDEQWarning, match=r"\['sradius'\].*Did you mean 'sradius_mode'\?"):
+        deq(lambda z: f(z, x), torch.zeros_like(x), sradius=True)
+
+
+def test_sradius_mode_under_inference_mode_in_training_is_ignored_as_torchdeq_does():
+    f, x = dense_instance()
+    deq = torchdeq.get_deq(core="pcdeq")  # training mode: TorchDEQ computes sradius in eval only
+    with torch.inference_mode():
+        _, info = deq(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)
+    assert bool(info["converged"].all())
+    with (
+        torch.inference_mode(),
+        pytest.raises(InvalidInputError, match=r"cannot run under torch\.inference_mode"),
+    ):
+        deq.eval()(lambda z: f(z, x), torch.zeros_like(x), sradius_mode=True)

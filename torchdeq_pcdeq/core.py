@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 from torchdeq.core import DEQSliced
+from torchdeq.utils.layer_utils import MDEQWrapper
 
 from .backward import (
     ClosedFormImplicitGradient,
@@ -64,7 +65,7 @@ from .certify import RateCertificate, closed_form_certificate, min_injection, ra
 from .config import PCDEQ_OPTIONS, SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
-from .errors import ConvergenceError, InvalidInputError, positive_int, warn, warn_once
+from .errors import ConvergenceError, InvalidInputError, did_you_mean, positive_int, warn, warn_once
 from .layers import LastStep, observe_layer_calls, record_layer_chain, zero_state
 from .reductions import extremes
 from .solver import pcdeq_fixed_point
@@ -193,12 +194,29 @@ class PcDEQCore(DEQSliced):
     ):
         """Solve ``z = func(z)`` from ``z_init``; see ``torchdeq.core.DEQSliced.forward``.
 
+        ``z_init`` is one tensor, or a list or tuple of tensors (several states, such as the
+        resolutions of a multi-scale model) for ``func(*states)`` returning as many: as TorchDEQ
+        does, they are solved as one ``(batch, N)`` state, their flattened entries side by side,
+        to which the tolerance and every guarantee apply.
+
         Returns:
-            ``(z_out, info)``: tracked states in training, ``[z_star]`` in eval. ``info`` holds
-            TorchDEQ's keys plus ``converged`` (per-sample bool), ``trace_steps``,
-            ``min_injection`` (per sample, over the pcDEQ layers called by ``func``; NaN
-            without any) and, when enabled, ``error_bound`` and ``rate_bound``.
+            ``(z_out, info)``: tracked states in training, ``[z_star]`` in eval (each a list of
+            tensors for a list of states). ``info`` holds TorchDEQ's keys plus ``converged``
+            (per-sample bool), ``trace_steps``, ``min_injection`` (per sample, over the pcDEQ
+            layers called by ``func``; NaN without any) and, when enabled, ``error_bound`` and
+            ``rate_bound``.
         """
+        if kwargs:  # (TorchDEQ's forward takes them and reads none)
+            _warn_unknown_keywords(kwargs)
+        if isinstance(z_init, (list, tuple)):
+            packed = _PackedStates(func, z_init)
+            z_out, info = self._forward(
+                packed, packed.list2vec(z_init), solver_kwargs, sradius_mode, backward_writer
+            )
+            return [packed.vec2list(z) for z in z_out], info
+        return self._forward(func, z_init, solver_kwargs, sradius_mode, backward_writer)
+
+    def _forward(self, func, z_init, solver_kwargs, sradius_mode, backward_writer):
         starts_at_zero = _check_initial_state(z_init)
         self._check_context(sradius_mode)
         solver_kwargs = self._checked_solver_kwargs(solver_kwargs)
@@ -214,9 +232,7 @@ class PcDEQCore(DEQSliced):
         exact = sign_exact_products() if certified else contextlib.nullcontext()
         try:
             with zero_state(z_init if starts_at_zero else None), exact:
-                z_out, info = super().forward(
-                    func, z_init, solver_kwargs, sradius_mode, backward_writer, **kwargs
-                )
+                z_out, info = super().forward(func, z_init, solver_kwargs, sradius_mode, backward_writer)
         finally:
             _LAST_SOLVE.below = None  # the solve's state for _sradius: not kept past this call
             _LAST_SOLVE.call = outer
@@ -272,7 +288,8 @@ class PcDEQCore(DEQSliced):
                 "weights carry no gradient, so the weights would silently not train. Call it outside "
                 "any cached() block (the core caches weights inside its solve itself, per thread)."
             )
-        if torch.is_inference_mode_enabled() and sradius_mode and self.sradius_method == "power":
+        power = sradius_mode and self.sradius_method == "power" and not self.training  # (eval only)
+        if power and torch.is_inference_mode_enabled():
             # (the rate bound's forward-mode products run on a copy made outside inference mode)
             raise InvalidInputError(
                 "sradius_mode with pcdeq_sradius='power' cannot run under torch.inference_mode(): "
@@ -593,12 +610,64 @@ def _under_torch_func() -> bool:
     return level is not None and level() is not None
 
 
+_FORWARD_KEYWORDS = ("solver_kwargs", "sradius_mode", "backward_writer")
+
+
+def _warn_unknown_keywords(kwargs: dict) -> None:
+    names = sorted(kwargs)
+    warn(
+        f"The pcdeq core ignores the keyword arguments {names} of its call, as TorchDEQ's cores "
+        f"do: a core is called with (func, z_init) and the keywords {list(_FORWARD_KEYWORDS)}."
+        + did_you_mean(names[0], _FORWARD_KEYWORDS)
+    )
+
+
+class _PackedStates(MDEQWrapper):
+    """TorchDEQ's packing of several states into one ``(batch, N)`` tensor (its ``MDEQWrapper``),
+    with the states and ``func``'s output checked: packing would otherwise turn a mismatch into
+    a wrong shape far from its cause, or into a silent type promotion."""
+
+    def __init__(self, func, z_init):
+        if not z_init or not all(isinstance(z, Tensor) and z.dim() >= 2 for z in z_init):
+            raise InvalidInputError(
+                f"The pcdeq core takes several states as a non-empty list or tuple of tensors of shape "
+                f"(batch, ...), batch dimension first, got {_describe(z_init)}."
+            )
+        kinds = {(z.shape[0], z.dtype, z.device) for z in z_init}
+        if len(kinds) > 1:
+            got = [(z.shape[0], z.dtype, z.device.type) for z in z_init]
+            raise InvalidInputError(
+                f"The states of one pcdeq core must share their batch size, dtype and device, got "
+                f"(batch, dtype, device) {got}. Convert them alike before the core."
+            )
+        super().__init__(func, z_init)
+
+    def __call__(self, z_hid: Tensor) -> Tensor:
+        out = self.func(*self.vec2list(z_hid))
+        shapes = [getattr(z, "shape", None) for z in out] if isinstance(out, (list, tuple)) else None
+        if shapes != self.z_shape or any(z.dtype != z_hid.dtype for z in out):
+            raise InvalidInputError(
+                f"f was called with {len(self.z_shape)} states and must return as many, of the same "
+                f"shapes {[tuple(shape) for shape in self.z_shape]} and dtype {z_hid.dtype}, got "
+                f"{_describe(out)}."
+            )
+        return self.list2vec(out)
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of [{', '.join(_describe(v) for v in value)}]"
+    return type(value).__name__
+
+
 def _check_initial_state(z_init) -> bool:
     """Raise unless ``z_init`` is one finite, nonnegative state tensor; return whether it is zero."""
     if not isinstance(z_init, Tensor):
         raise InvalidInputError(
-            f"The pcdeq core takes the initial state as one tensor, got {type(z_init).__name__}. "
-            "For several states, concatenate them (or use one pcdeq core per layer)."
+            f"The pcdeq core takes the initial state as one tensor, or several as a list or tuple "
+            f"of tensors, got {type(z_init).__name__}."
         )
     if _under_torch_func():
         raise InvalidInputError(

@@ -902,7 +902,8 @@ def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
     if not isinstance(x0, Tensor):
         raise InvalidInputError(
             f"pcdeq_fixed_point expects the initial state as one tensor, got {type(x0).__name__}. "
-            "Multi-tensor states (MDEQ lists) are not supported: concatenate them."
+            "For several states (MDEQ's lists), flatten each from dim 1 and concatenate them into "
+            "one (batch, N) tensor, as the pcdeq core does when it is given a list."
         )
     if x0.dim() < 2:
         raise InvalidInputError(
