@@ -96,6 +96,25 @@ def test_a_default_initialised_weight_made_nonnegative_is_said_to_saturate_the_a
     assert "rows sum" not in str(caught[0].message)  # a small weight does not saturate anything
 
 
+def test_the_negative_weight_warning_names_the_parameter_it_is_about():
+    class TwoWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(-torch.ones(3, 3) / 9), nn.Parameter(torch.ones(3, 3) / 9)
+
+    module = TwoWeights()
+    with pytest.warns(
+        PcDEQWarning, match=r"^NonNegative on TwoWeights\.w1: .*reference_init_\(module\.w1\)"
+    ) as caught:
+        constrain_nonnegative(module, "parametrize", name="w1")
+        constrain_nonnegative(module, "weight_norm", name="w2")  # nonnegative: no warning
+    assert len(caught) == 1
+    # registered by hand, the parametrization knows no names, and says so plainly
+    lin = nn.Linear(3, 3, bias=False)
+    with pytest.warns(PcDEQWarning, match=r"^NonNegativeWeightNorm: .*reference_init_\(module\.weight\)"):
+        parametrize.register_parametrization(lin, "weight", NonNegativeWeightNorm())
+
+
 def test_constrain_nonnegative_rejects_unknown_mode_and_double_registration():
     lin = nn.Linear(3, 3, bias=False)
     reference_init_(lin.weight)

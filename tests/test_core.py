@@ -569,6 +569,11 @@ def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
     [
         ({"pcdeq_guard": "strict"}, UnknownNameError, "Valid: 'off', 'raise', 'warn'"),
         ({"pcdeq_nonconvergence": "fail"}, UnknownNameError, "Valid: 'ignore', 'raise', 'warn'"),
+        (
+            {"pcdeq_guard": None},
+            UnknownNameError,
+            r"^Unknown pcdeq_guard None\. Valid: 'off', 'raise', 'warn'\.$",
+        ),
         ({"pcdeq_check_every": 0}, InvalidInputError, "'auto' or an integer >= 1"),
         ({"f_max_iter": 0}, InvalidInputError, "f_max_iter must be an integer >= 1, got 0"),
         ({"b_tol": -1.0}, InvalidInputError, "b_tol must be a positive finite number"),

@@ -279,9 +279,15 @@ def test_non_finite_iterates_stop_the_solve_whatever_the_guard():
         calls.append(1)
         return torch.full_like(z, float("nan")) if len(calls) > 3 else z / 2 + 1
 
-    with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="holds NaN or Inf") as caught:
         pcdeq_fixed_point(f, torch.zeros(2, 3), max_iter=200, guard="off")
     assert len(calls) < 10
+    # the checks skip iterates: the message says which ones may hold the first NaN
+    assert f"Iterate {len(calls)} of" in str(caught.value)
+    assert "they may have arisen from iterate 3 on" in str(caught.value)
+    calls.clear()
+    with pytest.raises(NonFiniteError, match=r"^Iterate 4 of .* overflows\): f produced"):
+        pcdeq_fixed_point(f, torch.zeros(2, 3), max_iter=200, check_every=1)
 
 
 def test_iterates_growing_without_bound_are_named_as_a_cause_of_the_non_finite_error():

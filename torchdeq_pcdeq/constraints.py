@@ -101,7 +101,7 @@ def _trainable(magnitude: Tensor) -> Tensor:
     return magnitude.clamp_min(finfo.tiny * finfo.eps)
 
 
-def _warn_if_negative(weight: Tensor, what: str) -> None:
+def _warn_if_negative(weight: Tensor, parametrization: nn.Module) -> None:
     if weight.is_meta:  # no values yet (a model built on "meta" to load a checkpoint into)
         return
     negative = int((weight < 0).sum())
@@ -118,11 +118,15 @@ def _warn_if_negative(weight: Tensor, what: str) -> None:
         if gain > 1
         else ""
     )
+    # (the module and parameter, when constrain_nonnegative registered the parametrization)
+    target = getattr(parametrization, "target", None)
+    module, name = target if target is not None else ("module", "weight")
+    on = f" on {module}.{name}" if target is not None else ""
     warn(
-        f"{what}: the weight has {negative} negative entries (min {weight.min().item():.3g}); "
-        f"the constrained weight uses their absolute values.{saturates} Initialise with "
-        "torchdeq_pcdeq.reference_init_(module.weight) first for the reference start (with "
-        "norm_type='pcdeq_nonneg', the flag --pcdeq_nonneg_init reference does it)."
+        f"{type(parametrization).__name__}{on}: the weight has {negative} negative entries (min "
+        f"{weight.min().item():.3g}); the constrained weight uses their absolute values.{saturates} "
+        f"Initialise with torchdeq_pcdeq.reference_init_(module.{name}) first for the reference start "
+        "(with norm_type='pcdeq_nonneg', the flag --pcdeq_nonneg_init reference does it)."
     )
 
 
@@ -286,7 +290,7 @@ class NonNegative(nn.Module):
         return raw.abs()
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        _warn_if_negative(weight, "NonNegative")
+        _warn_if_negative(weight, self)
         return _trainable(weight.abs())
 
 
@@ -330,7 +334,7 @@ class NonNegativeWeightNorm(nn.Module):
         return (scale.abs() * (wide.abs() * inverse_norm)).to(direction.dtype)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        _warn_if_negative(weight, "NonNegativeWeightNorm")
+        _warn_if_negative(weight, self)
         direction = weight.abs()
         wide = direction.to(torch.promote_types(direction.dtype, torch.float32))  # as in forward
         scale = wide.square().sum(_reduce_dims(direction, self.dim), keepdim=True).sqrt()
@@ -382,10 +386,10 @@ def constrain_nonnegative(module: nn.Module, mode: str, *, name: str = "weight",
             f"{type(module).__name__}.{name} is already parametrized; remove the existing "
             "parametrization before constraining it again."
         )
-    if mode == "weight_norm":
-        parametrize.register_parametrization(module, name, NonNegativeWeightNorm(dim))
-    elif mode == "parametrize":
-        parametrize.register_parametrization(module, name, NonNegative())
+    if mode != "project":
+        parametrization = NonNegativeWeightNorm(dim) if mode == "weight_norm" else NonNegative()
+        parametrization.target = (type(module).__name__, name)  # (named by its warnings)
+        parametrize.register_parametrization(module, name, parametrization)
     return module
 
 

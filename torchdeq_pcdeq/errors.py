@@ -45,7 +45,7 @@ class PcDEQWarning(UserWarning):
 class UnknownNameError(PcDEQError):
     """A name (activation, mode, option, ...) that is not one of the valid ones.
 
-    ``name`` may be None when only the kind of name is known (the message then omits it).
+    ``named=False`` when only the kind of name is known: the message then omits ``name``.
 
     Example:
         >>> raise UnknownNameError("activation", "tahn", ["tanh", "sigmoid"])
@@ -54,12 +54,12 @@ class UnknownNameError(PcDEQError):
         torchdeq_pcdeq.errors.UnknownNameError: Unknown activation 'tahn'. Valid: ... Did you mean 'tanh'?
     """
 
-    def __init__(self, kind: str, name: object, valid: Iterable[str], note: str = ""):
-        self.kind, self.name, self.valid = kind, name, sorted(valid)
-        named = f" {name!r}" if name is not None else ""
+    def __init__(self, kind: str, name: object, valid: Iterable[str], note: str = "", *, named: bool = True):
+        self.kind, self.name, self.valid = kind, name if named else None, sorted(valid)
+        given = f" {name!r}" if named else ""
+        hint = did_you_mean(name, self.valid) if named else ""
         super().__init__(
-            f"Unknown {kind}{named}. Valid: {quote_all(self.valid)}.{did_you_mean(name, self.valid)}"
-            + (f" {note}" if note else "")
+            f"Unknown {kind}{given}. Valid: {quote_all(self.valid)}.{hint}" + (f" {note}" if note else "")
         )
 
 

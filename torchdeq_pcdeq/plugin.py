@@ -91,7 +91,7 @@ def explain_registry_error(error: BaseException, argv: list[str] | None = None) 
     key, valid_names = _TORCHDEQ_REGISTRY_ASSERTIONS[str(error)]
     valid = valid_names()
     name = command_line_flags(argv or [], torchdeq_argparse_defaults()).get(key)
-    return UnknownNameError(key, name if name not in valid else None, valid)
+    return UnknownNameError(key, name, valid, named=name is not None and name not in valid)
 
 
 def _same(current: object, ours: object) -> bool:

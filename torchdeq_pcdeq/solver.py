@@ -494,9 +494,15 @@ class _Monitor:
         if self.x0 is None:
             if not bool(torch.isfinite(self.start).all()):
                 raise NonFiniteError(_nonfinite_start_message(self.start))
+            first = self.steps[-2] + 1 if len(self.steps) > 1 else 1  # (iterates since the last check)
+            since = (
+                ""
+                if first == k
+                else f", first seen at this check: they may have arisen from iterate {first} on"
+            )
             raise NonFiniteError(
                 f"Iterate {k} of the fixed-point solve holds NaN or Inf (or values so large that "
-                "their norm overflows): f produced non-finite values. Either the iterates grew "
+                f"their norm overflows{since}): f produced non-finite values. Either the iterates grew "
                 "without bound, which a bounded activation (tanh, relu6) rules out and an "
                 "unbounded one (relu) allows once rows of W sum to 1 or more, or NaN reached f: "
                 "check the weights and the injection for NaN (a diverged optimizer step, often "
