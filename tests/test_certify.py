@@ -962,6 +962,43 @@ def test_a_slow_valid_layers_stalled_gap_is_never_called_two_fixed_points(contex
     assert not info["converged"].any() and int(info["trace_steps"][-1]) == 25_000
 
 
+def test_a_half_precision_rate_that_rounds_to_1_gives_no_verdict_not_two_fixed_points(monkeypatch):
+    """Found by review: rho(W) = 0.99894 in float16, whose q at the lower sequence rounds to
+    1.0: the stalled gap was called two fixed points (NonUniqueFixedPointError at iteration
+    4,096) although the layer is valid, z* = (1.304, 1.915, 2.054) below relu6's kink."""
+    forget_warnings(monkeypatch)  # said once per process
+    weight = [[0.46875, 0.244873046875, 0.1087646484375], [0.5302734375, 0.5478515625, 0.08367919921875]]
+    weight.append([0.6181640625, 0.29541015625, 0.329833984375])
+    layer = PcDEQLinear(3, "relu6", nonnegativity="project", dtype=torch.float16)
+    layer.weight = torch.tensor(weight, dtype=torch.float16)
+    x = torch.tensor([[0.00014865, 0.0027409, 0.0051384]], dtype=torch.float16)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, eval_f_max_iter=8192).eval()
+    with torch.no_grad(), pytest.warns(PcDEQWarning) as caught:
+        _, info = deq(lambda z: layer(z, x), torch.zeros_like(x))
+    said = [str(w.message) for w in caught]
+    assert any("computed in torch.float16, rounds to 1 or more" in m and "no verdict" in m for m in said)
+    assert any("1 of 1 samples did not reach" in m for m in said), said
+    # the bracket still holds the fixed point
+    exact = torch.tensor([1.304, 1.915, 2.054], dtype=torch.float32)
+    assert bool(
+        (info["lower"].float() <= exact + 1e-3).all() and (exact - 1e-3 <= info["upper"].float()).all()
+    )
+
+
+def test_an_upper_start_below_the_fixed_point_by_rounding_over_1_minus_q_is_refused():
+    """Found by review: z = tanh(z + 1e-7), 1 - q = 4.5e-5, from an upper start 0.999 z*: f(u) - u
+    is within a few ulps of u, which the start check allowed, and the upper sequence then rose
+    too slowly for the guard: the returned bound (1.5e-4) was below the true error."""
+    z_star = 0.006694  # (0.00669430 by bisection in float64)
+    f = lambda z: torch.tanh(z + 1e-7)  # noqa: E731
+    for below in (0.96, 0.999):
+        with pytest.raises(InvalidInputError, match=r"upper start 0.006\d+ is not an upper bound"):
+            pcdeq_fixed_point(f, torch.zeros(1, 1), max_iter=10, enclosure=True, upper=below * z_star)
+    # the supremum, and max f(sup), pass: f of them is never above them
+    for upper in (1.0, f(torch.ones(1, 1)).item()):
+        pcdeq_fixed_point(f, torch.zeros(1, 1), max_iter=10, enclosure=True, upper=upper)
+
+
 def test_the_enclosure_refuses_several_solver_segments():
     with pytest.raises(InvalidInputError, match=r"n_states=2.*restart the bracket"):
         torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, n_states=2)

@@ -721,15 +721,23 @@ class _Guard:
         stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
         """
         try:
-            q = rate_certificate(func, low, power_step=False).rate.to(gap.dtype)  # (inference mode too)
+            q = rate_certificate(func, low, power_step=False).rate  # (inference mode too)
         except InvalidInputError:  # an operation in f without a forward-mode product
             # Without q a slow layer's rounding stall cannot be told from two fixed points: no
             # verdict (a false one would stop a valid model); the samples end unconverged.
-            _warn_no_verdict()
+            _warn_no_verdict(
+                "q cannot be computed here: it needs a forward-mode product, which an operation in f "
+                "does not support"
+            )
             explained = settled
         else:
             # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
-            explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q))
+            explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q.to(gap.dtype)))
+            if q.dtype.itemsize < 4 and bool((settled & ~(q < 1)).any()):
+                # A half-precision q keeps three digits: a valid layer's 0.999 rounds to 1. No
+                # verdict for those samples (a false one would stop a valid model).
+                _warn_no_verdict(f"q, computed in {q.dtype}, rounds to 1 or more, which bounds nothing")
+                explained = explained | (settled & ~(q < 1))
         stalled = self.rounding_stalled
         self.rounding_stalled = explained if stalled is None else stalled | explained
         beyond = settled & ~explained
@@ -827,12 +835,15 @@ def _check_upper_start(start: float, high_next: Tensor) -> None:
 
     For a monotone ``f`` it makes the upper sequence fall to ``z*`` and so stay above it; an
     upper start below ``z*`` somewhere would make the sequence rise, and the certified bound,
-    the gap between the two sequences, would be no bound at all. Rounding of ``f(u)`` up to
-    the margins' ulps of ``u`` is allowed (one host sync per solve). A NaN in ``f(u)`` makes
-    the excess NaN, which passes here: the convergence check raises :class:`NonFiniteError`.
+    the gap between the two sequences, would be no bound at all. No rounding is allowed for:
+    a start below ``z*`` by less than ``ulps / (1 - q)`` has ``f(u) - u`` within a few ulps of
+    ``u``, and its sequence then rises too slowly for the guard to see. The activation's
+    supremum and ``max f(sup)`` pass exactly (a computed bounded activation never exceeds its
+    supremum, and rounding is monotone). One host sync per solve. A NaN in ``f(u)`` makes the
+    excess NaN, which passes here: the convergence check raises :class:`NonFiniteError`.
     """
     excess = (high_next - start).amax().item()
-    if excess > _GUARD_ULPS * torch.finfo(arithmetic_dtype(high_next)).eps * start:
+    if excess > 0:
         raise InvalidInputError(
             f"The enclosure's upper start {start:.6g} is not an upper bound of the fixed point: "
             f"f(upper) exceeds it by up to {excess:.3g}, so the upper sequence would rise and the "
@@ -856,13 +867,12 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) ->
     )
 
 
-def _warn_no_verdict() -> None:
+def _warn_no_verdict(why: str) -> None:
     warn_once(
-        "guard without a verdict",
+        ("guard without a verdict", why),
         "pcDEQ guard: the gap between the enclosure's two sequences stopped shrinking while still "
         "above the tolerance. That is a slow layer's rounding stall or two fixed points (a "
-        "non-concave activation), which the rate bound q tells apart, and q cannot be computed "
-        "here: it needs a forward-mode product, which an operation in f does not support. The "
+        f"non-concave activation), which the rate bound q tells apart, and {why}. The "
         "guard gives no verdict; samples whose gap stays open end unconverged.",
     )
 
