@@ -145,3 +145,22 @@ def test_each_builtin_slope_is_the_derivative_read_from_the_output(name):
     u.requires_grad_()
     (expected,) = torch.autograd.grad(record.function(u).sum(), u)
     torch.testing.assert_close(record.slope(record.function(u.detach())), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softsign", "relu6", "sigmoid"])
+def test_each_builtin_derivative_from_the_pre_activation_keeps_its_digits_where_the_output_saturates(name):
+    """The certificates' sigma': within a few ulps in float32 over [-1, 100] where normal, also
+    where the output rounds to its limit and the slope read from it is 0 (tanh beyond u = 9)."""
+    record = get_activation(name)
+    u = torch.cat([torch.linspace(-1, 100, 20_001), torch.tensor([0.0, 1e-8, 5.9999, 6.0, 15.1, 17.0, 89.0])])
+    exact = record.derivative(u.double())
+    if name != "relu6":  # float64's own formula, against autograd where float64's output keeps digits
+        u64 = u.double()[u < 8].requires_grad_()
+        (autograd,) = torch.autograd.grad(record.function(u64).sum(), u64)
+        torch.testing.assert_close(exact[u < 8], autograd, rtol=1e-9, atol=0)
+    normal = exact > torch.finfo(torch.float32).tiny
+    error = (record.derivative(u).double() - exact).abs() / exact.where(normal, 1.0)
+    assert float(error[normal].max()) <= 4 * torch.finfo(torch.float32).eps
+    if name in ("tanh", "sigmoid"):  # what the derivative is for: the slope keeps no digits here
+        saturated = torch.tensor([17.0])
+        assert float(record.slope(record.function(saturated))) == 0.0 < float(record.derivative(saturated))

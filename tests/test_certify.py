@@ -1088,3 +1088,72 @@ def test_an_exactly_zero_sample_converges_under_the_certified_bounds():
         )
         # (the upper sequence of the zero sample halves from 4 until it underflows to 0)
         assert info["converged"].tolist() == [True, True] and info["error_bound"][1] < 1e-30
+
+
+def _saturating_layer(activation: str, drive: float, feedback: float) -> tuple:
+    """Unit 0 drives 10 units into saturation (pre-activations near 15), which feed it back
+    weakly: their sigma' is below the float32 output's rounding, so the slope read from the
+    output (s (1 - s), 1 - s^2) keeps no digits there."""
+    n = 11
+    weight = torch.zeros(n, n)
+    weight[1:, 0], weight[0, 1:] = drive, feedback
+    layer = PcDEQLinear(n, activation, nonnegativity="project")
+    layer.weight = weight
+    u = torch.full((1, n), -3.0)
+    u[0, 0] = 0.0
+    return layer, u
+
+
+@pytest.mark.parametrize(("activation", "drive"), [("sigmoid", 18.5), ("tanh", 8.0)])
+def test_the_rate_bound_holds_where_units_saturate(activation, drive):
+    """Found by review: q = 0.00099995 against a spectral radius of 0.001057 at z*, from sigma'
+    read off the float32 output; the certificates now take it from the pre-activation."""
+    layer, u = _saturating_layer(activation, drive, 0.15)
+    x = layer.inject(u)
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-5).eval()
+    with torch.no_grad():
+        z_out, info = deq(lambda z: layer(z, x), torch.zeros_like(x))
+    w, x64 = layer.weight.detach().double(), x.double()[0]
+    f = lambda v: layer.activation(w @ v + x64)  # noqa: E731
+    z = z_out[-1][0].double()
+    for _ in range(20):  # Newton, to z* in float64
+        jacobian = torch.autograd.functional.jacobian(f, z)
+        z = z + torch.linalg.solve(torch.eye(11, dtype=torch.float64) - jacobian, f(z) - z)
+    radius = torch.linalg.eigvals(torch.autograd.functional.jacobian(f, z)).abs().max().item()
+    assert 1e-5 < radius <= float(info["rate_bound"]) < 0.01
+
+
+def test_the_certified_backward_bound_holds_where_units_saturate(monkeypatch):
+    """Found by review: the certified error bound 1.9e-8 against a true error of 1.6e-6 (entry
+    0 of the adjoint 32% off), from sigma' read off the float32 output at saturated units."""
+    from torchdeq_pcdeq import core
+
+    layer, u = _saturating_layer("sigmoid", 25.0, 0.05)
+    x = layer.inject(u.requires_grad_())
+    seen = {}
+    take = core.closed_form_certificate  # (its third argument: the step's input, where J is taken)
+    monkeypatch.setattr(
+        core, "closed_form_certificate", lambda *a: seen.update(z_in=a[2].clone()) or take(*a)
+    )
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True, f_tol=1e-5, b_tol=1e-5)
+    producer = deq.produce_grad[-1]
+    solver = producer.b_solver
+
+    def spy(func, x0, **kwargs):
+        y, states, info = solver(func, x0, **kwargs)
+        seen.update(y=y, g=x0, v=kwargs["weights"], info=info)
+        return y, states, info
+
+    producer.b_solver = spy
+    z_out, _ = deq(lambda z: layer(z, x), torch.zeros_like(x))
+    g = torch.ones(1, 11)
+    g[0, 0] = 0
+    (z_out[-1] * g).sum().backward()
+    w, x64 = layer.weight.detach().double(), x.detach().double()[0]
+    jacobian = torch.autograd.functional.jacobian(
+        lambda v: torch.sigmoid(w @ v + x64), seen["z_in"].double()[0]
+    )
+    exact = torch.linalg.solve(torch.eye(11, dtype=torch.float64) - jacobian.T, seen["g"].double()[0])
+    error = ((seen["y"].double()[0] - exact).abs() * seen["v"].double()[0]).sum().item()
+    assert bool(seen["info"]["converged"].all()) and error <= float(seen["info"]["error_bound"])
+    assert abs(seen["y"][0, 0].item() / exact[0].item() - 1) < 1e-4  # (was 32% off)

@@ -59,7 +59,12 @@ class Activation:
         supremum: ``sup function`` on ``[0, inf)``; ``math.inf`` when unbounded.
         variant: 1 when ``value_at_zero == 0`` (needs a strictly positive injection),
             2 when ``value_at_zero > 0`` (a nonnegative injection suffices).
-        slope: ``s -> sigma'(u)`` for ``s = sigma(u)``, elementwise, or ``None``.
+        slope: ``s -> sigma'(u)`` for ``s = sigma(u)``, elementwise, or ``None``: what the
+            closed-form gradient reads, as autograd does.
+        derivative: ``u -> sigma'(u)``, elementwise, or ``None``: what the certificates read.
+            Where ``sigma`` saturates the slope from the output keeps no digits (``1 - s^2``
+            is 0 once ``tanh(u)`` rounds to 1, for ``u > 9`` in float32) while the derivative
+            from ``u`` stays within a few ulps.
 
     Example:
         >>> import torch
@@ -74,6 +79,7 @@ class Activation:
     supremum: float
     variant: int
     slope: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    derivative: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.function(x)
@@ -105,11 +111,29 @@ def _sigmoid_slope(s: Tensor) -> Tensor:
     return s * (1 - s)
 
 
+# Derivatives from the pre-activation, each within 2.4 ulps of float64's over [-1, 100] in
+# float32 where normal (the slopes above lose every digit where the output rounds to its limit).
+def _tanh_derivative(u: Tensor) -> Tensor:
+    return torch.cosh(u).reciprocal().square()  # (cosh overflows where sech^2 underflows anyway)
+
+
+def _softsign_derivative(u: Tensor) -> Tensor:
+    return (1 + u.abs()).reciprocal().square()
+
+
+def _relu6_derivative(u: Tensor) -> Tensor:
+    return ((u > 0) & (u < 6)).to(u.dtype)
+
+
+def _sigmoid_derivative(u: Tensor) -> Tensor:
+    return torch.sigmoid(u) * torch.sigmoid(-u)
+
+
 _BUILTINS = {
-    "tanh": Activation("tanh", torch.tanh, 0.0, 1.0, 1, slope=_tanh_slope),
-    "softsign": Activation("softsign", F.softsign, 0.0, 1.0, 1, slope=_softsign_slope),
-    "relu6": Activation("relu6", _relu6, 0.0, 6.0, 1, slope=_relu6_slope),
-    "sigmoid": Activation("sigmoid", torch.sigmoid, 0.5, 1.0, 2, slope=_sigmoid_slope),
+    "tanh": Activation("tanh", torch.tanh, 0.0, 1.0, 1, _tanh_slope, _tanh_derivative),
+    "softsign": Activation("softsign", F.softsign, 0.0, 1.0, 1, _softsign_slope, _softsign_derivative),
+    "relu6": Activation("relu6", _relu6, 0.0, 6.0, 1, _relu6_slope, _relu6_derivative),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, 0.5, 1.0, 2, _sigmoid_slope, _sigmoid_derivative),
 }
 _REGISTRY: dict[str, Activation] = dict(_BUILTINS)
 

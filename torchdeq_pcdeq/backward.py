@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, autograd
 
-from .certify import closed_form_certificate, rate_certificate, under_autocast
+from .certify import closed_form_certificate, closed_form_slope, rate_certificate, under_autocast
 from .conv_kernels import sign_exact_products
 from .errors import InvalidInputError, NonFiniteError, warn_once
 from .layers import LastStep
@@ -330,7 +330,8 @@ class ClosedFormImplicitGradient(_Producer):
     When ``f = lambda z: layer(z, x)`` (the solve's layer calls form one
     :class:`~torchdeq_pcdeq.layers.LayerChain`), the returned state is the solver's last step
     ``z_K = sigma(W z_in + x)``, and ``J = diag(sigma'(.)) W`` there, with ``sigma'`` read
-    from ``z_K`` (the activation's ``slope``). Then
+    from ``z_K`` (the activation's ``slope``, as autograd reads it; a certified backward takes
+    it from ``W z_in + x``, :func:`~torchdeq_pcdeq.certify.closed_form_slope`). Then
 
     * the output is ``z_K`` itself, with a backward that needs no recorded application of ``f``
       (saving the forward pass of the tracked application);
@@ -355,8 +356,21 @@ class ClosedFormImplicitGradient(_Producer):
         if step is not None and closed_form_applies(step, z_pred):
             certificate = step.certificate if trainer.certify_backward else None
             rate, weights = (None, None) if certificate is None else certificate
+            slope = step.slope if trainer.certify_backward else None
             weight = step.operator_weight
-            args = (weight, step.x, step.z_in, z_pred, rate, weights, step.layer, self, trainer, writer)
+            args = (
+                weight,
+                step.x,
+                step.z_in,
+                z_pred,
+                rate,
+                weights,
+                slope,
+                step.layer,
+                self,
+                trainer,
+                writer,
+            )
             return [_ClosedFormImplicitGrad.apply(*args, _autocast_state(z_pred))]
         return self.recorded(trainer, func, z_pred, writer=writer, **kwargs)
 
@@ -383,16 +397,18 @@ def closed_form_is_exact(step: LastStep, z_pred: Tensor) -> bool:
 
 class _ClosedFormImplicitGrad(autograd.Function):
     @staticmethod
-    def forward(ctx, weight, x, z_in, z_out, rate, weights, layer, producer, trainer, writer, autocast):
+    def forward(
+        ctx, weight, x, z_in, z_out, rate, weights, slope, layer, producer, trainer, writer, autocast
+    ):
         _remember(ctx, layer=layer, producer=producer, trainer=trainer, writer=writer, autocast=autocast)
         # (saved tensors: freed with the graph after backward, and edits in place are caught)
-        ctx.save_for_backward(weight, z_in, z_out, rate, weights)
+        ctx.save_for_backward(weight, x, z_in, z_out, rate, weights, slope)
         return z_out
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_second_order()
-        weight, z_in, z_out, rate, weights = ctx.saved_tensors
+        weight, x, z_in, z_out, rate, weights, certified_slope = ctx.saved_tensors
         layer = ctx.layer
 
         def vjp(y: Tensor) -> Tensor:
@@ -408,12 +424,15 @@ class _ClosedFormImplicitGrad(autograd.Function):
             # (NCHW for NNPACK's); converting the two fixed operands once keeps every
             # elementwise operation between products in one layout.
             layout = layer.adjoint_layout(z_in, weight)
-            slope = _in_layout(layer.activation.slope(z_out), layout, z_in)
             certificate = None
-            if certify and rate is not None:  # taken by the core's forward, for its info
-                certificate = (rate, weights)
-            elif certify:
-                certificate = closed_form_certificate(layer, weight, z_in, z_out)
+            if not certify:  # sigma' read from the output, as autograd reads it
+                slope = layer.activation.slope(z_out)
+            elif rate is not None:  # taken by the core's forward, for its info
+                slope, certificate = certified_slope, (rate, weights)
+            else:  # sigma' from the pre-activation: the certified Jacobian's (closed_form_slope)
+                slope = closed_form_slope(layer, weight, z_in, x)
+                certificate = closed_form_certificate(layer, weight, z_in, slope)
+            slope = _in_layout(slope, layout, z_in)
             y = ctx.producer.solve_adjoint(
                 ctx.trainer, None, z_in, vjp, grad, ctx.writer, layout, certificate
             )
@@ -421,4 +440,4 @@ class _ClosedFormImplicitGrad(autograd.Function):
             grad_weight = None
             if ctx.needs_input_grad[0]:
                 grad_weight = layer.operator_vjp(v, z_in, weight, state=False, weight_grad=True)[1]
-        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 9
+        return grad_weight, v if ctx.needs_input_grad[1] else None, *(None,) * 10

@@ -50,6 +50,7 @@ __all__ = [
     "rate_bound",
     "rate_certificate",
     "closed_form_certificate",
+    "closed_form_slope",
     "upper_bound",
     "min_injection",
 ]
@@ -167,13 +168,26 @@ def _certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bool) 
     return _from_products(lambda direction: _jvp(func, z, direction), z, power_step)
 
 
-def closed_form_certificate(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, out: Tensor) -> RateCertificate:
-    """:func:`rate_certificate` of ``J = diag(sigma'(W z_in + x)) W`` at a step
-    ``out = layer(z_in, x)`` made with ``weight``, from two products with ``W`` instead of
-    automatic differentiation.
+def closed_form_slope(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, x: Tensor) -> Tensor:
+    """``sigma'(W z_in + x)`` from the pre-activation (the activation's ``derivative``), one
+    product with ``W``: within a few ulps where the slope read from the output, as autograd and
+    the uncertified closed-form gradient read it, keeps no digits (saturated units, whose
+    ``sigma'`` is then below the output's rounding). The certificates' Jacobian.
+    """
+    derivative = layer.activation.derivative
+    if derivative is None:  # (an Activation record built without one: the output's slope)
+        with torch.no_grad():
+            return layer.activation.slope(layer(z_in, x))
+    with torch.no_grad():
+        return derivative(layer.apply_operator(z_in.detach(), weight.detach()) + x.detach())
 
-    ``sigma'`` is read from ``out`` (the activation's ``slope``), as the closed-form gradient
-    reads it: the certificate is that of the Jacobian the gradient uses. For a layer with
+
+def closed_form_certificate(
+    layer: PcDEQLayer, weight: Tensor, z_in: Tensor, slope: Tensor
+) -> RateCertificate:
+    """:func:`rate_certificate` of ``J = diag(slope) W`` at a step ``layer(z_in, x)`` made with
+    ``weight``, from two products with ``W`` instead of automatic differentiation, with
+    ``slope = sigma'(W z_in + x)`` from :func:`closed_form_slope`. For a layer with
     :meth:`~torchdeq_pcdeq.layers.PcDEQLayer.has_closed_form_gradient`.
 
     Example:
@@ -182,13 +196,12 @@ def closed_form_certificate(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, out
         >>> f = PcDEQLinear(6)
         >>> x = f.inject(torch.randn(2, 6))
         >>> z = torch.full((2, 6), 0.5)
-        >>> with torch.no_grad():
-        ...     q, _ = closed_form_certificate(f, f.weight, z, f(z, x))
+        >>> slope = closed_form_slope(f, f.weight, z, x)
+        >>> q, _ = closed_form_certificate(f, f.weight, z, slope)
         >>> bool(torch.allclose(q, rate_certificate(lambda v: f(v, x), z).rate))
         True
     """
     z_in, weight = z_in.detach(), weight.detach()
-    slope = layer.activation.slope(out.detach())
     with torch.no_grad():
         return _from_products(lambda direction: slope * layer.apply_operator(direction, weight), z_in, True)
 

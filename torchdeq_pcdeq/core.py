@@ -61,7 +61,7 @@ from .backward import (
     ImplicitGradientOnGraph,
     closed_form_is_exact,
 )
-from .certify import RateCertificate, closed_form_certificate, min_injection, rate_bound, upper_bound
+from .certify import closed_form_certificate, closed_form_slope, min_injection, rate_bound, upper_bound
 from .config import PCDEQ_OPTIONS, SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
 from .constraints import weight_cache
 from .conv_kernels import sign_exact_products
@@ -353,17 +353,19 @@ class PcDEQCore(DEQSliced):
             info["min_injection"] = min_injection(seen, z_star)
             # At a state below z* (the enclosure's lower sequence; plain iterates from 0) the
             # Jacobian dominates the one at z*, so q taken there bounds the spectral radius at z*.
-            below, rate, certificate = info.get("lower", z_star), None, None
+            below, rate, certified = info.get("lower", z_star), None, None
             if call.wants_rate:
                 _warn_if_above(below is z_star, call.from_zero)
-                certificate = _closed_form_certificate(recorded, z_star) if below is z_star else None
-                rate = rate_bound(deq_func, below) if certificate is None else certificate.rate.clone()
+                certified = _certified_step(recorded, z_star) if below is z_star else None
+                rate = (
+                    rate_bound(deq_func, below) if certified is None else certified.certificate.rate.clone()
+                )
                 if self.certify_rate:
                     info["rate_bound"] = rate  # (a clone: the backward keeps the certificate's own)
             # for _sradius, which TorchDEQ calls in eval with z_star only
             _LAST_SOLVE.below = None if self.training else (self, below, rate)
         if closed_form_gradient:
-            _LAST_SOLVE.chain = (self, recorded, certificate)
+            _LAST_SOLVE.chain = (self, recorded, certified)
         return z_star, info
 
     def _run_solver(self, deq_func, z_init, f_max_iter, options: dict, **kwargs):
@@ -394,10 +396,10 @@ class PcDEQCore(DEQSliced):
         latest, _LAST_SOLVE.chain = _LAST_SOLVE.chain, None
         if latest is None or latest[0] is not self:
             return None
-        step = _closed_form_step(latest[1], z_star)
-        if step is None or latest[2] is None:
+        step, certified = _closed_form_step(latest[1], z_star), latest[2]
+        if step is None or certified is None:
             return step
-        return dataclasses.replace(step, certificate=latest[2])
+        return dataclasses.replace(step, certificate=certified.certificate, slope=certified.slope)
 
     def _sradius(self, deq_func, z_star):
         if self.sradius_method == "rate_bound":
@@ -445,19 +447,24 @@ class PcDEQCore(DEQSliced):
 _EAGER_FORWARD = PcDEQCore.forward  # the solve itself, wrapped when the first core is built
 
 
-def _closed_form_certificate(chain, z_star: Tensor) -> RateCertificate | None:
-    """The rate certificate of the solve's last step, in closed form, where it returned ``z_star``
-    by iterating one pcDEQ layer in the state's dtype (else ``None``).
+def _certified_step(chain, z_star: Tensor) -> LastStep | None:
+    """The solve's last step with the rate certificate of its Jacobian, in closed form, where it
+    returned ``z_star`` by iterating one pcDEQ layer in the state's dtype (else ``None``).
 
     The step ``z_star = sigma(W z_in + x)`` starts from the iterate before ``z_star``, below z*
-    from 0: two products with ``W`` certify its Jacobian (``closed_form_certificate``) instead of
-    two forward-mode products through ``f``. It is the Jacobian at which the closed-form gradient
-    linearizes, so the backward's certified norm is the forward's bound.
+    from 0: three products with ``W`` (``sigma'`` from the pre-activation, then
+    ``closed_form_certificate``) certify its Jacobian instead of two forward-mode products
+    through ``f``. It is the Jacobian at which the closed-form gradient linearizes, so the
+    backward's certified norm is the forward's bound, and its ``sigma'`` the step's ``slope``.
     """
     step = None if chain is None else _closed_form_step(chain, z_star)
     if step is None or not closed_form_is_exact(step, z_star):
         return None
-    return closed_form_certificate(step.layer, step.operator_weight, step.z_in, step.out)
+    weight = step.operator_weight
+    slope = closed_form_slope(step.layer, weight, step.z_in, step.x)
+    return dataclasses.replace(
+        step, slope=slope, certificate=closed_form_certificate(step.layer, weight, step.z_in, slope)
+    )
 
 
 def _closed_form_step(chain, z_star: Tensor) -> LastStep | None:

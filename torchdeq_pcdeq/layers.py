@@ -155,8 +155,10 @@ class LastStep:
     out: Tensor
     # The W of that step where the chain computed it (see LayerChain.weights), else None
     weight: Tensor | None = None
-    # With pcdeq_rate_bound: the certificate of the step's Jacobian, taken by the core's forward
+    # With pcdeq_rate_bound: the certificate of the step's Jacobian, taken by the core's forward,
+    # and the sigma' it was taken with (certify.closed_form_slope)
     certificate: RateCertificate | None = None
+    slope: Tensor | None = None
 
     @property
     def operator_weight(self) -> Tensor:
