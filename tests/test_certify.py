@@ -1157,3 +1157,36 @@ def test_the_certified_backward_bound_holds_where_units_saturate(monkeypatch):
     error = ((seen["y"].double()[0] - exact).abs() * seen["v"].double()[0]).sum().item()
     assert bool(seen["info"]["converged"].all()) and error <= float(seen["info"]["error_bound"])
     assert abs(seen["y"][0, 0].item() / exact[0].item() - 1) < 1e-4  # (was 32% off)
+
+
+def test_the_default_upper_start_allows_a_registered_activation_an_ulp_above_its_supremum(
+    clean_activation_registry,
+):
+    """Found by review: 0.6 sigmoid + 0.1 computes to 0.70000005 in float32 once saturated, an ulp
+    above its supremum 0.7; the supremum read from the layers is above z* whatever f rounds to,
+    so the core's default start allows f's rounding, while a start given as a number does not."""
+    register_activation("lifted", lambda t: 0.6 * torch.sigmoid(t) + 0.1, supremum=0.7)
+    torch.manual_seed(0)
+    f = PcDEQLinear(8, "lifted")
+    x = f.inject(torch.randn(3, 8) + 20)  # saturated units
+    assert float(f(torch.full_like(x, 0.7), x).detach().max()) > 0.7
+    deq = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True).eval()
+    _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+    assert bool(info["converged"].all())
+    given = torchdeq.get_deq(core="pcdeq", pcdeq_enclosure=True, pcdeq_enclosure_upper=0.7).eval()
+    with pytest.raises(InvalidInputError, match=r"computes above its supremum \(a registered one can"):
+        given(lambda z: f(z, x), torch.zeros_like(x))
+
+
+def test_a_certified_backward_keeps_the_closed_form_for_an_activation_record_without_derivative(monkeypatch):
+    from torchdeq_pcdeq import backward
+
+    calls = []
+    apply = backward._ClosedFormImplicitGrad.apply
+    monkeypatch.setattr(backward._ClosedFormImplicitGrad, "apply", lambda *a: calls.append(1) or apply(*a))
+    record = Activation("mytanh", torch.tanh, 0.0, 1.0, 1, slope=lambda s: 1 - s * s)
+    f = PcDEQLinear(8, record)
+    x = f.inject(torch.randn(3, 8))
+    z_out, _ = torchdeq.get_deq(core="pcdeq", pcdeq_rate_bound=True)(lambda z: f(z, x), torch.zeros(3, 8))
+    z_out[-1].sum().backward()
+    assert calls == [1]

@@ -109,6 +109,10 @@ def test_the_negative_weight_warning_names_the_parameter_it_is_about():
         constrain_nonnegative(module, "parametrize", name="w1")
         constrain_nonnegative(module, "weight_norm", name="w2")  # nonnegative: no warning
     assert len(caught) == 1
+    # a pcDEQ layer's operator is named as the user reaches it
+    layer = PcDEQLinear(3)
+    with pytest.warns(PcDEQWarning, match=r"^NonNegativeWeightNorm on PcDEQLinear\.linear\.weight: "):
+        layer.weight = -torch.ones(3, 3) / 9
     # registered by hand, the parametrization knows no names, and says so plainly
     lin = nn.Linear(3, 3, bias=False)
     with pytest.warns(PcDEQWarning, match=r"^NonNegativeWeightNorm: .*reference_init_\(module\.weight\)"):

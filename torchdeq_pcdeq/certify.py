@@ -174,12 +174,12 @@ def closed_form_slope(layer: PcDEQLayer, weight: Tensor, z_in: Tensor, x: Tensor
     the uncertified closed-form gradient read it, keeps no digits (saturated units, whose
     ``sigma'`` is then below the output's rounding). The certificates' Jacobian.
     """
-    derivative = layer.activation.derivative
-    if derivative is None:  # (an Activation record built without one: the output's slope)
-        with torch.no_grad():
-            return layer.activation.slope(layer(z_in, x))
-    with torch.no_grad():
-        return derivative(layer.apply_operator(z_in.detach(), weight.detach()) + x.detach())
+    activation = layer.activation
+    with torch.no_grad():  # (not through the layer: a call of it would join the solve's chain)
+        pre = layer.apply_operator(z_in.detach(), weight.detach()) + x.detach()
+        if activation.derivative is None:  # (a record built without one: the output's slope)
+            return activation.slope(activation(pre))
+        return activation.derivative(pre)
 
 
 def closed_form_certificate(

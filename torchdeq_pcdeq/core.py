@@ -622,10 +622,11 @@ _FORWARD_KEYWORDS = ("solver_kwargs", "sradius_mode", "backward_writer")
 
 def _warn_unknown_keywords(kwargs: dict) -> None:
     names = sorted(kwargs)
+    within = [key for key in _FORWARD_KEYWORDS if names[0] in key]  # (writer: backward_writer)
+    hint = f" Did you mean {within[0]!r}?" if within else did_you_mean(names[0], _FORWARD_KEYWORDS)
     warn(
         f"The pcdeq core ignores the keyword arguments {names} of its call, as TorchDEQ's cores "
-        f"do: a core is called with (func, z_init) and the keywords {list(_FORWARD_KEYWORDS)}."
-        + did_you_mean(names[0], _FORWARD_KEYWORDS)
+        f"do: a core is called with (func, z_init) and the keywords {list(_FORWARD_KEYWORDS)}.{hint}"
     )
 
 

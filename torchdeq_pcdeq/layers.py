@@ -351,6 +351,11 @@ class PcDEQLayer(nn.Module):
         reference_init_(operator.weight)
         self._operator_name = "linear" if isinstance(operator, nn.Linear) else "conv"
         self.add_module(self._operator_name, constrain_nonnegative(operator, nonnegativity))
+        if parametrize.is_parametrized(operator, "weight"):  # (named as the user reaches it)
+            operator.parametrizations.weight[0].target = (
+                f"{type(self).__name__}.{self._operator_name}",
+                "weight",
+            )
         # Checks that need a host sync run once per weight version / per injection tensor.
         self._verified_weight: tuple | None = None
         self._verified_call: tuple | None = None

@@ -147,8 +147,11 @@ def pcdeq_fixed_point(
         enclosure: iterate from 0 and from ``upper`` together; return the midpoint with a
             certified ``info["error_bound"]``. The certified solves (enclosure, contraction)
             run inside :func:`~torchdeq_pcdeq.conv_kernels.sign_exact_products`.
-        upper: with the enclosure, the supremum of the activation (a float or a zero-argument
-            callable evaluated after the first call of ``func``).
+        upper: with the enclosure, the start of the upper sequence: a float, checked exactly
+            (``f(upper) <= upper``; the activation's supremum, or any value known to bound
+            ``z*``), or a zero-argument callable evaluated after the first call of ``func``
+            that returns the supremum of the activations ``func`` calls (the pcdeq core's
+            default), whose check allows the rounding of ``f``.
         weights: with ``rate``, the positive weights of the l1 norm in which ``func``
             contracts (shape of ``x0``); for the adjoint of a pcDEQ layer,
             :func:`~torchdeq_pcdeq.certify.rate_certificate` gives both.
@@ -197,8 +200,10 @@ def pcdeq_fixed_point(
         >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), tol=1e-5)
         >>> bool(info["converged"].all()), bool((info["rel_lowest"] <= 1e-5).all())
         (True, True)
+        >>> z_tight, _, _ = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), tol=1e-6)
         >>> z, _, info = pcdeq_fixed_point(lambda z: f(z, x), torch.zeros(3, 8), enclosure=True, upper=1.0)
-        >>> bool(((info["lower"] <= z) & (z <= info["upper"])).all())  # z* lies in [lower, upper]
+        >>> error = (z - z_tight).abs().amax(dim=1)  # (z_tight within about 1e-6 of z*)
+        >>> bool((error <= info["error_bound"] + 1e-6).all())
         True
     """
     if kwargs:
@@ -301,7 +306,7 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
             high = torch.full_like(x0, start)
         high_next = func(high)
         if first:
-            _check_upper_start(start, high_next.detach())
+            _check_upper_start(start, high_next.detach(), read_from_layers=callable(upper))
         k += 1
         while pending and pending[0] == k:
             states.append((low_next + high_next) / 2)
@@ -495,14 +500,11 @@ class _Monitor:
             if not bool(torch.isfinite(self.start).all()):
                 raise NonFiniteError(_nonfinite_start_message(self.start))
             first = self.steps[-2] + 1 if len(self.steps) > 1 else 1  # (iterates since the last check)
-            since = (
-                ""
-                if first == k
-                else f", first seen at this check: they may have arisen from iterate {first} on"
-            )
+            skipped = f"; the checks skip iterates: it may have arisen from iterate {first} on"
+            since = "" if first == k else skipped
             raise NonFiniteError(
                 f"Iterate {k} of the fixed-point solve holds NaN or Inf (or values so large that "
-                f"their norm overflows{since}): f produced non-finite values. Either the iterates grew "
+                f"their norm overflows){since}. f produced non-finite values: either the iterates grew "
                 "without bound, which a bounded activation (tanh, relu6) rules out and an "
                 "unbounded one (relu) allows once rows of W sum to 1 or more, or NaN reached f: "
                 "check the weights and the injection for NaN (a diverged optimizer step, often "
@@ -830,27 +832,37 @@ def _resolve_upper(upper) -> float:
     return float(value)
 
 
-def _check_upper_start(start: float, high_next: Tensor) -> None:
+def _check_upper_start(start: float, high_next: Tensor, read_from_layers: bool) -> None:
     """The enclosure's premise, checked whatever the guard: ``f(u) <= u`` at the upper start ``u``.
 
     For a monotone ``f`` it makes the upper sequence fall to ``z*`` and so stay above it; an
     upper start below ``z*`` somewhere would make the sequence rise, and the certified bound,
-    the gap between the two sequences, would be no bound at all. No rounding is allowed for:
-    a start below ``z*`` by less than ``ulps / (1 - q)`` has ``f(u) - u`` within a few ulps of
-    ``u``, and its sequence then rises too slowly for the guard to see. The activation's
-    supremum and ``max f(sup)`` pass exactly (a computed bounded activation never exceeds its
-    supremum, and rounding is monotone). One host sync per solve. A NaN in ``f(u)`` makes the
-    excess NaN, which passes here: the convergence check raises :class:`NonFiniteError`.
+    the gap between the two sequences, would be no bound at all. A start given as a number is
+    checked exactly: one below ``z*`` by less than ``ulps / (1 - q)`` has ``f(u) - u`` within a
+    few ulps of ``u``, and its sequence then rises too slowly for the guard to see (the
+    built-in activations' supremum, and ``max f(sup)``, pass exactly: they never compute above
+    it, and rounding is monotone). A start read from the layers (a callable ``upper``: the
+    pcdeq core's default) is their activations' supremum, above ``z*`` whatever ``f`` rounds
+    to, and a registered activation may compute an ulp above it: rounding up to the margins'
+    ulps is allowed there. One host sync per solve. A NaN in ``f(u)`` makes the excess NaN,
+    which passes here: the convergence check raises :class:`NonFiniteError`.
     """
     excess = (high_next - start).amax().item()
-    if excess > 0:
+    allowed = _GUARD_ULPS * torch.finfo(arithmetic_dtype(high_next)).eps * start if read_from_layers else 0.0
+    if excess > allowed:
+        cause = (
+            "Here f is not a pcDEQ layer call: its output exceeds the supremum of the activations it calls"
+            if read_from_layers
+            else "If upper is the activation's supremum, either f is not a pcDEQ layer call or the "
+            "activation computes above its supremum (a registered one can, by an ulp): then start a "
+            "few ulps above it"
+        )
         raise InvalidInputError(
             f"The enclosure's upper start {start:.6g} is not an upper bound of the fixed point: "
             f"f(upper) exceeds it by up to {excess:.3g}, so the upper sequence would rise and the "
             "certified bound would not hold. Start at the activation's supremum (1.0 for tanh, "
             "sigmoid and softsign, 6.0 for relu6), which is always valid: the pcdeq core takes it "
-            "from f's layers when pcdeq_enclosure_upper is unset. If upper already is that "
-            "supremum, f is not a pcDEQ layer call."
+            f"from f's layers when pcdeq_enclosure_upper is unset. {cause}."
         )
 
 
