@@ -76,19 +76,17 @@ def test_a_training_step_under_autocast_is_finite_converged_and_stops_at_the_res
     said = [str(w.message) for w in caught if issubclass(w.category, PcDEQWarning)]
     # The expected notices: the tolerance is raised to what the dtype (or, certified, the
     # contraction factor) can resolve. Anything else, e.g. a solve that did not converge, fails.
-    expected = ("tol=", "The certified bound cannot go below", "The backward solve cannot be certified")
+    expected = ("tol=", "The backward solve is not certified in")
     assert [m for m in said if not m.startswith(expected)] == []
 
     (b_info,) = backward_stats
     assert bool(b_info["converged"].all()) and int(b_info["nstep"].max()) < 60
     if gradient == "certified ift":
-        # Honest either way: a certified bound, or the notice that there is none.
-        uncertified = [m for m in said if m.startswith("The backward solve cannot be certified")]
-        if uncertified:
-            assert "error_bound" not in b_info and len(uncertified) == 1
-            assert f"in {dtype} arithmetic" in uncertified[0]  # autocast's, not the state's
-        else:
-            assert torch.isfinite(b_info["error_bound"]).all() and (b_info["error_bound"] >= 0).all()
+        # In half-precision arithmetic a certified bound could not go below 32 eps / (1 - q)
+        # (0.25 relative in bfloat16): the backward says it is not certified, and solves plainly.
+        uncertified = [m for m in said if m.startswith("The backward solve is not certified")]
+        assert "error_bound" not in b_info and len(uncertified) == 1
+        assert f"in {dtype} arithmetic" in uncertified[0]  # autocast's, not the state's
 
     # The state has the injection's dtype: softplus computes in the autocast dtype on the CPU and
     # in float32 on CUDA (autocast's float32 list); the layer's products are low precision either way.

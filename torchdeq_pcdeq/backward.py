@@ -63,14 +63,17 @@ def _solve_adjoint(
     under autocast is an overflowed ``GradScaler`` step: it is passed on unsolved.
     """
     grad = _in_layout(grad, layout, z_in)
-    half = arithmetic_dtype(z_in) == torch.float16
+    arithmetic = arithmetic_dtype(z_in)
+    half = arithmetic == torch.float16
     if half and under_autocast(z_in) and not bool(torch.isfinite(grad).all()):
         # GradScaler needs autocast (it refuses float16 parameters): the non-finite gradient
         # reaches the parameters, and the scaler skips the step and lowers its scale.
         _warn_loss_scale_overflow()
         return grad
     kwargs = b_solver_kwargs
-    if trainer.certify_backward:
+    if trainer.certify_backward and arithmetic.itemsize < 4:
+        _warn_uncertifiable_precision(arithmetic)
+    elif trainer.certify_backward:
         rate, weights = certificate if certificate is not None else rate_certificate(func, z_in.detach())
         worst = rate.max().item()
         if worst < 1:
@@ -186,6 +189,19 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
         "and low-precision arithmetic, a low-precision state or autocast, is only as accurate as "
         "its dtype). It is solved with the plain residual test instead, and its statistics carry no "
         "error_bound. Certify in float32 or wider, outside autocast.",
+    )
+
+
+def _warn_uncertifiable_precision(dtype: torch.dtype) -> None:
+    """``dtype``: the arithmetic's, float16 or bfloat16."""
+    floor = 2 * 16 * torch.finfo(dtype).eps  # (the solver's certifiable floor, 32 eps / (1 - q), at q = 0)
+    warn_once(
+        ("uncertifiable backward precision", dtype),
+        f"The backward solve is not certified in {dtype} arithmetic (a {dtype} state, or autocast): "
+        f"there the rate bound q is an estimate of a few digits, and the certified bound could not "
+        f"go below {floor:.3g} / (1 - q) relative, a tolerance that would stop the solve early and "
+        "coarsen the gradient. It is solved with the plain residual test instead, and its "
+        "statistics carry no error_bound. Certify in float32 or wider, outside autocast.",
     )
 
 
