@@ -545,3 +545,16 @@ def test_indexing_entries_that_no_solve_reaches_are_refused():
         lambda z: f(z, x), torch.zeros_like(x), indexing=[2, 4], check_every=1, tol=1e-12
     )
     assert len(states) == 2
+
+
+def test_a_tolerance_below_autocasts_resolution_names_autocast_and_how_to_avoid_it(monkeypatch):
+    """Found by review: a float32 f run under an outer bfloat16 autocast (turned off inside f) is
+    judged by bfloat16's floor, and the warning said "bfloat16 iterates" of float32 ones."""
+    forget_warnings(monkeypatch)
+    f = PcDEQLinear(8)
+    x = f.inject(torch.randn(2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(PcDEQWarning) as caught:
+        pcdeq_fixed_point(lambda z: f(z, x), torch.zeros_like(x))
+    (message,) = [str(w.message) for w in caught]
+    assert "below what torch.bfloat16 arithmetic under autocast can resolve" in message
+    assert "call the core outside it" in message

@@ -410,7 +410,7 @@ class _Monitor:
         # below it can be met.
         self.floor = resolution_floor(arithmetic) + (_GUARD_ULPS * self.eps if certified else 0.0)
         if stop_mode == "rel" and tol < self.floor:
-            _warn_floor(arithmetic, stop_mode, tol, self.floor)
+            _warn_floor(arithmetic, stop_mode, tol, self.floor, autocast=arithmetic != x0.dtype)
         self.rel_limit = max(tol, self.floor)
         self.rate_floor: float | None = None
         self.weight_mass: Tensor | None = None  # the contraction bound's sum of weights
@@ -871,11 +871,19 @@ def _floor_warning(dtype: torch.dtype, stop_mode: str, tol: float) -> tuple:
     return ("tolerance below the rounding floor", dtype, stop_mode, tol)
 
 
-def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float) -> None:
+def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float, autocast: bool = False) -> None:
+    # Under autocast the solve is judged by autocast's dtype, which it cannot see f turn off inside.
+    remedy = (
+        "Solve outside autocast for a finer tolerance (an f that turns autocast off inside is "
+        "judged by autocast's dtype all the same: call the core outside it)."
+        if autocast
+        else "Use a wider dtype for a finer tolerance."
+    )
+    what = f"{dtype} arithmetic under autocast" if autocast else f"{dtype} iterates"
     warn_once(
         _floor_warning(dtype, stop_mode, tol),
-        f"tol={tol:g} ({stop_mode}) is below what {dtype} iterates can resolve; residuals "
-        f"under {floor:.3g} count as converged. Use a wider dtype for a finer tolerance.",
+        f"tol={tol:g} ({stop_mode}) is below what {what} can resolve; residuals under {floor:.3g} "
+        f"count as converged. {remedy}",
     )
 
 
