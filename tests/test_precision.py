@@ -16,6 +16,7 @@ from torch import nn
 
 from conftest import forget_warnings
 from torchdeq_pcdeq import (
+    InvalidInputError,
     NonFiniteError,
     PcDEQConv2d,
     PcDEQLinear,
@@ -363,3 +364,24 @@ def test_the_float16_solve_in_range_scales_each_sample_by_its_own_power_of_two()
     together, seen = input_gradient(mixed)  # the others overflow: solved again, in range
     assert not seen[0]["diverged"].any() and seen[0]["converged"].all()
     torch.testing.assert_close(together[5], alone[5], rtol=1e-3, atol=0)
+
+
+def test_dtypes_that_autocast_cannot_mix_are_a_typed_error_not_pytorchs():
+    """Found by review: a float64 injection with a float32 layer, or a float16 model, under
+    bfloat16 autocast gave PyTorch's raw errors ("expected m1 and m2 to have the same dtype",
+    "Unexpected floating ScalarType in at::autocast::prioritize")."""
+    deq = torchdeq.get_deq(core="pcdeq")
+    layer = PcDEQLinear(8)
+    x = layer.inject(torch.randn(2, 8))
+    bad = [(layer, x.double(), r"state torch.float64 and injection torch.float64, weights torch.float32")]
+    bad.append((PcDEQLinear(8).double(), x, r"weights torch.float64; autocast mixes float32 with"))
+    bad.append((PcDEQLinear(8).half(), x.half(), r"got a torch.float16 initial state; autocast mixes"))
+    for f, inj, match in bad:
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(InvalidInputError, match=match):
+            deq(lambda z: f(z, inj), torch.zeros_like(inj))
+    # what autocast does mix, and a model wholly in one dtype, run
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("ignore", PcDEQWarning)  # (tolerances below bfloat16's floor)
+        for f, inj in [(layer, x), (layer, x.bfloat16()), (PcDEQLinear(8).double(), x.double())]:
+            _, info = deq(lambda z: f(z, inj), torch.zeros_like(inj))
+            assert bool(info["converged"].all())

@@ -694,6 +694,14 @@ def _check_initial_state(z_init) -> bool:
             f"The pcdeq core got an empty initial state of shape {tuple(z_init.shape)}; expected at "
             "least one sample with at least one entry. Skip empty batches before the model."
         )
+    if torch.is_autocast_enabled(z_init.device.type):
+        fast = torch.get_autocast_dtype(z_init.device.type)
+        if z_init.dtype.itemsize < 4 and z_init.dtype != fast:  # (PyTorch's cast rules fail on it)
+            raise InvalidInputError(
+                f"The pcdeq core under {fast} autocast got a {z_init.dtype} initial state; autocast "
+                f"mixes float32 with {fast} only. Keep the model and its inputs in float32 "
+                "(model.float()) and let autocast lower them, or run outside autocast."
+            )
     with torch.no_grad():
         low, high = torch.stack(extremes(z_init)).tolist()  # NaN and Inf show in the extremes
     if not (math.isfinite(low) and math.isfinite(high)):

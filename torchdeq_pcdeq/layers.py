@@ -652,7 +652,18 @@ class PcDEQLayer(nn.Module):
                 "tensor.to(device))."
             )
         if torch.is_autocast_enabled(z.device.type):
-            return  # autocast legitimately mixes dtypes
+            # autocast mixes float32 with its own dtype, and nothing else (float64 is not cast,
+            # and another half dtype fails in its cast rules with PyTorch's raw error)
+            fast = torch.get_autocast_dtype(z.device.type)
+            dtypes = {z.dtype, x.dtype, weight.dtype}
+            if len(dtypes) == 1 or dtypes <= {torch.float32, fast}:
+                return
+            raise InvalidInputError(
+                f"{type(self).__name__} under {fast} autocast: state {z.dtype} and injection "
+                f"{x.dtype}, weights {weight.dtype}; autocast mixes float32 with {fast} only. "
+                "Keep the model and its inputs in float32 (model.float()) and let autocast lower "
+                "them, or run outside autocast."
+            )
         if z.dtype != weight.dtype or x.dtype != weight.dtype:
             raise InvalidInputError(
                 f"{type(self).__name__}: state {z.dtype} and injection {x.dtype}, weights "
