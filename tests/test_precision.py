@@ -376,12 +376,12 @@ def test_dtypes_that_autocast_cannot_mix_are_a_typed_error_not_pytorchs():
     bad = [(layer, x.double(), r"state torch.float64 and injection torch.float64, weights torch.float32")]
     bad.append((PcDEQLinear(8).double(), x, r"weights torch.float64; autocast mixes float32 with"))
     bad.append((PcDEQLinear(8).half(), x.half(), r"got a torch.float16 initial state; autocast mixes"))
-    for f, inj, match in bad:
-        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(InvalidInputError, match=match):
-            deq(lambda z: f(z, inj), torch.zeros_like(inj))
-    # what autocast does mix, and a model wholly in one dtype, run
     with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
         warnings.simplefilter("ignore", PcDEQWarning)  # (tolerances below bfloat16's floor)
+        for f, inj, match in bad:
+            with pytest.raises(InvalidInputError, match=match):
+                deq(lambda z: f(z, inj), torch.zeros_like(inj))
+        # what autocast does mix, and a model wholly in one dtype, run
         for f, inj in [(layer, x), (layer, x.bfloat16()), (PcDEQLinear(8).double(), x.double())]:
             _, info = deq(lambda z: f(z, inj), torch.zeros_like(inj))
             assert bool(info["converged"].all())
