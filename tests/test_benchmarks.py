@@ -417,7 +417,11 @@ def test_tables_record_the_command_and_settings_that_made_them(tmp_path, monkeyp
         certificates.main(["--smoke", "--repeats", "1", "--bf16", "--out", str(tmp_path / "cert")])
     first = (tmp_path / "cert.md").read_text().splitlines()[0]
     assert "bf16 autocast" in first and "--smoke --repeats 1 --bf16 --out" in first
-    assert json.loads((tmp_path / "cert.json").read_text())["bf16"] is True
+    said = json.loads((tmp_path / "cert.json").read_text())
+    assert said["bf16"] is True
+    # the backward is not certified in bfloat16 arithmetic, and the table says so
+    assert [row["certified_backward_bound"] for row in said["certificates"]] == [None, None], said
+    assert "| not certified (half precision) |" in (tmp_path / "cert.md").read_text()
     long_run.main(["--steps", "4", "--lr-factor", "2", "--nonnegativity", "project", "--out", str(tmp_path)])
     table = (tmp_path / "long_run_cpu.md").read_text()
     assert "lr 0.001 (2x the reference's)" in table and "loss (first / last 2 steps)" in table
