@@ -499,6 +499,19 @@ def test_a_core_rebuilt_from_another_cores_config_is_the_same_core():
         first.args.update(f_tol=1e-3)
 
 
+def test_a_core_built_directly_rebuilds_as_a_pcdeq_core(monkeypatch):
+    """Found by review: PcDEQCore(args) recorded no core (or argparse's default 'sliced'), so
+    get_deq(core.args, ...), the remedy the core's own errors name, built TorchDEQ's DEQSliced."""
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)
+    argv = ["--norm_type", "pcdeq_nonneg"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])  # (parsed from this command line)
+    for first in (PcDEQCore({"f_max_iter": 5}), PcDEQCore(parser.parse_args(argv), f_max_iter=5)):
+        assert first.args.get("core") == "pcdeq"
+        rebuilt = torchdeq.get_deq(first.args, f_tol=1e-3)
+        assert type(rebuilt) is PcDEQCore and (rebuilt.f_max_iter, rebuilt.f_tol) == (5, 1e-3)
+
+
 def test_a_core_rebuilt_from_another_cores_config_differentiates_as_its_own_keys_say():
     first = torchdeq.get_deq(core="pcdeq", f_max_iter=50)
     assert first.gradient == "ift"

@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 import torchdeq_pcdeq
 from torchdeq_pcdeq import (
+    InvalidInputError,
     PcDEQCore,
     PcDEQNonnegNorm,
     PcDEQWarning,
@@ -341,6 +342,24 @@ def test_a_warning_in_a_script_run_as_a_module_is_shown_not_an_import_error(tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ran"
     assert f"{package / 'run.py'}:3: PcDEQWarning: tol=1e-12" in result.stderr
+
+
+def test_the_runner_leaves_what_follows_the_separator_and_refuses_a_switch_word_apart():
+    """Found by review: `--pcdeq_enclosure false` turned the option on and handed 'false' to the
+    script; flags after `--` (the script's, as argparse reads them) were taken by the runner."""
+    from torchdeq_pcdeq.config import parse_runner_options
+
+    assert parse_runner_options(["--pcdeq_enclosure", "--", "--pcdeq_guard", "warn"]) == (
+        {"pcdeq_enclosure": True},
+        ["--", "--pcdeq_guard", "warn"],
+    )
+    assert parse_runner_options(["--pcdeq_enclosure=false", "false"]) == (
+        {"pcdeq_enclosure": False},
+        ["false"],
+    )
+    for word in ("false", "True"):
+        with pytest.raises(InvalidInputError, match=rf"is a switch.*--pcdeq_enclosure={word}, not"):
+            parse_runner_options(["--lr", "1", "--pcdeq_enclosure", word])
 
 
 def test_runner_options_fill_only_what_the_config_leaves_unset(monkeypatch):

@@ -66,6 +66,7 @@ __all__ = [
     "resolve_core_config",
 ]
 
+CORE_NAME = "pcdeq"
 SOLVER_NAME = "pcdeq_fixed_point"
 NORM_NAME = "pcdeq_nonneg"
 
@@ -269,8 +270,12 @@ def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
     """
     options: dict = {}
     rest: list[str] = []
-    tokens = iter(arguments)
-    for token in tokens:
+    arguments = list(arguments)
+    tokens = iter(enumerate(arguments))
+    for at, token in tokens:
+        if token == "--":  # the rest is the script's, as argparse reads it
+            rest += arguments[at:]
+            break
         if not token.startswith("--pcdeq_"):
             rest.append(token)
             continue
@@ -290,16 +295,26 @@ def parse_runner_options(arguments: list[str]) -> tuple[dict, list[str]]:
             continue
         option = PCDEQ_OPTIONS[key]
         if option.kind == "flag":
-            if given and value not in ("true", "false", "True", "False"):
+            if given and value not in _SWITCH_WORDS:
                 raise InvalidInputError(f"--{key} takes no value or =true / =false, got {value!r}.")
+            following = arguments[at + 1 : at + 2]
+            if not given and following and following[0] in _SWITCH_WORDS:
+                # (a switch takes no separate value: the word would silently go to the script)
+                raise InvalidInputError(
+                    f"--{key} is a switch, on when given: write --{key} or --{key}={following[0]}, "
+                    f"not --{key} {following[0]}, whose {following[0]!r} would go to the script."
+                )
             options[key] = not given or value in ("true", "True")
             continue
         if not given:
-            value = next(tokens, None)
+            value = next(tokens, (None, None))[1]
             if value is None:
                 raise InvalidInputError(f"--{key} expects a value; got none at the end of the arguments.")
         options[key] = option.convert(key, value)
     return options, rest
+
+
+_SWITCH_WORDS = ("true", "false", "True", "False")
 
 
 def runner_options() -> dict:
@@ -600,6 +615,9 @@ def resolve_core_config(args, kwargs: dict) -> dict:
                 f"norm_type='{NORM_NAME}'). The pcDEQ layers constrain their own weights whatever "
                 "the norm_type."
             )
+    # (a core built directly, PcDEQCore(args), may have none or argparse's 'sliced': its args
+    # must rebuild a pcdeq core, get_deq(core.args, key=...))
+    config["core"] = CORE_NAME
     return ResolvedConfig(config)
 
 

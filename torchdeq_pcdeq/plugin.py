@@ -16,7 +16,7 @@ import torchdeq.core
 import torchdeq.norm.base_norm
 import torchdeq.solver
 
-from .config import NORM_NAME, SOLVER_NAME, command_line_flags, torchdeq_argparse_defaults
+from .config import CORE_NAME, NORM_NAME, SOLVER_NAME, command_line_flags, torchdeq_argparse_defaults
 from .constraints import PcDEQNonnegNorm
 from .core import PcDEQCore
 from .errors import UnknownNameError, warn
@@ -32,8 +32,6 @@ __all__ = [
     "SOLVER_NAME",
     "NORM_NAME",
 ]
-
-CORE_NAME = "pcdeq"
 
 
 def _entries():
