@@ -560,3 +560,42 @@ def test_an_empty_batch_or_a_subclass_goes_to_pytorchs_kernel():
         pass
 
     assert type(same_conv2d(z.as_subclass(Tagged), w, 1, "nnpack")) is Tagged
+
+
+def test_a_winograd_product_of_a_negative_state_keeps_its_sign_for_the_guard():
+    """Found by review: the clamp at 0 of NNPACK's products, meant for their rounding, also hid
+    a negative state (f = layer(z - 0.5, x)): the guard passed with "nnpack" and "auto" and the
+    solve returned a fixed point of another map, where PyTorch's kernel raised."""
+    torch.manual_seed(0)
+    z, w = torch.rand(16, 4, 8, 8) - 0.5, torch.rand(4, 4, 3, 3)
+    unclamped = same_conv2d(z, w, padding=1, algorithm="nnpack")
+    assert bool((unclamped < -1e-3).any())  # (really negative, not rounding)
+    torch.testing.assert_close(same_conv2d(z, w, padding=1, algorithm="nnpack", nonnegative=True), unclamped)
+    assert bool((same_conv2d(z.abs(), w, padding=1, algorithm="nnpack", nonnegative=True) >= 0).all())
+    for algorithm in ("pytorch", "nnpack"):
+        f = PcDEQConv2d(4, "tanh", conv_algorithm=algorithm)
+        x = f.inject(torch.randn(16, 4, 8, 8))
+        deq = torchdeq.get_deq(core="pcdeq").eval()
+        with torch.no_grad(), pytest.raises(NotPositiveMonotoneError, match="negative entries"):
+            deq(lambda z: f(z - 0.5, x), torch.zeros_like(x))
+
+
+def test_pytorchs_kernel_stays_sign_exact_with_onednn_off(monkeypatch):
+    """Found by review: with oneDNN off (or not built in) PyTorch sends F.conv2d of 16 samples
+    or more to NNPACK: the "sign-exact" products rounded below 0 (-5.8e-4 where the exact
+    minimum is +2.8e-5) and the guard failed a valid model, with no second look."""
+    torch.manual_seed(0)
+    f = PcDEQConv2d(8, "tanh", nonnegativity="project", conv_algorithm="pytorch")
+    f.weight = torch.rand(8, 8, 3, 3) * 0.05
+    u = torch.full((16, 8, 6, 6), -30.0)
+    u[:, :, 3, 2] = 3.0
+    x = f.inject(u)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # (restored after the test)
+    z = torch.rand(16, 8, 6, 6) * 1e-6
+    z[:, :, 3, 2] = 6.0
+    assert bool((same_conv2d(z, f.weight.detach(), padding=1, algorithm="pytorch") >= 0).all())
+    for options in ({}, {"pcdeq_enclosure": True}):
+        deq = torchdeq.get_deq(core="pcdeq", **options).eval()
+        with torch.no_grad():
+            _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
+        assert bool(info["converged"].all())

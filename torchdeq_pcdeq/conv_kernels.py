@@ -3,7 +3,8 @@
 A solve applies one convolution ``W`` many times without recording a graph: the forward
 iterations, and the adjoint products ``W^T y`` of the implicit gradient (``W^T`` of a stride-1
 "same" convolution is the convolution with the kernel's channels swapped and its taps flipped).
-On CPU, PyTorch sends ``F.conv2d`` to oneDNN whenever oneDNN is built in. NNPACK, also built
+On CPU, PyTorch sends ``F.conv2d`` to oneDNN whenever oneDNN is built in and enabled (else
+larger batches to NNPACK, which "PyTorch's kernel" here then turns off). NNPACK, also built
 into PyTorch's CPU wheels, computes 3x3 convolutions with Winograd transforms and so with fewer
 multiplications. Whether that wins depends on the machine and on the layout: on the 2-core AVX2
 machine of ``benchmarks/results/micro_cpu.md`` (MNIST single-conv layer, batch 64, 82 channels,
@@ -23,8 +24,9 @@ rely on the sign of ``W z``:
   certified solves run inside :func:`sign_exact_products`, where every ``W z`` is PyTorch's (and
   every ``W^T y``: the certified backward's margin covers direct products too);
 * the iterates and the guard. A pcDEQ layer's state and kernel are nonnegative, so its exact
-  ``W z`` is: :class:`~torchdeq_pcdeq.layers.PcDEQConv2d` clamps its Winograd products at 0
-  (``nonnegative=True``), and its iterates stay nonnegative, guard or not. The guard also
+  ``W z`` is: :class:`~torchdeq_pcdeq.layers.PcDEQConv2d` clamps its Winograd products of a
+  nonnegative state at 0 (``nonnegative=True``), and its iterates stay nonnegative, guard or
+  not; a negative state, which no pcDEQ map produces, keeps its products' sign. The guard also
   reports an iterate that falls from ``z_init = 0``, which Winograd's rounding can mimic where
   the iterates barely move. A verdict against a solve that made Winograd products
   (:func:`winograd_products` counts them) is not trusted: the solver solves again inside
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -182,9 +185,10 @@ def same_conv2d(
         algorithm: ``"nnpack"`` uses NNPACK where it applies, ``"auto"`` where it applies and
             was timed faster, ``"pytorch"`` never; inside :func:`sign_exact_products` none does
             (see the module docstring).
-        nonnegative: the caller guarantees ``z >= 0`` and ``weight >= 0`` (a pcDEQ layer's
-            state and kernel), so the exact product is ``>= 0``: a Winograd product is then
-            clamped at 0, which removes its rounding below 0 and nothing else.
+        nonnegative: the caller guarantees ``weight >= 0`` (a pcDEQ layer's kernel), so the
+            exact product is ``>= 0`` wherever ``z >= 0``: a Winograd product of a nonnegative
+            ``z`` is then clamped at 0, which removes its rounding below 0 and nothing else (one
+            reduction over ``z``, which a negative ``z``, no pcDEQ state, leaves unclamped).
     """
     if (
         algorithm != "pytorch"
@@ -194,7 +198,12 @@ def same_conv2d(
     ):
         _STATE.winograd += 1
         out = _nnpack(z, weight, padding)
-        return out.clamp_min_(0) if nonnegative else out
+        if nonnegative:
+            # Only where z really is >= 0: a negative state (an f that is no pcDEQ map, say a
+            # normalization before the layer) keeps its products' sign for the guard to see.
+            floor = torch.where(z.amin() >= 0, 0.0, -math.inf).to(out.dtype)
+            out = out.clamp_min_(floor)
+        return out
     return _pytorch(z, weight, padding)
 
 
@@ -251,14 +260,25 @@ def weight_gradient(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tenso
     return _convolution_backward(v, z, weight, padding, state=False)
 
 
+def _direct() -> contextlib.AbstractContextManager:
+    """Where PyTorch's dispatch stays off NNPACK's Winograd: with oneDNN off or not built in,
+    it sends float32 convolutions of 16 samples or more to NNPACK, whose products are not
+    sign-exact; PyTorch's own kernel must be, for the certificates and the guard."""
+    if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        return contextlib.nullcontext()
+    return torch.backends.nnpack.flags(enabled=False)
+
+
 def _pytorch(z: Tensor, weight: Tensor, padding: int) -> Tensor:
-    return F.conv2d(z, weight, padding=padding)
+    with _direct():
+        return F.conv2d(z, weight, padding=padding)
 
 
 def _pytorch_transposed(v: Tensor, z: Tensor, weight: Tensor, padding: int) -> Tensor:
     # The kernel autograd runs for F.conv2d's input gradient (oneDNN's is faster than the
     # transposed convolution F.conv_transpose2d dispatches to: 100 against 130 ms on MNIST).
-    return _convolution_backward(v, z, weight, padding, state=True)
+    with _direct():
+        return _convolution_backward(v, z, weight, padding, state=True)
 
 
 def _convolution_backward(v: Tensor, z: Tensor, weight: Tensor, padding: int, state: bool) -> Tensor:
