@@ -499,6 +499,19 @@ def test_a_core_rebuilt_from_another_cores_config_is_the_same_core():
         first.args.update(f_tol=1e-3)
 
 
+def test_a_mapping_config_is_read_by_its_items_or_refused_where_torchdeq_drops_them():
+    """Found by review: an OmegaConf / Hydra config or a UserDict lost every value (TorchDEQ
+    reads an unknown type by its attributes), with no word from the plugin."""
+    from collections import UserDict
+
+    core = PcDEQCore(UserDict(f_max_iter=7, pcdeq_guard="warn"))
+    assert (core.f_max_iter, core.guard) == (7, "warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (TorchDEQ's "Unrecognized config type")
+        with pytest.raises(InvalidInputError, match=r"attributes \['data'\].*Pass dict\(config\)"):
+            torchdeq.get_deq(UserDict(core="pcdeq", f_max_iter=7), core="pcdeq")
+
+
 def test_a_core_built_directly_rebuilds_as_a_pcdeq_core(monkeypatch):
     """Found by review: PcDEQCore(args) recorded no core (or argparse's default 'sliced'), so
     get_deq(core.args, ...), the remedy the core's own errors name, built TorchDEQ's DEQSliced."""

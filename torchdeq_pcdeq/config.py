@@ -37,7 +37,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torchdeq.core
@@ -341,7 +341,7 @@ def nonneg_init(deq_args) -> str:
         >>> nonneg_init({"pcdeq_nonneg_init": "reference"}), nonneg_init(None)
         ('reference', 'keep')
     """
-    source = DEQConfig(deq_args).config if deq_args is not None else {}
+    source = _config_dict(deq_args) if deq_args is not None else {}
     config = dict(source)
     _with_runner_options(config, source, _from_argparse(source), {})
     key = "pcdeq_nonneg_init"
@@ -538,13 +538,37 @@ def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> No
             warn(f"Unknown config key {key!r} is ignored by the pcdeq core. {hint}")
 
 
+def _config_dict(args) -> dict:
+    """``args`` as TorchDEQ's ``DEQConfig`` reads it, and any other mapping (an OmegaConf or
+    Hydra config, a ``UserDict``) by its items, which ``DEQConfig`` would replace by the
+    object's attributes, dropping every value."""
+    if isinstance(args, Mapping) and not isinstance(args, dict):
+        args = dict(args)
+    return DEQConfig(args).config
+
+
+def _check_read_as_a_config(source: dict, keywords: set) -> None:
+    """Refuse a mapping that TorchDEQ's ``get_deq`` read by its attributes: an OmegaConf or
+    Hydra config (``_content``, ``_metadata``, ...) or a ``UserDict`` (``data``) keeps its items
+    there, and every value would be dropped without a word."""
+    own = [key for key in source if key not in keywords]
+    if own and all(isinstance(key, str) and (key.startswith("_") or key == "data") for key in own):
+        raise InvalidInputError(
+            f"The config reached the pcdeq core as the attributes {sorted(own)} of an object that "
+            "TorchDEQ's get_deq does not read as a mapping (an OmegaConf or Hydra config, a "
+            "UserDict): none of its options would be read. Pass dict(config) (OmegaConf: "
+            "OmegaConf.to_container(config)), a dict or an argparse Namespace."
+        )
+
+
 def resolve_core_config(args, kwargs: dict) -> dict:
     """A private, validated config for the pcdeq core; the caller's object is never modified.
 
     Raises:
         InvalidInputError / UnknownNameError: an invalid value, with the valid ones.
     """
-    source = DEQConfig(args).config
+    source = _config_dict(args)
+    _check_read_as_a_config(source, set(kwargs) | {"core"})
     from_argparse = _from_argparse(source)
     explicit = _explicit_keys(source) | set(kwargs)
     config = {**source, **kwargs}
