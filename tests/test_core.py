@@ -512,6 +512,26 @@ def test_a_mapping_config_is_read_by_its_items_or_refused_where_torchdeq_drops_t
             torchdeq.get_deq(UserDict(core="pcdeq", f_max_iter=7), core="pcdeq")
 
 
+def test_a_cores_config_saved_as_plain_data_rebuilds_the_same_core(monkeypatch):
+    """Found by review: a core's args saved as JSON (or dict(...) in a checkpoint) lost the
+    mark of a resolved config and read as argparse's: f_max_iter 40 became 200 and f_tol 1e-3
+    became 1e-4 in the rebuilt core, with a warning that called it an argparse config."""
+    import json
+
+    parser = argparse.ArgumentParser()
+    torchdeq.add_deq_args(parser)
+    argv = ["--core", "pcdeq", "--norm_type", "pcdeq_nonneg", "--f_max_iter", "40", "--f_tol", "1e-3"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    first = torchdeq.get_deq(parser.parse_args(argv))
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--checkpoint", "run1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for saved in (json.loads(json.dumps(first.args.config)), dict(first.args.config)):
+            rebuilt = torchdeq.get_deq(saved)
+            assert (rebuilt.f_max_iter, rebuilt.f_tol, rebuilt.gradient) == (40, 1e-3, "ift")
+    assert torchdeq.get_deq(json.loads(json.dumps(first.args.config)), f_max_iter=9).f_max_iter == 9
+
+
 def test_a_core_built_directly_rebuilds_as_a_pcdeq_core(monkeypatch):
     """Found by review: PcDEQCore(args) recorded no core (or argparse's default 'sliced'), so
     get_deq(core.args, ...), the remedy the core's own errors name, built TorchDEQ's DEQSliced."""

@@ -87,6 +87,9 @@ NONCONVERGENCE_MODES = ("warn", "raise", "ignore")
 # The gradient mode that cores of earlier versions stored in their config (core.args): read from
 # saved configs, checked against ift / hook_ift, and no longer written.
 _LEGACY_GRADIENT_KEY = "pcdeq_gradient"
+# Marks a core's resolved config, so that a copy saved as plain data (JSON, YAML, dict(...) in a
+# checkpoint) rebuilds the same core rather than reading as argparse's (see _from_argparse).
+RESOLVED_KEY = "pcdeq_resolved"
 # Plain iteration converges for every pcDEQ; Anderson and Broyden carry no such guarantee.
 GUARANTEED_SOLVERS = (SOLVER_NAME, "fixed_point_iter", "simple_fixed_point_iter")
 _GET_DEQ_CODE = torchdeq.core.get_deq.__code__
@@ -453,8 +456,11 @@ class CoreArgs(DEQConfig):
 
 
 def _from_argparse(config: dict) -> bool:
-    """Whether ``config`` carries every key of ``torchdeq.add_deq_args``: built by argparse."""
-    return not isinstance(config, ResolvedConfig) and set(torchdeq_argparse_defaults()) <= set(config)
+    """Whether ``config`` carries every key of ``torchdeq.add_deq_args``: built by argparse (not
+    a core's resolved config, in memory or saved as plain data)."""
+    if isinstance(config, ResolvedConfig) or config.get(RESOLVED_KEY) is True:
+        return False
+    return set(torchdeq_argparse_defaults()) <= set(config)
 
 
 def _unexplained_by_argv(config: dict) -> list[str]:
@@ -521,7 +527,8 @@ def _check_unknown_keys(config: dict, from_argparse: bool, overrides: set) -> No
     whose flags are the script's to name. Keyword overrides (``overrides``) are the core's alone:
     every unknown one is reported.
     """
-    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS) | {"core", "no_stat", _LEGACY_GRADIENT_KEY}
+    known = set(torchdeq_argparse_defaults()) | set(PCDEQ_OPTIONS)
+    known |= {"core", "no_stat", _LEGACY_GRADIENT_KEY, RESOLVED_KEY}
     for key in config:
         if key in known or not isinstance(key, str):
             continue
@@ -642,6 +649,7 @@ def resolve_core_config(args, kwargs: dict) -> dict:
     # (a core built directly, PcDEQCore(args), may have none or argparse's 'sliced': its args
     # must rebuild a pcdeq core, get_deq(core.args, key=...))
     config["core"] = CORE_NAME
+    config[RESOLVED_KEY] = True
     return ResolvedConfig(config)
 
 
