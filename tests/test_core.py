@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import math
 import sys
 import threading
 import warnings
@@ -621,6 +622,8 @@ def test_unknown_and_misspelt_keys_are_named_with_the_closest_valid_key():
             r"^Unknown pcdeq_guard None\. Valid: 'off', 'raise', 'warn'\.$",
         ),
         ({"pcdeq_check_every": 0}, InvalidInputError, "'auto' or an integer >= 1"),
+        ({"pcdeq_check_every": np.float32(5.5)}, InvalidInputError, r"integer >= 1, got np.float32\(5.5\)"),
+        ({"pcdeq_check_every": math.inf}, InvalidInputError, "'auto' or an integer >= 1, got inf"),
         ({"f_max_iter": 0}, InvalidInputError, "f_max_iter must be an integer >= 1, got 0"),
         ({"b_tol": -1.0}, InvalidInputError, "b_tol must be a positive finite number"),
         ({"f_stop_mode": "relative"}, UnknownNameError, "Valid: 'abs', 'rel'"),

@@ -213,3 +213,15 @@ def test_whole_module_pickles_after_a_forward(tmp_path):
     torch.save(f, tmp_path / "f.pt")
     loaded = torch.load(tmp_path / "f.pt", weights_only=False)
     torch.testing.assert_close(loaded(torch.zeros(2, 5), x), out)
+
+
+def test_a_project_layer_built_under_inference_mode_runs_and_still_checks_its_weight():
+    """Found by review: its weight, an inference tensor, has no version counter to key the
+    check on, which raised PyTorch's raw "Inference tensors do not track version counter"."""
+    with torch.inference_mode():
+        f = PcDEQLinear(4, nonnegativity="project")
+        x = f.inject(torch.randn(2, 4))
+        assert torch.equal(f(torch.zeros_like(x), x), torch.tanh(x))
+        f.linear.weight[0, 0] = -1.0  # (an edit in place, which no version counter records)
+        with pytest.raises(NegativeWeightError, match="1 negative entry"):
+            f(torch.zeros_like(x), x)

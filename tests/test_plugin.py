@@ -401,3 +401,14 @@ def test_pcdeq_nonneg_can_start_each_weight_from_the_reference_init(monkeypatch,
     torch.testing.assert_close(h.weight, before)
     with pytest.raises(UnknownNameError, match="'reference'"):
         torchdeq.apply_norm(nn.Linear(2, 2), args={"norm_type": "pcdeq_nonneg", "pcdeq_nonneg_init": "small"})
+
+
+def test_the_runner_with_options_and_no_script_prints_its_usage(capsys):
+    """Found by review: options and no script gave a raw IndexError; `--help` after options read
+    as a script named '--help'."""
+    import torchdeq_pcdeq.__main__ as runner
+
+    assert runner.main(["--pcdeq_guard", "warn"]) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m torchdeq_pcdeq SCRIPT")
+    assert runner.main(["--pcdeq_guard", "warn", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m torchdeq_pcdeq SCRIPT")

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except PcDEQError as error:
         print(f"torchdeq_pcdeq: {error}", file=sys.stderr)
         return 2
+    if not argv or argv[0] in ("-h", "--help"):  # (options, then no script: usage, as above)
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
     if options:
         os.environ[RUNNER_OPTIONS_ENV] = json.dumps(options)
         _warn_unused_options(options, argv)

@@ -671,7 +671,9 @@ class PcDEQLayer(nn.Module):
             )
 
     def _verify_weight(self, weight: Tensor) -> None:
-        key = (id(weight), weight._version, weight.data_ptr())
+        # (an inference tensor has no version counter to tell an edit: checked at every call)
+        version = None if weight.is_inference() else weight._version
+        key = (id(weight), version, weight.data_ptr())
         if key == self._verified_weight:
             return
         with torch.no_grad():
@@ -685,7 +687,7 @@ class PcDEQLayer(nn.Module):
                 "(torchdeq_pcdeq.attach_projection(optimizer, model)), do not edit the weight by "
                 "hand, or use nonnegativity='weight_norm' or 'parametrize'."
             )
-        self._verified_weight = key
+        self._verified_weight = key if version is not None else None
 
     def _verify_injection(self, x: Tensor) -> None:
         strict = self.variant == 1
