@@ -599,3 +599,18 @@ def test_pytorchs_kernel_stays_sign_exact_with_onednn_off(monkeypatch):
         with torch.no_grad():
             _, info = deq(lambda z: f(z, x), torch.zeros_like(x))
         assert bool(info["converged"].all())
+
+
+def test_nnpack_honours_pytorchs_switch_and_auto_the_deterministic_mode(monkeypatch):
+    """Found by review: "nnpack" made Winograd products under torch.backends.nnpack.flags(
+    enabled=False), and "auto" kept a choice that one noisy timing can flip between runs under
+    torch.use_deterministic_algorithms(True)."""
+    z, w = torch.rand(16, 4, 8, 8), torch.rand(4, 4, 3, 3)
+    before = conv_kernels.winograd_products()
+    with torch.backends.nnpack.flags(enabled=False):
+        same_conv2d(z, w, padding=1, algorithm="nnpack")
+    assert conv_kernels.winograd_products() == before
+    monkeypatch.setattr(conv_kernels, "_time_both", lambda *args: pytest.fail("timed"))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    same_conv2d(torch.rand(16, 4, 9, 9), w, padding=1, algorithm="auto")  # (a shape never timed)
+    assert conv_kernels.winograd_products() == before

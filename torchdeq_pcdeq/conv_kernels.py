@@ -39,8 +39,10 @@ gradient that makes them is, unless certified, a plain iteration to a relative t
 far above NNPACK's error; a certified backward (``pcdeq_rate_bound``) makes them inside
 :func:`sign_exact_products`, whose rounding its margin covers. Hence the three choices:
 
-* ``"auto"`` (default): each product, ``W z`` and ``W^T y``, on the faster of PyTorch's kernel
-  (in the input's layout) and NNPACK (in NCHW, its layout), timed at the first use for each
+* ``"auto"`` (default; PyTorch's kernel under ``torch.use_deterministic_algorithms(True)``, since
+  a timing can choose otherwise in the next run): each product, ``W z`` and ``W^T y``, on the
+  faster of PyTorch's kernel (in the input's layout) and NNPACK (in NCHW, its layout), timed at
+  the first use for each
   direction, input shape and layout (a warm-up and three interleaved runs each, once per
   process), NNPACK kept only when at least 10% faster, as ``torch.backends.cudnn.benchmark``
   does for cuDNN. Like it, ``"auto"`` suits states of a few shapes (a training batch, the last
@@ -51,7 +53,8 @@ far above NNPACK's error; a certified backward (``pcdeq_rate_bound``) makes them
 NNPACK is used only where it computes what ``F.conv2d`` would, to rounding: CPU, plain float32
 tensors, a nonempty batch, odd kernels up to 15x15 with "same" padding, no gradient to record,
 no CPU autocast, no forward-mode AD or ``torch.func`` transform, not under ``torch.compile``,
-and not inside :func:`sign_exact_products`.
+not with ``torch.backends.nnpack.flags(enabled=False)``, and not inside
+:func:`sign_exact_products`.
 Anything else, and every tracked application, goes through ``F.conv2d`` and autograd as usual.
 
 NNPACK reads and writes NCHW. In a solve, ``W z + x`` takes its first operand's layout, so after
@@ -302,12 +305,17 @@ def _nnpack_chosen(z: Tensor, weight: Tensor, padding: int, algorithm: str, tran
     where NNPACK applies."""
     if algorithm != "auto":
         return algorithm == "nnpack"
+    if torch.are_deterministic_algorithms_enabled():  # (a timing can choose otherwise next run)
+        return False
     product = "W^T y" if transposed else "W z"
     key = (product, tuple(z.shape), tuple(weight.shape), z.is_contiguous(), torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
         choice = _CHOICES[key] = _time_both(z, weight, padding, transposed)
     return choice.algorithm == "nnpack"
+
+
+_nnpack_enabled = getattr(torch._C, "_get_nnpack_enabled", lambda: True)
 
 
 def _nnpack_applies(z: Tensor, weight: Tensor, padding: int) -> bool:
@@ -324,6 +332,7 @@ def _nnpack_applies(z: Tensor, weight: Tensor, padding: int) -> bool:
         and padding == weight.shape[-1] // 2
         and not (torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
+        and _nnpack_enabled()  # (torch.backends.nnpack.flags(enabled=False) turns it off)
         # NNPACK has no forward-mode derivative and no torch.func batching rule.
         and getattr(forward_ad, "_current_level", 0) < 0
         and not torch._C._are_functorch_transforms_active()
