@@ -38,11 +38,20 @@ core's options (--pcdeq_guard, --pcdeq_nonconvergence, --pcdeq_check_every, --pc
 script's pcdeq cores and pcdeq_nonneg norms use them."""
 
 
+def _asks_for_usage(argv: list[str]) -> bool:
+    return not argv or argv[0] in ("-h", "--help")
+
+
+def _print_usage(argv: list[str]) -> int:
+    """The usage, on stdout when asked for (exit 0), else on stderr (exit 2)."""
+    print(USAGE, file=sys.stderr if not argv else sys.stdout)
+    return 2 if not argv else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr if not argv else sys.stdout)
-        return 2 if not argv else 0
+    if _asks_for_usage(argv):  # (before the imports: no torch to load for the usage)
+        return _print_usage(argv)
 
     import torchdeq_pcdeq  # noqa: F401  (registers into TorchDEQ)
     from torchdeq_pcdeq.config import RUNNER_OPTIONS_ENV, parse_runner_options
@@ -53,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except PcDEQError as error:
         print(f"torchdeq_pcdeq: {error}", file=sys.stderr)
         return 2
-    if not argv or argv[0] in ("-h", "--help"):  # (options, then no script: usage, as above)
-        print(USAGE, file=sys.stderr if not argv else sys.stdout)
-        return 2 if not argv else 0
+    if _asks_for_usage(argv):  # (options, then no script)
+        return _print_usage(argv)
     if options:
         os.environ[RUNNER_OPTIONS_ENV] = json.dumps(options)
         _warn_unused_options(options, argv)

@@ -146,20 +146,11 @@ def _float(value: object) -> float | None:
 def _check_every(value: object) -> object:
     if value == "auto":
         return value
-    number = as_integer(value)  # (whole numbers of any type; 5.5, inf and NaN are not)
-    if isinstance(value, str):  # argparse hands over strings
-        number = as_integer(float(value)) if _is_number(value) else None
+    # (whole numbers of any type, and argparse's strings of them; 5.5, inf and NaN are not)
+    number = as_integer(_float(value) if isinstance(value, str) else value)
     if number is None or number < 1:
         raise InvalidInputError(f"pcdeq_check_every must be 'auto' or an integer >= 1, got {value!r}.")
     return number
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 PCDEQ_OPTIONS: dict[str, Option] = {
