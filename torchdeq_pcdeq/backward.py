@@ -42,7 +42,7 @@ from .certify import closed_form_certificate, closed_form_slope, rate_certificat
 from .conv_kernels import sign_exact_products
 from .errors import InvalidInputError, NonFiniteError, warn_once
 from .layers import LastStep
-from .solver import arithmetic_dtype
+from .solver import _GUARD_ULPS, arithmetic_dtype
 
 __all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGradient"]
 
@@ -194,7 +194,7 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
 
 def _warn_uncertifiable_precision(dtype: torch.dtype) -> None:
     """``dtype``: the arithmetic's, float16 or bfloat16."""
-    floor = 2 * 16 * torch.finfo(dtype).eps  # (the solver's certifiable floor, 32 eps / (1 - q), at q = 0)
+    floor = 2 * _GUARD_ULPS * torch.finfo(dtype).eps  # (the solver's certifiable floor, at q = 0)
     warn_once(
         ("uncertifiable backward precision", dtype),
         f"The backward solve is not certified in {dtype} arithmetic (a {dtype} state, or autocast): "
