@@ -33,7 +33,7 @@ from torch import autograd, nn
 
 from torchdeq_pcdeq.errors import InvalidInputError, check_choice
 from torchdeq_pcdeq.models import build_model
-from torchdeq_pcdeq.solver import resolution_floor
+from torchdeq_pcdeq.rounding import resolution_floor
 
 KINDS = ("pcdeq", "torchdeq_anderson", "torchdeq_fixed_point", "reference")
 TOL, MAX_ITER = 1e-4, 200

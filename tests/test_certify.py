@@ -573,13 +573,14 @@ def test_two_fixed_points_are_caught_where_the_rate_bound_is_above_1_in_and_out_
 
 
 def test_the_guard_judges_each_sample_whose_gap_stalls_on_its_own():
-    from torchdeq_pcdeq.solver import _Guard, _Monitor
+    from torchdeq_pcdeq.guard import Guard
+    from torchdeq_pcdeq.solver import _Monitor
 
     # sample 0 contracts by 0.999 (its stalled gap is rounding), sample 1 by 0.5 (its is not)
     rate = torch.tensor([[0.999], [0.5]])
     f = lambda z: rate * z + 1e-3  # noqa: E731
     x0 = torch.zeros(2, 1)
-    monitor, guard = _Monitor(x0, 5e-6, "rel", "auto", True, False), _Guard("raise", x0)
+    monitor, guard = _Monitor(x0, 5e-6, "rel", "auto", True, False), Guard("raise", x0)
     low = torch.tensor([[1.0], [0.2]])
 
     def check(k, gaps):

@@ -24,7 +24,7 @@ from torchdeq_pcdeq import (
     attach_projection,
     rate_bound,
 )
-from torchdeq_pcdeq.solver import resolution_floor
+from torchdeq_pcdeq.rounding import resolution_floor
 
 CASES = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),

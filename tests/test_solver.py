@@ -263,7 +263,7 @@ def test_low_precision_stops_at_the_dtype_resolution_and_near_the_fixed_point(dt
 
 
 def test_the_floor_follows_autocast():
-    from torchdeq_pcdeq.solver import arithmetic_dtype
+    from torchdeq_pcdeq.rounding import arithmetic_dtype
 
     state = torch.zeros(2, 3)
     assert arithmetic_dtype(state) == torch.float32

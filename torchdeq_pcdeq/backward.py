@@ -38,11 +38,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, autograd
 
-from .certify import closed_form_certificate, closed_form_slope, rate_certificate, under_autocast
+from .certify import closed_form_certificate, closed_form_slope, rate_certificate
 from .conv_kernels import sign_exact_products
 from .errors import InvalidInputError, NonFiniteError, warn_once
 from .layers import LastStep
-from .solver import _GUARD_ULPS, arithmetic_dtype
+from .rounding import GUARD_ULPS, arithmetic_dtype, under_autocast
 
 __all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGradient"]
 
@@ -194,7 +194,7 @@ def _warn_uncertifiable(rate: float, dtype: torch.dtype) -> None:
 
 def _warn_uncertifiable_precision(dtype: torch.dtype) -> None:
     """``dtype``: the arithmetic's, float16 or bfloat16."""
-    floor = 2 * _GUARD_ULPS * torch.finfo(dtype).eps  # (the solver's certifiable floor, at q = 0)
+    floor = 2 * GUARD_ULPS * torch.finfo(dtype).eps  # (the solver's certifiable floor, at q = 0)
     warn_once(
         ("uncertifiable backward precision", dtype),
         f"The backward solve is not certified in {dtype} arithmetic (a {dtype} state, or autocast): "

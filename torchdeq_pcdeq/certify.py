@@ -44,6 +44,7 @@ from torch import Tensor
 from .errors import InvalidInputError
 from .layers import PcDEQLayer
 from .reductions import sample_dims
+from .rounding import under_autocast
 
 __all__ = [
     "RateCertificate",
@@ -54,12 +55,6 @@ __all__ = [
     "upper_bound",
     "min_injection",
 ]
-
-
-def under_autocast(state: Tensor) -> bool:
-    """Whether autocast is on for ``state``'s device (it exists for CPU and CUDA only)."""
-    device = state.device.type
-    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
 class RateCertificate(NamedTuple):

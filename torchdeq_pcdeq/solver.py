@@ -51,13 +51,10 @@ import torch
 from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
-from .certify import rate_certificate, under_autocast
-from .conv_kernels import sign_exact_products, winograd_products
+from .conv_kernels import sign_exact_products
 from .errors import (
     InvalidInputError,
     NonFiniteError,
-    NonUniqueFixedPointError,
-    NotPositiveMonotoneError,
     as_integer,
     check_choice,
     positive_float,
@@ -66,38 +63,15 @@ from .errors import (
     warn_once,
     warned_once,
 )
-from .reductions import extremes, sample_dims
+from .guard import Guard, Rejudge
+from .reductions import sample_dims
+from .rounding import GUARD_ULPS, arithmetic_dtype, dtype_constants, resolution_floor
 
 __all__ = ["pcdeq_fixed_point", "GUARD_MODES", "STOP_MODES", "NONFINITE_MODES", "resolution_floor"]
 
 GUARD_MODES = ("raise", "warn", "off")
 STOP_MODES = ("rel", "abs")
 NONFINITE_MODES = ("raise", "report")
-
-# Successive iterates of a converged solve still differ by about an ulp per entry, so relative
-# residuals below this many machine epsilons are unreachable in the arithmetic's dtype.
-_RESOLUTION_ULPS = 2.0
-# Rounding slack of the guard, and rounding margin added to the enclosure's bound, in ulps of
-# the largest entry.
-_GUARD_ULPS = 16.0
-
-
-def resolution_floor(dtype: torch.dtype) -> float:
-    """The smallest relative residual that iterates of ``dtype`` can be trusted to reach."""
-    return _RESOLUTION_ULPS * torch.finfo(dtype).eps
-
-
-def arithmetic_dtype(state: Tensor) -> torch.dtype:
-    """The coarsest dtype ``f`` computes in: the state's, or autocast's when it is coarser.
-
-    Under autocast a float32 state is produced by bfloat16 or float16 products, so it carries
-    their rounding, not float32's.
-    """
-    if under_autocast(state):
-        fast = torch.get_autocast_dtype(state.device.type)
-        if torch.finfo(fast).eps > torch.finfo(state.dtype).eps:
-            return fast
-    return state.dtype
 
 
 def pcdeq_fixed_point(
@@ -190,7 +164,9 @@ def pcdeq_fixed_point(
         NonFiniteError: an iterate holds NaN or Inf (with ``nonfinite="report"``: a sample
             whose ``x0`` does).
         PreconditionError: ``guard="raise"`` and the iterates betray a map that is not a
-            pcDEQ map (:class:`NotPositiveMonotoneError`, :class:`NonUniqueFixedPointError`).
+            pcDEQ map (:class:`~torchdeq_pcdeq.errors.NotPositiveMonotoneError`,
+            :class:`~torchdeq_pcdeq.errors.NonUniqueFixedPointError`; see
+            :mod:`torchdeq_pcdeq.guard`).
 
     Example:
         >>> import torch
@@ -229,18 +205,18 @@ def pcdeq_fixed_point(
         # The certificates' rounding margins cover sign-exact products only (conv_kernels).
         with sign_exact_products():
             if enclosure:
-                return _enclosure_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), upper)
+                return _enclosure_solve(func, x0, max_iter, indexing, monitor(), Guard(guard, x0), upper)
             measure = functools.partial(_contraction_bound, weights, rate)
-            return _plain_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), measure)
+            return _plain_solve(func, x0, max_iter, indexing, monitor(), Guard(guard, x0), measure)
     try:
-        first_look = _Guard(guard, x0, rejudge=True)
+        first_look = Guard(guard, x0, rejudge=True)
         return _plain_solve(func, x0, max_iter, indexing, monitor(), first_look, _residuals)
-    except _Rejudge:
+    except Rejudge:
         pass  # (solved again outside this block: a real violation's traceback is its own)
     # The guard saw a violation in a solve that made Winograd products, whose rounding can mimic
     # a small one: the same solve with sign-exact products has the last word.
     with sign_exact_products():
-        return _plain_solve(func, x0, max_iter, indexing, monitor(), _Guard(guard, x0), _residuals)
+        return _plain_solve(func, x0, max_iter, indexing, monitor(), Guard(guard, x0), _residuals)
 
 
 def _plain_solve(func, x0, max_iter, indexing, monitor, guard, measure):
@@ -358,7 +334,7 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     if monitor.weight_mass is None:  # once per solve: the absolute rounding's weight
         monitor.weight_mass = weights.sum(dim=dims, dtype=acc)
     # (an exactly zero sample is computed exactly: no absolute term, so that it converges)
-    rounding = _GUARD_ULPS * (monitor.eps * scale + monitor.subnormal * monitor.weight_mass * (scale > 0))
+    rounding = GUARD_ULPS * (monitor.eps * scale + monitor.subnormal * monitor.weight_mass * (scale > 0))
     certifiable = rate < 1
     bound = torch.where(certifiable, (rate * step + rounding) / (1 - rate), math.inf)
     # (0 where q >= 1: the infinite bound over it stays infinite, never NaN)
@@ -376,7 +352,7 @@ def _enclosure_bound(low: Tensor, high: Tensor, monitor: _Monitor) -> tuple[Tens
     """
     top = high.amax(dim=monitor.dims).to(monitor.acc)
     gap = (high - low).amax(dim=monitor.dims).to(monitor.acc)
-    return gap / 2 + _GUARD_ULPS * (monitor.eps * top + monitor.subnormal * (top > 0)), top
+    return gap / 2 + GUARD_ULPS * (monitor.eps * top + monitor.subnormal * (top > 0)), top
 
 
 # -- convergence checks --------------------------------------------------------------------------
@@ -398,17 +374,17 @@ class _Monitor:
         self.start = x0  # (read only when an iterate is not finite, to say whether it began so)
         self.x0 = x0 if report_nonfinite else None  # a diverged sample is reported, a bad start raised
         self.diverged: Tensor | None = None  # per sample, once a check saw NaN measures (growth)
-        self.acc, self.tiny = _dtype_constants(x0.dtype)
+        self.acc, self.tiny = dtype_constants(x0.dtype)
         # nonfinite="report": per sample, the state's norm beyond which it diverged (first check)
         self.growth_limit: Tensor | None = None
         self.arithmetic = arithmetic = arithmetic_dtype(x0)
         self.eps = torch.finfo(arithmetic).eps
         # Below the smallest normal number rounding is absolute: the certified margins add
-        # _GUARD_ULPS of the smallest subnormal (float16: 2^-24; negligible in wider dtypes).
+        # GUARD_ULPS of the smallest subnormal (float16: 2^-24; negligible in wider dtypes).
         self.subnormal = torch.finfo(arithmetic).tiny * self.eps
-        # The certified measures include a rounding margin of _GUARD_ULPS ulps: no tolerance
+        # The certified measures include a rounding margin of GUARD_ULPS ulps: no tolerance
         # below it can be met.
-        self.floor = resolution_floor(arithmetic) + (_GUARD_ULPS * self.eps if certified else 0.0)
+        self.floor = resolution_floor(arithmetic) + (GUARD_ULPS * self.eps if certified else 0.0)
         if stop_mode == "rel" and tol < self.floor:
             _warn_floor(arithmetic, stop_mode, tol, self.floor, autocast=arithmetic != x0.dtype)
         self.rel_limit = max(tol, self.floor)
@@ -434,7 +410,7 @@ class _Monitor:
             return
         # samples with q >= 1 get an infinite bound anyway: the others set the floor
         worst = torch.where(rate < 1, rate, -math.inf).amax().item()
-        self.rate_floor = 2 * _GUARD_ULPS * self.eps / (1 - worst) if worst > -math.inf else math.inf
+        self.rate_floor = 2 * GUARD_ULPS * self.eps / (1 - worst) if worst > -math.inf else math.inf
         # (with stop_mode="abs" each sample's limit already covers its rounding: bound_floor)
         if self.stop_mode == "rel" and self.rate_floor > self.rel_limit and math.isfinite(self.rate_floor):
             _warn_certifiable(worst, self.rel_limit, self.rate_floor, self.arithmetic)
@@ -603,212 +579,11 @@ class _Monitor:
         return info
 
 
-@functools.cache
-def _dtype_constants(dtype: torch.dtype) -> tuple[torch.dtype, float]:
-    """(accumulation dtype, its smallest normal number) for states of ``dtype``."""
-    acc = torch.promote_types(dtype, torch.float32)
-    return acc, torch.finfo(acc).tiny
-
-
-# -- the runtime guard ---------------------------------------------------------------------------
-
-
-class _Rejudge(Exception):
-    """The guard failed a solve that made Winograd products: solve again with sign-exact ones."""
-
-
-class _Guard:
-    """What a positive-monotone map guarantees about its iterates, checked at each check.
-
-    Each method returns ``None`` (guard off) or ``(device scalars, report)`` for
-    :meth:`_Monitor.check`, which syncs the scalars with its own and calls ``report``.
-    """
-
-    def __init__(self, mode: str, x0: Tensor, rejudge: bool = False):
-        self.mode, self.x0 = mode, x0
-        # With rejudge, a failure in a solve that made Winograd products raises _Rejudge instead.
-        self.winograd_at_start = winograd_products() if rejudge else None
-        self.slack = _GUARD_ULPS * torch.finfo(arithmetic_dtype(x0)).eps
-        self.from_zero: bool | None = None
-        self.previous_gap: Tensor | None = None
-        self.rounding_stalled: Tensor | None = None  # per sample: the gap stalled within rounding
-
-    def plain(self, k: int, diff: Tensor, fz: Tensor):
-        if self.mode == "off":
-            return None
-        low, high = extremes(fz)
-        scalars = [low, high, diff.amin()]
-        if self.from_zero is None:
-            scalars.extend(extremes(self.x0.detach()))
-
-        def report(values: list[float]) -> None:
-            low, high, drop = values[:3]
-            if self.from_zero is None:
-                self.from_zero = values[3] == values[4] == 0
-            if low < 0:
-                self._fail(NotPositiveMonotoneError, _negative_message(k, fz))
-            elif self.from_zero and drop < -self.slack * high:
-                self._fail(NotPositiveMonotoneError, _decrease_message(k, diff))
-
-        return scalars, report
-
-    def recheck(self, k: int, diff: Tensor, fz: Tensor) -> None:
-        """Check again at once, with its own host sync (the solver's rare paths)."""
-        scalars, report = self.plain(k, diff, fz)
-        report([s.item() for s in scalars])
-
-    def enclosure(
-        self, k: int, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor, monitor, func
-    ):
-        if self.mode == "off":
-            return None
-        dims = monitor.dims
-        top = high_next.amax(dim=dims)
-        gap = (high_next - low_next).amax(dim=dims)
-        # Settled apart: the gap, which shrinks at every iteration while the two sequences head for
-        # one fixed point (however slowly), did not shrink at all since the previous check, and
-        # is still well above what the tolerance asks.
-        previous, self.previous_gap = self.previous_gap, gap
-        settled = gap > 8 * monitor.rel_limit * top
-        if previous is None:
-            settled = torch.zeros_like(settled)
-        else:
-            settled = settled & (gap >= previous)
-            if self.rounding_stalled is not None:  # rare: already judged, and explained
-                settled = settled & ~self.rounding_stalled
-        scalars = [
-            low_next.amin(),
-            (low_next - low).amin(),
-            (high_next - high).amax(),
-            (high_next - low_next).amin(),
-            high_next.amax(),
-            torch.where(settled, gap, 0.0).amax(),
-        ]
-
-        def report(values: list[float]) -> None:
-            low_min, rise, fall, crossing, scale, stuck_gap = values
-            slack = self.slack * scale
-            if low_min < 0:
-                self._fail(NotPositiveMonotoneError, _negative_message(k, low_next))
-            elif rise < -slack or fall > slack or crossing < -slack:
-                self._fail(NotPositiveMonotoneError, _enclosure_message(k, rise, fall, crossing))
-            elif stuck_gap > 0:
-                # A gap can also round to the same value while the lower sequence still rises
-                # from a tiny injection by less than half an ulp of the gap: only samples whose
-                # sequences stopped moving (each entry within rounding of itself) settled.
-                still = self._still_moving(low, high, low_next, high_next)
-                stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled & ~still)
-                if stuck_gap > 0:
-                    self._fail(NonUniqueFixedPointError, _non_unique_message(k, stuck_gap))
-
-        return scalars, report
-
-    def _still_moving(self, low: Tensor, high: Tensor, low_next: Tensor, high_next: Tensor) -> Tensor:
-        """Per sample: an entry of either sequence moved by more than rounding of itself."""
-        rising = (low_next - low) > self.slack * low_next
-        falling = (high - high_next) > self.slack * high_next
-        return (rising | falling).flatten(1).any(dim=1)
-
-    def _beyond_rounding(self, func, low: Tensor, gap: Tensor, top: Tensor, settled: Tensor) -> float:
-        """The largest settled gap that rounding cannot explain (0 if none); the rare path.
-
-        Each computed iterate carries a rounding error of a few ulps of ``top``, and near the
-        fixed point a step gains only ``(1 - q)`` of the remaining distance (``q`` bounds the
-        contraction there), so in floating point both sequences stop moving up to about
-        ``ulp / (1 - q)`` away from ``z*``: with ``q`` near 1 (a slow but valid pcDEQ) their gap
-        stalls apart. Two fixed points (a non-concave activation) leave a gap beyond that. ``q``
-        is taken at the lower sequence, below ``z*``, where a concave map's Jacobian dominates
-        the one at ``z*``, with ``v = low`` (no power step). That ``q``, the looser one, errs on
-        the side of rounding: a stall it does not explain raises, so a wrong verdict there
-        stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
-        """
-        try:
-            q = rate_certificate(func, low, power_step=False).rate  # (inference mode too)
-        except InvalidInputError:  # an operation in f without a forward-mode product
-            # Without q a slow layer's rounding stall cannot be told from two fixed points: no
-            # verdict (a false one would stop a valid model); the samples end unconverged.
-            _warn_no_verdict(
-                "q cannot be computed here: it needs a forward-mode product, which an operation in f "
-                "does not support"
-            )
-            explained = settled
-        else:
-            # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
-            explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q.to(gap.dtype)))
-            if q.dtype.itemsize < 4 and bool((settled & ~(q < 1)).any()):
-                # A half-precision q keeps three digits: a valid layer's 0.999 rounds to 1. No
-                # verdict for those samples (a false one would stop a valid model).
-                _warn_no_verdict(f"q, computed in {q.dtype}, rounds to 1 or more, which bounds nothing")
-                explained = explained | (settled & ~(q < 1))
-        stalled = self.rounding_stalled
-        self.rounding_stalled = explained if stalled is None else stalled | explained
-        beyond = settled & ~explained
-        return torch.where(beyond, gap, 0.0).amax().item()
-
-    def _fail(self, error: type[Exception], message: str) -> None:
-        if self.winograd_at_start is not None and winograd_products() != self.winograd_at_start:
-            raise _Rejudge
-        message += " Set pcdeq_guard='warn' or 'off' to continue anyway, without the guarantees."
-        mode, self.mode = self.mode, "off"  # report once per solve
-        if mode == "raise":
-            raise error(message)
-        warn(message)
-
-
 def _nonfinite_start_message(x0: Tensor) -> str:
     bad = int((~torch.isfinite(x0)).flatten(1).any(1).sum())
     return (
         f"The initial state of the fixed-point solve holds NaN or Inf in {bad} of {x0.shape[0]} "
         "samples. Start from a finite state (zeros, for a pcDEQ layer)."
-    )
-
-
-def _negative_message(k: int, fz: Tensor) -> str:
-    return (
-        f"pcDEQ guard: iterate {k} has {int((fz < 0).sum())} negative entries (min "
-        f"{fz.min().item():.3g}); a positive map never produces them. Likely causes: a negative "
-        "or non-admissible injection (compute it with layer.inject(u), or in a plain f as "
-        "softplus(u, beta=5) + 1e-6 for tanh, softsign and relu6), a negative weight (use "
-        "the pcDEQ layers or --norm_type pcdeq_nonneg), a bias or a normalization layer "
-        "(BatchNorm, GroupNorm, LayerNorm) inside f, whose outputs can be negative (move them "
-        "into the injection), an activation that is negative on [0, inf), or a negative "
-        "initial state."
-    )
-
-
-def _decrease_message(k: int, diff: Tensor) -> str:
-    return (
-        f"pcDEQ guard: the iteration started from 0 but iterate {k} is below iterate {k - 1} in "
-        f"{int((diff < 0).sum())} entries (by up to {-diff.min().item():.3g}); a monotone map "
-        "gives nondecreasing iterates from 0. Likely causes: a negative weight (use the pcDEQ "
-        "layers or --norm_type pcdeq_nonneg), a normalization layer inside f (BatchNorm, "
-        "GroupNorm, LayerNorm are not monotone: move them into the injection), or an activation "
-        "that decreases somewhere on [0, inf)."
-    )
-
-
-def _enclosure_message(k: int, rise: float, fall: float, crossing: float) -> str:
-    found = []
-    if rise < 0:
-        found.append(f"the lower sequence fell by {-rise:.3g}")
-    if fall > 0:
-        found.append(f"the upper sequence rose by {fall:.3g}")
-    if crossing < 0:
-        found.append(f"the lower sequence passed the upper one by {-crossing:.3g}")
-    return (
-        f"pcDEQ guard: at iteration {k} of the enclosure {', '.join(found)}; for a monotone map "
-        "the sequence from 0 rises and the one from the upper bound falls. Likely causes: a "
-        "negative weight (use the pcDEQ layers or --norm_type pcdeq_nonneg), an activation that "
-        "decreases somewhere on [0, inf), or an upper bound below the activation's supremum."
-    )
-
-
-def _non_unique_message(k: int, gap: float) -> str:
-    return (
-        f"pcDEQ guard: at iteration {k} the gap between the enclosure's lower and upper sequences "
-        f"({gap:.3g}) has stopped shrinking: they reached two different fixed points, which a "
-        "positive concave map cannot have. Likely cause: an activation that is not concave on "
-        "[0, inf) (register activations with torchdeq_pcdeq.register_activation, which checks)."
     )
 
 
@@ -848,7 +623,7 @@ def _check_upper_start(start: float, high_next: Tensor, read_from_layers: bool) 
     which passes here: the convergence check raises :class:`NonFiniteError`.
     """
     excess = (high_next - start).amax().item()
-    allowed = _GUARD_ULPS * torch.finfo(arithmetic_dtype(high_next)).eps * start if read_from_layers else 0.0
+    allowed = GUARD_ULPS * torch.finfo(arithmetic_dtype(high_next)).eps * start if read_from_layers else 0.0
     if excess > allowed:
         cause = (
             "Here f is not a pcDEQ layer call: its output exceeds the supremum of the activations it calls"
@@ -887,16 +662,6 @@ def _warn_floor(dtype: torch.dtype, stop_mode: str, tol: float, floor: float, au
     )
 
 
-def _warn_no_verdict(why: str) -> None:
-    warn_once(
-        ("guard without a verdict", why),
-        "pcDEQ guard: the gap between the enclosure's two sequences stopped shrinking while still "
-        "above the tolerance. That is a slow layer's rounding stall or two fixed points (a "
-        f"non-concave activation), which the rate bound q tells apart, and {why}. The "
-        "guard gives no verdict; samples whose gap stays open end unconverged.",
-    )
-
-
 def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype) -> None:
     # Said once per order of magnitude of 1 - q: up to q = 0.68 (1 / (1 - q) < 3.2) the
     # dtype's resolution, not q, sets the floor.
@@ -911,7 +676,7 @@ def _warn_certifiable(rate: float, tol: float, floor: float, dtype: torch.dtype)
     warn_once(
         ("certified floor", dtype, magnitude),
         f"The certified bound cannot go below {floor:.3g} (relative) in {dtype} arithmetic, where "
-        f"each step rounds by up to {_GUARD_ULPS:g} ulps (eps {torch.finfo(dtype).eps:.3g}) and "
+        f"each step rounds by up to {GUARD_ULPS:g} ulps (eps {torch.finfo(dtype).eps:.3g}) and "
         f"the bound counts that 1 / (1 - q) times, with the contraction factor q = {rate:.6g}. "
         f"The tolerance {tol:g} is raised to it. {cause}",
     )
