@@ -1058,6 +1058,106 @@ def test_a_second_order_gradient_through_the_solve_is_an_error_not_a_wrong_numbe
     assert torch.isfinite(du).all() and (du != 0).any()
 
 
+def _weight_tied_blocks(deq, f, u, bind):
+    """Two weight-tied blocks written as a loop; ``bind=False``: the closure reads the loop's
+    ``x`` when it is called, so a backward that calls ``f`` again sees the second block's."""
+    h = u
+    for _ in range(2):
+        x = f.inject(h)
+        func = (lambda z, x=x: f(z, x) * 1.0) if bind else (lambda z: f(z, x) * 1.0)  # (recorded path)
+        h = deq(func, torch.zeros_like(x))[0][-1]
+    return h.square().sum()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"pcdeq_enclosure": True}, {"hook_ift": True, "pcdeq_rate_bound": True}],
+    ids=["ift", "enclosure", "hook_ift-certified"],
+)
+def test_an_f_that_computes_differently_in_backward_is_refused_and_a_bound_one_is_right(config):
+    f, _ = dense_instance(scale=2.0, n=6)
+    deq = torchdeq.get_deq(core="pcdeq", **TIGHT, **config)
+    u = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss = _weight_tied_blocks(deq, f, u.clone().requires_grad_(), bind=False)
+    changed = r"f computes differently in backward\(\) .* differs .* by up to 0\.\d+"
+    with pytest.raises(InvalidInputError, match=changed):
+        loss.backward()
+
+    def bound(u):
+        return _weight_tied_blocks(deq, f, u, bind=True)
+
+    assert torch.autograd.gradcheck(bound, (u.clone().requires_grad_(),), atol=1e-7, rtol=1e-5)
+
+
+def test_hook_ift_keeps_the_forwards_graph_so_a_late_bound_closure_gets_its_own_gradient():
+    f, _ = dense_instance(scale=2.0, n=6)
+    u = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for bind in (False, True):
+        leaf = u.clone().requires_grad_()
+        _weight_tied_blocks(torchdeq.get_deq(core="pcdeq", hook_ift=True, **TIGHT), f, leaf, bind).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gradient", ["ift", "hook_ift"])
+def test_batched_backward_and_forward_mode_ad_are_errors_not_raw_tracebacks(gradient, path):
+    import torch.autograd.forward_ad as forward_ad
+
+    f, x = dense_instance(scale=2.0)
+    deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift")
+    u = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+
+    def model(u):
+        return solve(deq, f, f.inject(u), path=path)[0][-1]
+
+    with pytest.raises(InvalidInputError, match=r"batched backward .* one gradient at a time"):
+        torch.autograd.functional.jacobian(model, u, vectorize=True)
+    forward_mode = pytest.raises(InvalidInputError, match=r"Forward-mode AD .* Use reverse mode")
+    with forward_mode, forward_ad.dual_level(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        model(forward_ad.make_dual(u.detach(), torch.ones_like(u)))
+    jacobian = torch.autograd.functional.jacobian(model, u)  # one gradient at a time works
+    assert jacobian.shape == (*x.shape, *x.shape) and torch.isfinite(jacobian).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [1e-25, 1e-30, 1e25], ids=["1e-25", "1e-30", "1e25"])
+def test_a_loss_gradient_beyond_the_norms_range_gets_the_same_gradient_scaled(scale, path):
+    """float32 squares underflow below 1e-19: the adjoint's residual test read 0 / 0 and stopped a
+    sample at its first check, with half its gradient missing; beyond 1e19 they overflow."""
+    f, x = dense_instance(scale=1.8, n=16, dtype=torch.float32)
+    deq = torchdeq.get_deq(core="pcdeq")
+    probe = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    grads, steps = [], []
+    for factor in (1.0, scale):
+        u = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        infos = []
+        z = deq(layer_map(f, f.inject(u), path), torch.zeros_like(x), backward_writer=infos.append)[0][-1]
+        (factor * probe * z).sum().backward()
+        grads.append(u.grad.double() / factor)
+        steps.append(infos[0]["nstep"])
+        assert bool(infos[0]["converged"].all())
+    assert (steps[0] > 4).all(), "the adjoint needs several iterations: a stop at the first check shows"
+    torch.testing.assert_close(steps[1], steps[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=0)
+
+
+def test_hook_ift_on_a_frozen_layer_of_a_constant_input_solves_no_adjoint():
+    f, x = dense_instance(scale=2.0)
+    f.requires_grad_(False)
+    head = torch.nn.Linear(x.shape[1], 2, dtype=x.dtype)
+    for gradient in ("ift", "hook_ift"):
+        calls = []
+        deq = torchdeq.get_deq(core="pcdeq", hook_ift=gradient == "hook_ift")
+        z = deq(lambda z: f(z, x) * 1.0, torch.zeros_like(x), backward_writer=calls.append)[0][-1]
+        head(z).sum().backward()
+        assert not z.requires_grad and calls == [], gradient
+        assert head.weight.grad is not None
+        head.zero_grad()
+
+
 def test_a_deep_copy_of_the_core_applies_its_own_policy_in_backward():
     f, x = dense_instance(scale=2.0, dtype=torch.float32)
     original = torchdeq.get_deq(core="pcdeq", b_max_iter=1)

@@ -246,6 +246,39 @@ def torch_func_transform():
     return lambda: vmap(lambda x: deq(lambda z: f(z, x), torch.zeros_like(x))[0][-1])(x.unsqueeze(1)), [f]
 
 
+def f_changed_before_backward():
+    f, x = dense_instance(dtype=torch.float32)
+    h, deq = torch.randn(x.shape, requires_grad=True), _deq()
+    for _ in range(2):  # weight-tied blocks; the closure reads x when backward() calls f again
+        x = f.inject(h)
+        h = deq(lambda z: f(z, x) * 1.0, torch.zeros_like(x))[0][-1]
+    return lambda: h.sum().backward(), [f]
+
+
+def batched_backward():
+    f, x = dense_instance(dtype=torch.float32)
+    u = torch.randn(x.shape, requires_grad=True)
+    z = _deq()(lambda z: f(z, f.inject(u)), torch.zeros_like(x))[0][-1]
+    ones = torch.ones(3, *z.shape)
+    return lambda: torch.autograd.grad(z, u, ones, is_grads_batched=True), [f]
+
+
+def forward_mode_ad_in_training():
+    import torch.autograd.forward_ad as forward_ad
+
+    f, x = dense_instance(dtype=torch.float32)
+    deq = _deq()
+
+    def action():
+        with forward_ad.dual_level(), warnings.catch_warnings():
+            # (torch's forward-mode rules script a function on first use, which it deprecates)
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            dual = forward_ad.make_dual(x, torch.ones_like(x))
+            deq(lambda z: f(z, dual), torch.zeros_like(x))
+
+    return action, [f]
+
+
 def ift_that_is_not_a_bool():
     return lambda: torchdeq.get_deq(core="pcdeq", ift="False"), []
 
@@ -290,6 +323,9 @@ CASES = {
     "tolerance below the dtype's resolution": tolerance_below_dtype_resolution,
     "`torch.func` transform over the core (`vmap`, `grad`, ...)": torch_func_transform,
     "`ift` or `hook_ift` that is not True or False": ift_that_is_not_a_bool,
+    "`f` computes differently in `backward()` (a closure over a rebound variable)": f_changed_before_backward,
+    "batched backward (`is_grads_batched=True`, `jacobian(..., vectorize=True)`)": batched_backward,
+    "forward-mode AD through a training-mode core": forward_mode_ad_in_training,
 }
 
 

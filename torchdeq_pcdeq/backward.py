@@ -7,7 +7,8 @@ radius is below 1 (docs/method.md, section 3), so plain iteration on ``y`` conve
 Two gradient producers with TorchDEQ's signature ``(trainer, func, z_pred, writer=None)``:
 
 * :class:`ImplicitGradient` (default): the backward recomputes ``f`` at ``z*``; two graphs of ``f`` in
-  memory during ``backward()``.
+  memory during ``backward()``. An ``f`` that computes differently by then (a closure over a
+  variable rebound since, a dropout mask reset) is refused with a typed error.
 * :class:`ImplicitGradientOnGraph` (``hook_ift=True``): the adjoint products reuse the graph of the tracked
   application ``f(z*)``; one graph. TorchDEQ implements it as a tensor hook on ``f(z*)`` that
   refers to ``f(z*)`` and removes itself on first use through a handle stored on the core, so
@@ -33,6 +34,7 @@ certify it (``trainer.certify_backward``), so a deep copy of the core behaves as
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,7 +44,8 @@ from .certify import closed_form_certificate, closed_form_slope, rate_certificat
 from .conv_kernels import sign_exact_products
 from .errors import InvalidInputError, NonFiniteError, warn_once
 from .layers import LastStep
-from .rounding import GUARD_ULPS, arithmetic_dtype, under_autocast
+from .reductions import extremes
+from .rounding import GUARD_ULPS, arithmetic_dtype, resolution_floor, under_autocast
 
 __all__ = ["ImplicitGradient", "ImplicitGradientOnGraph", "ClosedFormImplicitGradient"]
 
@@ -103,15 +106,45 @@ def _solve_adjoint(
             ) from error
         return y, info
 
-    y, info = solve(grad, kwargs)
+    if "weights" not in kwargs and _beyond_norm_range(grad):
+        y, info = _solve_in_range(solve, grad, kwargs, half_model=False)
+    else:
+        y, info = solve(grad, kwargs)
     if half and "diverged" in info and bool(info["diverged"].any()):
         y, info = _solve_in_range(solve, grad, kwargs, half_model=not under_autocast(z_in))
     trainer.after_backward(info, writer)
     return y
 
 
+def _beyond_norm_range(grad: Tensor) -> bool:
+    """Whether some sample of ``grad`` is too small or too large for the residual test's 2-norms.
+
+    The plain solve stops on ``||y_k - y_{k-1}||_2 / ||y_k||_2``, whose squares underflow for
+    a float32 (or bfloat16) sample whose entries are all below about ``1e-19`` (float64:
+    ``1e-154``): both norms then read 0 and the sample counts as converged at the first check,
+    with its gradient up to half wrong, silently. A loss that a confident prediction makes tiny
+    (cross-entropy's gradient is ``1 - p``) gets there. Squares overflow at the other end. Such
+    a gradient is solved scaled into range (:func:`_solve_in_range`; the equation is linear).
+    float16 iterates, whose norms are taken in float32, are never out of its range. One
+    reduction and one host sync per backward.
+    """
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    if grad.dtype != acc and grad.dtype != torch.bfloat16:
+        return False
+    info = torch.finfo(acc)
+    # Within these limits the squares of a sample's largest entries, and of its step at the
+    # finest tolerance (2 ulps of them), stay normal numbers, and their sum stays finite.
+    low = math.sqrt(info.tiny) / info.eps
+    high = math.sqrt(info.max / grad[0].numel()) * info.eps
+    magnitude = torch.linalg.vector_norm(grad.detach(), ord=math.inf, dim=tuple(range(1, grad.dim())))
+    smallest, largest = torch.stack(extremes(magnitude)).tolist()
+    return smallest < low or largest > high  # (a zero sample too: scaled, it is solved alike)
+
+
 def _solve_in_range(solve: Callable, grad: Tensor, kwargs: dict, half_model: bool) -> tuple[Tensor, dict]:
-    """The adjoint solve again, for ``grad`` scaled into float16's range, after an overflow.
+    """The adjoint solve for ``grad`` scaled into range: after an overflow of float16 iterates,
+    or before a solve whose residual norms would leave their dtype's range
+    (:func:`_beyond_norm_range`).
 
     float16 ends at 65,504, and loss scaling (``GradScaler``) brings gradients close to it on
     purpose; the adjoint grows by up to ``1 / (1 - q)`` and can overflow, which the solve
@@ -205,7 +238,21 @@ def _warn_uncertifiable_precision(dtype: torch.dtype) -> None:
     )
 
 
-def _refuse_second_order() -> None:
+def under_torch_func() -> bool:
+    """Whether a torch.func transform is running (the check is private API: absent, no)."""
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
+def _batched(grad: Tensor) -> bool:
+    """Whether ``grad`` is a vmap-batched tensor (private API: absent, no)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    checks = (getattr(functorch, name, None) for name in ("is_batchedtensor", "is_legacy_batchedtensor"))
+    return any(check is not None and check(grad) for check in checks)
+
+
+def _refuse_second_order(grad: Tensor) -> None:
+    """What a backward of the implicit gradient cannot do, refused before it starts."""
     # Autograd runs backward functions with grad mode on exactly when asked for create_graph=True.
     if torch.is_grad_enabled():
         raise InvalidInputError(
@@ -213,6 +260,24 @@ def _refuse_second_order() -> None:
             "the implicit gradient solves its adjoint equation without building a graph, so the "
             "result would be wrong. Differentiate through the solve once (create_graph=False)."
         )
+    # is_grads_batched=True and jacobian(..., vectorize=True) run the backward under vmap.
+    if under_torch_func() or _batched(grad):
+        raise InvalidInputError(
+            "A batched backward through the pcdeq core was asked for (torch.autograd.grad with "
+            "is_grads_batched=True, or torch.autograd.functional.jacobian/hessian with "
+            "vectorize=True): its adjoint solve reads the iterates' values to stop, which vmap "
+            "hides. Ask for one gradient at a time (is_grads_batched=False, vectorize=False)."
+        )
+
+
+def _refuse_forward_mode(ctx, *tangents):
+    """``jvp`` of the implicit gradients: forward-mode AD through the core is not supported."""
+    raise InvalidInputError(
+        "Forward-mode AD (torch.autograd.forward_ad dual tensors) reached the pcdeq core's implicit "
+        "gradient, which differentiates in reverse mode only (its tangent would need a forward "
+        "solve of (I - J) t = df, not implemented). Use reverse mode (loss.backward(), "
+        "torch.autograd.grad, or torch.autograd.functional.jacobian with vectorize=False)."
+    )
 
 
 def _autocast_state(state: Tensor) -> list[tuple[str, bool, torch.dtype]]:
@@ -270,27 +335,31 @@ class ImplicitGradient(_Producer):
 
     def __call__(self, trainer, func, z_pred, writer=None, **kwargs):
         # backward() usually runs after the autocast region closed: remember it now.
-        return [_ImplicitGrad.apply(self, trainer, func, func(z_pred), writer, _autocast_state(z_pred))]
+        f_out = func(z_pred)
+        return [_ImplicitGrad.apply(self, trainer, func, z_pred, f_out, writer, _autocast_state(z_pred))]
 
 
 class _ImplicitGrad(autograd.Function):
+    jvp = staticmethod(_refuse_forward_mode)
+
     @staticmethod
-    def forward(ctx, producer, trainer, func, z_pred, writer, autocast):
+    def forward(ctx, producer, trainer, func, z_pred, f_out, writer, autocast):
         _remember(ctx, producer=producer, trainer=trainer, func=func, writer=writer, autocast=autocast)
-        ctx.save_for_backward(z_pred.detach())
-        return z_pred
+        ctx.save_for_backward(z_pred.detach(), f_out.detach())
+        return f_out.view_as(f_out)
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order()
-        (z_pred,) = ctx.saved_tensors
+        _refuse_second_order(grad)
+        z_pred, f_forward = ctx.saved_tensors
         z_in = z_pred.clone().requires_grad_()
         with _autocast_as_in_forward(ctx.autocast):
             with torch.enable_grad():
                 f_out = ctx.func(z_in)
+            _check_same_map(ctx.trainer, f_forward, f_out.detach())
             vjp = _graph_vjp(f_out, z_in)
             y = ctx.producer.solve_adjoint(ctx.trainer, ctx.func, z_in, vjp, grad, ctx.writer)
-        return None, None, None, y, None, None
+        return None, None, None, None, y, None, None
 
 
 class ImplicitGradientOnGraph(_Producer):
@@ -301,6 +370,8 @@ class ImplicitGradientOnGraph(_Producer):
         f_out = func(z_in)
         if not f_out.requires_grad:  # e.g. a training-mode core called under torch.no_grad()
             return [f_out]
+        if not _reaches_beyond(f_out, z_in):  # a frozen f of a constant input: nothing to solve for
+            return [f_out.detach()]
         autocast = _autocast_state(z_in)  # backward() usually runs after the autocast region closed
         return [_ImplicitGradOnGraph.apply(f_out, z_in, self, trainer, func, writer, autocast)]
 
@@ -309,6 +380,8 @@ class _ImplicitGradOnGraph(autograd.Function):
     # f_out and z_in go through save_for_backward, not ctx attributes: the saved copies are
     # released after a backward that does not retain the graph, and in-place changes to
     # them are caught.
+    jvp = staticmethod(_refuse_forward_mode)
+
     @staticmethod
     def forward(ctx, f_out, z_in, producer, trainer, func, writer, autocast):
         _remember(ctx, producer=producer, trainer=trainer, func=func, writer=writer, autocast=autocast)
@@ -317,14 +390,78 @@ class _ImplicitGradOnGraph(autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order()
+        _refuse_second_order(grad)
         f_out, z_in = ctx.saved_tensors
         with _autocast_as_in_forward(ctx.autocast):  # the certificate calls f again
+            if ctx.trainer.certify_backward:  # ... and must certify the forward's f
+                with torch.no_grad():
+                    _check_same_map(ctx.trainer, f_out.detach(), ctx.func(z_in.detach()), recorded_graph=True)
             vjp = _graph_vjp(f_out, z_in)
             y = ctx.producer.solve_adjoint(ctx.trainer, ctx.func, z_in, vjp, grad, ctx.writer)
         # y flows on through f_out's graph to the parameters and the injection (and, one
         # unused product, to z_in: the price of sharing the graph with the adjoint solve).
         return y, *(None,) * 6
+
+
+def _check_same_map(trainer, f_forward: Tensor, f_again: Tensor, recorded_graph: bool = False) -> None:
+    """Refuse a ``backward()`` whose ``f`` is not the map the forward solved.
+
+    The recorded gradient calls ``f`` again at the forward's state (the default one to build
+    its Jacobian, a certified one for its rate bound). If ``f`` now computes something else
+    there, by more than the forward's tolerance in its own measure, ``z*`` is not its fixed
+    point and the gradient would be that of another model, silently. A deterministic ``f``
+    recomputes bit for bit; the tolerance only leaves room for nondeterministic kernels. One
+    host sync per backward. ``recorded_graph``: the caller kept the forward's graph of ``f``
+    (``hook_ift``) and calls ``f`` again for the certificate only.
+    """
+    dims = tuple(range(1, f_forward.dim()))
+    acc = torch.promote_types(f_forward.dtype, torch.float32)
+    tiny = torch.finfo(acc).tiny
+    change = torch.linalg.vector_norm((f_again - f_forward).to(acc), dim=dims)
+    size = torch.linalg.vector_norm(f_forward.to(acc), dim=dims)
+    floor = resolution_floor(arithmetic_dtype(f_forward))
+    tol = max(trainer.f_tol, floor) if trainer.f_stop_mode == "rel" else trainer.f_tol
+    limit = tol * size if trainer.f_stop_mode == "rel" else torch.clamp_min(floor * size, tol)
+    excess = change / limit.clamp_min(tiny)
+    worst = excess.amax().item()
+    if worst <= 1:
+        return
+    samples = int((excess > 1).sum())
+    relative = (change / size.clamp_min(tiny)).amax().item()
+    if recorded_graph:
+        what, calls, remedy = "certified bound", "certified backward (pcdeq_rate_bound)", ""
+    else:
+        what, calls = "gradient", "implicit gradient"
+        remedy = " Or set hook_ift=True, whose gradient keeps the forward's graph of f."
+    raise InvalidInputError(
+        f"f computes differently in backward() than in the forward: at the forward's fixed point "
+        f"it now differs from its forward value by up to {relative:.3g} (relative 2-norm), beyond "
+        f"the forward's tolerance {tol:g} ({trainer.f_stop_mode}), in {samples} of "
+        f"{f_forward.shape[0]} samples, so the {what} would be that of another model. The "
+        f"{calls} calls f again during backward(), so f must compute then as in the forward. "
+        "Usual causes: a closure that reads a variable rebound since (a loop's x: bind it, "
+        "lambda z, x=x: layer(z, x)), a dropout mask reset (reset_dropout) or a train/eval "
+        f"switch between the forward and backward(), or an input edited in place.{remedy}"
+    )
+
+
+def _reaches_beyond(out: Tensor, leaf: Tensor) -> bool:
+    """Whether ``out``'s graph reaches a tensor that requires grad other than ``leaf``.
+
+    Stops at the first one found (a parameter, or a tracked input); walks the whole graph only
+    when there is none, and then the graph is ``f``'s alone.
+    """
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if variable is not None and variable is not leaf:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _remember(ctx, **values) -> None:
@@ -356,8 +493,8 @@ class ClosedFormImplicitGradient(_Producer):
     * the parameters get ``d<v, W z_in>/dW`` and the injection ``v``, with ``v = sigma' y``.
 
     The recorded gradient returns ``f(z_K)`` and linearizes at ``z_K``; this one returns ``z_K``
-    and linearizes at ``z_in``, one iteration earlier. Both are within the solve's tolerance of
-    the fixed point; the recorded one is about one contraction factor closer.
+    and linearizes at ``z_in``, one iteration earlier. Each linearizes where it applies ``f``,
+    within the solve's tolerance of the fixed point.
 
     The closed form applies where the core that calls the producer (``trainer``, a
     :class:`~torchdeq_pcdeq.core.PcDEQCore`) hands over its solve's last step.
@@ -412,6 +549,8 @@ def closed_form_is_exact(step: LastStep, z_pred: Tensor) -> bool:
 
 
 class _ClosedFormImplicitGrad(autograd.Function):
+    jvp = staticmethod(_refuse_forward_mode)
+
     @staticmethod
     def forward(
         ctx, weight, x, z_in, z_out, rate, weights, slope, layer, producer, trainer, writer, autocast
@@ -423,7 +562,7 @@ class _ClosedFormImplicitGrad(autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order()
+        _refuse_second_order(grad)
         weight, x, z_in, z_out, rate, weights, certified_slope = ctx.saved_tensors
         layer = ctx.layer
 

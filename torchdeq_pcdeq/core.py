@@ -60,6 +60,7 @@ from .backward import (
     ImplicitGradient,
     ImplicitGradientOnGraph,
     closed_form_is_exact,
+    under_torch_func,
 )
 from .certify import closed_form_certificate, closed_form_slope, min_injection, rate_bound, upper_bound
 from .config import PCDEQ_OPTIONS, SOLVER_NAME, CoreArgs, get_deq_keywords, gradient_mode, resolve_core_config
@@ -611,12 +612,6 @@ def _states_setting(core: PcDEQCore) -> str:
     return f"n_states={n_states}" if n_states > 1 else f"indexing={core.args.get('indexing')!r}"
 
 
-def _under_torch_func() -> bool:
-    """Whether a torch.func transform is running (the check is private API: absent, no)."""
-    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
-    return level is not None and level() is not None
-
-
 _FORWARD_KEYWORDS = ("solver_kwargs", "sradius_mode", "backward_writer")
 
 
@@ -677,7 +672,7 @@ def _check_initial_state(z_init) -> bool:
             f"The pcdeq core takes the initial state as one tensor, or several as a list or tuple "
             f"of tensors, got {type(z_init).__name__}."
         )
-    if _under_torch_func():
+    if under_torch_func():
         raise InvalidInputError(
             "The pcdeq core cannot run under torch.func transforms (vmap, grad, jacrev, jvp): its "
             "implicit gradient is an autograd.Function without torch.func rules, and its solver "
