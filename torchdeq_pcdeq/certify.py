@@ -123,9 +123,10 @@ def rate_certificate(func: Callable[[Tensor], Tensor], z: Tensor, power_step: bo
     ``v``-weighted l1 norm. Since ``J z <= q_z z`` gives ``J (J z + eps z) <= q_z (J z + eps z)``,
     the power step never loosens the bound; it tightens it where ``z`` is a poor Perron vector
     (pcDEQ-1 units whose injection sits at the floor, where ``(J z)_i / z_i`` is close to 1).
-    Entries with ``v_i = 0`` count as 0 when ``(J v)_i = 0`` and make ``q`` infinite
-    otherwise. Under autocast the products are taken in float32 when ``f`` can run so, else in
-    autocast's dtype. Under ``torch.inference_mode()`` they are taken on a copy of ``z`` made
+    Entries with ``v_i = 0`` make ``q`` infinite: Collatz-Wielandt needs ``v > 0``, and ``J``'s
+    block on such entries is unseen by ``J v`` (at ``z = 0``, ``q`` would read 0 for any map).
+    Under autocast the products are taken in float32 when ``f`` can run so, else in autocast's
+    dtype. Under ``torch.inference_mode()`` they are taken on a copy of ``z`` made
     outside it.
 
     Example:
@@ -251,8 +252,8 @@ def _collatz_wielandt(jv: Tensor, v: Tensor) -> Tensor:
     exact 0, from products that are all exactly 0, stays 0). In float16 and bfloat16, where
     ``q`` is an estimate (the slope itself keeps few digits), it is not raised."""
     positive = v > 0
-    ratio = torch.where(positive, jv / torch.where(positive, v, 1.0), 0.0)
-    ratio = torch.where(~positive & (jv != 0), math.inf, ratio)
+    # v_i = 0 leaves J's block on those entries unseen, whatever (J v)_i: no bound there.
+    ratio = torch.where(positive, jv / torch.where(positive, v, 1.0), math.inf)
     rate = ratio.amax(dim=sample_dims(ratio))
     return rate * (1 + _RATE_ULPS * torch.finfo(rate.dtype).eps) if rate.dtype.itemsize >= 4 else rate
 

@@ -121,7 +121,7 @@ class Guard:
                 # from a tiny injection by less than half an ulp of the gap: only samples whose
                 # sequences stopped moving (each entry within rounding of itself) settled.
                 still = self._still_moving(low, high, low_next, high_next)
-                stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled & ~still)
+                stuck_gap = self._beyond_rounding(func, low_next, gap, top, settled & ~still, monitor)
                 if stuck_gap > 0:
                     self._fail(NonUniqueFixedPointError, non_unique_message(k, stuck_gap))
 
@@ -133,18 +133,21 @@ class Guard:
         falling = (high - high_next) > self.slack * high_next
         return (rising | falling).flatten(1).any(dim=1)
 
-    def _beyond_rounding(self, func, low: Tensor, gap: Tensor, top: Tensor, settled: Tensor) -> float:
+    def _beyond_rounding(
+        self, func, low: Tensor, gap: Tensor, top: Tensor, settled: Tensor, monitor
+    ) -> float:
         """The largest settled gap that rounding cannot explain (0 if none); the rare path.
 
-        Each computed iterate carries a rounding error of a few ulps of ``top``, and near the
-        fixed point a step gains only ``(1 - q)`` of the remaining distance (``q`` bounds the
-        contraction there), so in floating point both sequences stop moving up to about
-        ``ulp / (1 - q)`` away from ``z*``: with ``q`` near 1 (a slow but valid pcDEQ) their gap
-        stalls apart. Two fixed points (a non-concave activation) leave a gap beyond that. ``q``
+        Each computed iterate carries a rounding error of a few ulps of ``top``, and the directed
+        margin moves it outward by as many more; near the fixed point a step gains only
+        ``(1 - q)`` of the remaining distance (``q`` bounds the contraction there), so in floating
+        point each sequence stops moving up to about ``(rounding + margin) / (1 - q)`` away from
+        ``z*``: with ``q`` near 1 (a slow but valid pcDEQ) their gap stalls apart. Two fixed
+        points (a non-concave activation) leave a gap beyond that. ``q``
         is taken at the lower sequence, below ``z*``, where a concave map's Jacobian dominates
         the one at ``z*``, with ``v = low`` (no power step). That ``q``, the looser one, errs on
         the side of rounding: a stall it does not explain raises, so a wrong verdict there
-        stops a valid model, while the gap it does explain is at most ``ulp / (1 - q)``.
+        stops a valid model, while the gap it does explain is at most twice that distance.
         """
         try:
             q = rate_certificate(func, low, power_step=False).rate  # (inference mode too)
@@ -158,7 +161,9 @@ class Guard:
             explained = settled
         else:
             # q >= 1 (or NaN) bounds nothing: such a gap is not explained by rounding
-            explained = settled & (q < 1) & (gap <= self.slack * top / (1 - q.to(gap.dtype)))
+            # Each sequence can stop up to (f's rounding + the directed margin) / (1 - q) from z*.
+            reach = 2 * (self.slack + monitor.margin) * top / (1 - q.to(gap.dtype))
+            explained = settled & (q < 1) & (gap <= reach)
             if q.dtype.itemsize < 4 and bool((settled & ~(q < 1)).any()):
                 # A half-precision q keeps three digits: a valid layer's 0.999 rounds to 1. No
                 # verdict for those samples (a false one would stop a valid model).

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torchdeq.solver.stat import SolverStat
 
+from .certify import rate_certificate
 from .conv_kernels import sign_exact_products
 from .errors import (
     InvalidInputError,
@@ -64,7 +65,7 @@ from .errors import (
     warned_once,
 )
 from .guard import Guard, Rejudge
-from .reductions import sample_dims
+from .reductions import extremes, sample_dims
 from .rounding import GUARD_ULPS, arithmetic_dtype, dtype_constants, resolution_floor
 
 __all__ = ["pcdeq_fixed_point", "GUARD_MODES", "STOP_MODES", "NONFINITE_MODES", "resolution_floor"]
@@ -189,7 +190,7 @@ def pcdeq_fixed_point(
             "nonfinite."
         )
     max_iter, tol, check_every, indexing = _validated(
-        x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing
+        func, x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing
     )
     _validate_certificates(x0, enclosure, upper, weights, rate)
     check_choice("nonfinite mode", nonfinite, NONFINITE_MODES)
@@ -199,7 +200,7 @@ def pcdeq_fixed_point(
             "enclosure does not have (it iterates from 0 and from upper, and a pcDEQ map keeps both "
             "finite). Use nonfinite='raise' with enclosure=True."
         )
-    certified = enclosure or weights is not None
+    certified = "enclosure" if enclosure else "contraction" if weights is not None else None
     monitor = functools.partial(_Monitor, x0, tol, stop_mode, check_every, certified, nonfinite == "report")
     if certified:
         # The certificates' rounding margins cover sign-exact products only (conv_kernels).
@@ -272,17 +273,24 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
     pending = sorted(indexing or ())
     states: list[Tensor] = []
     next_check = monitor.first_check(max_iter)
+    # Directed rounding: each computed step is moved outward by more than f's rounding, so that
+    # the lower sequence stays below z* and the upper one above it in floating point too.
+    down, up = 1.0 - monitor.margin, 1.0 + monitor.margin
     low, high, k = torch.zeros_like(x0), None, 0
     while k < max_iter:
         low_next = func(low)
         first = high is None
         if first:  # the first call revealed f's layers, hence the upper bound
             _check_output(low_next, low)
-            start = _resolve_upper(upper)
+            start = _resolve_upper(upper, x0.dtype)
             high = torch.full_like(x0, start)
+            if up != 1.0:  # (computed as each step is: a saturated entry maps to it exactly)
+                high = high * up
         high_next = func(high)
+        if up != 1.0:
+            low_next, high_next = low_next * down, high_next * up
         if first:
-            _check_upper_start(start, high_next.detach(), read_from_layers=callable(upper))
+            _check_upper_start(start, high.detach(), high_next.detach(), read_from_layers=callable(upper))
         k += 1
         while pending and pending[0] == k:
             states.append((low_next + high_next) / 2)
@@ -296,6 +304,12 @@ def _enclosure_solve(func, x0, max_iter, indexing, monitor, guard, upper):
             if done:
                 low, high = low_next, high_next
                 break
+            # The bound stopped shrinking above the limit: the sequences stalled at the distance
+            # rounding and the margins allow, (33 eps / (1 - q)), or at two fixed points (the
+            # guard's verdict, when on). Stop at the floor that q certifies.
+            stalled = monitor.margin and len(monitor.worst) > 1 and monitor.worst[-1] >= monitor.worst[-2]
+            if stalled and _raise_to_enclosure_floor(func, low_next_, monitor):
+                gap = 1  # (the next check judges the bound against the raised limit)
             next_check = min(k + gap, max_iter)
         low, high = low_next, high_next
     z = (low + high) / 2
@@ -343,6 +357,22 @@ def _contraction_bound(weights: Tensor, rate: Tensor, diff: Tensor, fz: Tensor, 
     return bound, scale
 
 
+def _raise_to_enclosure_floor(func, low: Tensor, monitor: _Monitor) -> bool:
+    """Raise the enclosure's limit to its certifiable floor at the rate bound ``q`` taken at the
+    lower sequence (below ``z*``, where it bounds the rate at ``z*``); whether it rose. Once per
+    solve: two forward-mode products. An ``f`` without them keeps its limit."""
+    if monitor.rate_floor is not None:
+        return False
+    try:
+        rate = rate_certificate(func, low).rate
+    except InvalidInputError:  # an operation in f without a forward-mode product
+        monitor.rate_floor = math.inf
+        return False
+    before = monitor.rel_limit, monitor.floor
+    monitor.enclosure_floor(rate)
+    return (monitor.rel_limit, monitor.floor) != before
+
+
 def _enclosure_bound(low: Tensor, high: Tensor, monitor: _Monitor) -> tuple[Tensor, Tensor]:
     """``max_i (high - low)_i / 2`` plus a rounding margin, and ``max_i high_i``.
 
@@ -368,7 +398,13 @@ class _Monitor:
     """
 
     def __init__(
-        self, x0: Tensor, tol: float, stop_mode: str, check_every, certified: bool, report_nonfinite: bool
+        self,
+        x0: Tensor,
+        tol: float,
+        stop_mode: str,
+        check_every,
+        certified: str | None,
+        report_nonfinite: bool,
     ):
         self.tol, self.stop_mode, self.check_every, self.certified = tol, stop_mode, check_every, certified
         self.start = x0  # (read only when an iterate is not finite, to say whether it began so)
@@ -382,9 +418,15 @@ class _Monitor:
         # Below the smallest normal number rounding is absolute: the certified margins add
         # GUARD_ULPS of the smallest subnormal (float16: 2^-24; negligible in wider dtypes).
         self.subnormal = torch.finfo(arithmetic).tiny * self.eps
-        # The certified measures include a rounding margin of GUARD_ULPS ulps: no tolerance
-        # below it can be met.
-        self.floor = resolution_floor(arithmetic) + (GUARD_ULPS * self.eps if certified else 0.0)
+        # The enclosure's directed rounding, relative per entry: above f's rounding (GUARD_ULPS),
+        # and above the rounding of the multiplication that applies it. Not in half-precision
+        # arithmetic, where 17 ulps a step (13% in bfloat16) would leave no bound: there the
+        # enclosure's bound is an estimate (docs/guarantees.md).
+        self.margin = (GUARD_ULPS + 1) * self.eps if arithmetic.itemsize >= 4 else 0.0
+        # The certified measures include a rounding margin of GUARD_ULPS ulps, and the enclosure's
+        # sequences stay its margin apart: no tolerance below these can be met.
+        certified_floor = GUARD_ULPS * self.eps + (self.margin if certified == "enclosure" else 0.0)
+        self.floor = resolution_floor(arithmetic) + (certified_floor if certified else 0.0)
         if stop_mode == "rel" and tol < self.floor:
             _warn_floor(arithmetic, stop_mode, tol, self.floor, autocast=arithmetic != x0.dtype)
         self.rel_limit = max(tol, self.floor)
@@ -416,6 +458,27 @@ class _Monitor:
             _warn_certifiable(worst, self.rel_limit, self.rate_floor, self.arithmetic)
             self.rel_limit = self.rate_floor
             self.floor = max(self.floor, self.rate_floor)
+
+    def enclosure_floor(self, rate: Tensor) -> None:
+        """Raise the limit to what the enclosure can certify at contraction ``rate``, once per solve.
+
+        Each sequence can stop ``(f's rounding + margin) / (1 - q)`` from ``z*``, that is up to
+        ``(16 + 17) eps / (1 - q)`` relative to the largest entry, and the bound adds 16 eps:
+        with ``q`` close to 1 no tolerance below that can be met. Called when the bound stopped
+        shrinking above the limit.
+        """
+        if self.rate_floor is not None:
+            return
+        worst = torch.where(rate < 1, rate, -math.inf).amax().item()
+        if not worst > -math.inf:
+            self.rate_floor = math.inf
+            return
+        step = GUARD_ULPS * self.eps + self.margin
+        self.rate_floor = resolution_floor(self.arithmetic) + step / (1 - worst) + GUARD_ULPS * self.eps
+        if self.stop_mode == "rel" and self.rate_floor > self.rel_limit:
+            _warn_certifiable(worst, self.rel_limit, self.rate_floor, self.arithmetic)
+            self.rel_limit = self.rate_floor
+        self.floor = max(self.floor, self.rate_floor)  # (abs: each sample's limit follows its size)
 
     def first_check(self, max_iter: int) -> int:
         # From z0 = 0 the first relative residual is exactly 1: start checking at the second.
@@ -590,7 +653,7 @@ def _nonfinite_start_message(x0: Tensor) -> str:
 # -- validation ----------------------------------------------------------------------------------
 
 
-def _resolve_upper(upper) -> float:
+def _resolve_upper(upper, dtype: torch.dtype) -> float:
     value = upper() if callable(upper) else upper
     if value is None:
         raise InvalidInputError(
@@ -604,25 +667,33 @@ def _resolve_upper(upper) -> float:
             f"{value!r}. An activation without a finite supremum has no certified enclosure: use "
             "the plain solve."
         )
+    if value * 2 > torch.finfo(dtype).max:  # (its margin and first step must stay finite)
+        raise InvalidInputError(
+            f"The enclosure's upper start {value:g} is beyond what the state's dtype {dtype} holds "
+            f"(up to {torch.finfo(dtype).max:.3g}, and half of it for the sequence's margin). Start "
+            "at the activation's supremum (1.0 for tanh, sigmoid and softsign, 6.0 for relu6)."
+        )
     return float(value)
 
 
-def _check_upper_start(start: float, high_next: Tensor, read_from_layers: bool) -> None:
+def _check_upper_start(start: float, high: Tensor, high_next: Tensor, read_from_layers: bool) -> None:
     """The enclosure's premise, checked whatever the guard: ``f(u) <= u`` at the upper start ``u``.
 
     For a monotone ``f`` it makes the upper sequence fall to ``z*`` and so stay above it; an
     upper start below ``z*`` somewhere would make the sequence rise, and the certified bound,
-    the gap between the two sequences, would be no bound at all. A start given as a number is
-    checked exactly: one below ``z*`` by less than ``ulps / (1 - q)`` has ``f(u) - u`` within a
-    few ulps of ``u``, and its sequence then rises too slowly for the guard to see (the
-    built-in activations' supremum, and ``max f(sup)``, pass exactly: they never compute above
-    it, and rounding is monotone). A start read from the layers (a callable ``upper``: the
-    pcdeq core's default) is their activations' supremum, above ``z*`` whatever ``f`` rounds
-    to, and a registered activation may compute an ulp above it: rounding up to the margins'
-    ulps is allowed there. One host sync per solve. A NaN in ``f(u)`` makes the excess NaN,
-    which passes here: the convergence check raises :class:`NonFiniteError`.
+    the gap between the two sequences, would be no bound at all. ``high`` is the start as the
+    sequence holds it (``start`` moved up by the directed margin, in float32 and wider) and
+    ``high_next`` the first step, moved up alike. A start given as a number is checked exactly:
+    under the margin, ``high_next <= high`` means that ``f(u) <= u`` for the exact ``f`` too,
+    and a start just below ``z*``, whose computed ``f(u)`` can round below ``u``, fails it. A
+    saturated entry, mapped to the supremum itself, passes exactly. A start read from the
+    layers (a callable ``upper``: the pcdeq core's default) is their activations' supremum,
+    above ``z*`` whatever ``f`` rounds to, and a registered activation may compute an ulp above
+    it: rounding up to the margins' ulps is allowed there. One host sync per solve. A NaN in
+    ``f(u)`` makes the excess NaN, which passes here: the convergence check raises
+    :class:`NonFiniteError`.
     """
-    excess = (high_next - start).amax().item()
+    excess = (high_next - high).amax().item()
     allowed = GUARD_ULPS * torch.finfo(arithmetic_dtype(high_next)).eps * start if read_from_layers else 0.0
     if excess > allowed:
         cause = (
@@ -696,10 +767,15 @@ def _check_output(fz, z: Tensor) -> None:
         )
 
 
-def _validated(x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
+def _validated(func, x0, max_iter, tol, stop_mode, check_every, guard, tau, indexing):
     """``(max_iter, tol, check_every, indexing)`` as Python numbers (whole numbers, such as NumPy
     integers or a config's ``50.0``, are accepted as the core accepts them); a typed error for
     anything invalid."""
+    if not callable(func):
+        raise InvalidInputError(
+            f"pcdeq_fixed_point expects func, the map to iterate, as a callable z -> f(z), got "
+            f"{type(func).__name__}."
+        )
     if not isinstance(x0, Tensor):
         raise InvalidInputError(
             f"pcdeq_fixed_point expects the initial state as one tensor, got {type(x0).__name__}. "
@@ -767,4 +843,22 @@ def _validate_certificates(x0, enclosure, upper, weights, rate) -> None:
             raise InvalidInputError(
                 f"rate must be a tensor of shape ({x0.shape[0]},), one factor per sample, got "
                 f"{tuple(rate.shape) if isinstance(rate, Tensor) else type(rate).__name__}."
+            )
+        if weights.device != x0.device or rate.device != x0.device:
+            raise InvalidInputError(
+                f"weights and rate must be on the state's device ({x0.device}), got {weights.device} "
+                f"and {rate.device}. Move them with .to(x0.device)."
+            )
+        with torch.no_grad():  # (one host sync per certified solve)
+            w_low, w_high, q_low, q_high = torch.stack([*extremes(weights), *extremes(rate)]).tolist()
+        if not (w_low > 0 and w_high < math.inf):
+            raise InvalidInputError(
+                f"weights must be positive and finite (the weighted norm of the contraction), got "
+                f"entries from {w_low:.3g} to {w_high:.3g}. Take them from rate_certificate(f, z), "
+                "whose v is positive."
+            )
+        if not (q_low >= 0 and q_high == q_high):  # (q >= 1, inf included, certifies nothing: allowed)
+            raise InvalidInputError(
+                f"rate must hold one contraction factor q >= 0 per sample (NaN not allowed), got "
+                f"values from {q_low:.3g} to {q_high:.3g}. Take it from rate_certificate(f, z)."
             )
