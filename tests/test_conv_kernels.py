@@ -238,6 +238,14 @@ def _train_step(algorithm: str, channels_last: bool):
     return z_out[-1].detach(), grads, info, counter.ops
 
 
+def _assert_close_to_winograd_accuracy(actual, expected):
+    """Winograd products round relative to the largest entries they sum, not to each output:
+    within 1e-4 of the largest gradient entry (the error moves with NNPACK's thread count: one
+    entry of 1.6 was 1.15e-4 off on one thread, within 1e-4 on two)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_training_step_with_nnpack_matches_pytorchs_kernel(channels_last):
     z_nn, grads_nn, info, ops = _train_step("nnpack", channels_last)
@@ -245,7 +253,7 @@ def test_a_training_step_with_nnpack_matches_pytorchs_kernel(channels_last):
     assert info["converged"].all() and int(info["nstep"].max()) > 3
     torch.testing.assert_close(z_nn, z_pt, rtol=1e-5, atol=1e-6)
     for g_nn, g_pt in zip(grads_nn, grads_pt):
-        torch.testing.assert_close(g_nn, g_pt, rtol=1e-4, atol=1e-7)
+        _assert_close_to_winograd_accuracy(g_nn, g_pt)
     # Every W z of the solve (the first, W 0, is skipped) and every W^T y of the backward
     # runs on NNPACK; the weight gradient stays on convolution_backward, without input gradient.
     assert ops[NNPACK] >= int(info["nstep"].max()) - 1 + 2
@@ -266,7 +274,7 @@ def test_auto_runs_both_products_on_nnpack_where_timed_faster_under_the_guard(mo
     z_pt, grads_pt, _, _ = _train_step("pytorch", channels_last=True)
     torch.testing.assert_close(z_auto, z_pt, rtol=1e-5, atol=1e-6)
     for g_auto, g_pt in zip(grads_auto, grads_pt):
-        torch.testing.assert_close(g_auto, g_pt, rtol=1e-4, atol=1e-7)
+        _assert_close_to_winograd_accuracy(g_auto, g_pt)
     # Every W z of the solve but the skipped first one, then the adjoint's products; the guard
     # passed it at once (one solve), and only the tracked forward ran on PyTorch's kernel.
     forward_products = int(info["nstep"].max()) - 1
